@@ -1,0 +1,45 @@
+# wlora_dist: `make demo` runs the embedded default job, `make test` the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU build of torch (pip takes it from local disk on these machines; elsewhere from
+# PyPI). Where nvidia-smi works, install the CUDA build of your choice before `make setup`.
+TORCH_CPU ?= torch==2.13.0
+TINY   ?= runs/tiny
+NPROC  ?= 2
+
+.PHONY: setup demo test test-fast lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q $(TORCH_CPU); fi
+	$(BIN)/pip install -q -e ".[dev,deepspeed,int8]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(TINY)/model/config.json: | $(VENV)/.installed
+	$(BIN)/wlora-dist make-tiny --out $(TINY)
+
+# The main job on the embedded default: 2 processes on CPU through accelerate launch.
+demo: setup $(TINY)/model/config.json
+	$(BIN)/accelerate launch --config_file launch/accelerate/cpu_2proc.yaml --num_processes $(NPROC) \
+		train.py --config configs/tiny_cpu.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not dist and not e2e and not slow"
+
+lint: setup
+	$(BIN)/ruff check wlora_dist tests train.py
+	$(BIN)/ruff format --check wlora_dist tests train.py
+
+clean:
+	rm -rf runs .pytest_cache

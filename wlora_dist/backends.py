@@ -1,0 +1,135 @@
+"""Backends: how the model is wrapped, how adapter gradients are reduced, and who owns the
+optimizer. The trainer talks to this one interface only; FSDP2 and DeepSpeed ZeRO
+implement it next to ``ReplicatedBackend``.
+
+The gate vector is never the backend's business: it lives outside the model and the
+trainer all-reduces its gradient itself (see weight_lora.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+from .distributed import DistEnv, all_reduce_mean_, broadcast_
+
+
+def tensor_bytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Backend(ABC):
+    name: str
+
+    def __init__(self, env: DistEnv, optim_cfg: OptimConfig) -> None:
+        self.env = env
+        self.optim_cfg = optim_cfg
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, trainable: list[nn.Parameter]) -> nn.Module:
+        """Wrap/shard ``model``; return the module to call for forward."""
+
+    @abstractmethod
+    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        """Make every rank's .grad the mean over the data-parallel group."""
+
+    @abstractmethod
+    def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
+        """Drop everything the backend holds of removed adapters; optimizer over ``kept``."""
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> None:
+        c = self.optim_cfg
+        self.optimizer = torch.optim.AdamW(
+            params, lr=c.lr, betas=(c.betas[0], c.betas[1]), eps=c.eps, weight_decay=c.weight_decay
+        )
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        if max_norm <= 0:
+            grads = [p.grad for p in params if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def optimizer_step(self, lr: float) -> None:
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        assert self.optimizer is not None
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def memory_report(self, params: list[nn.Parameter]) -> dict[str, int]:
+        """This rank's bytes of trainable parameters, gradients and optimizer state."""
+        state = []
+        if self.optimizer is not None:
+            for s in self.optimizer.state.values():
+                state += [v for v in s.values() if isinstance(v, torch.Tensor)]
+        return {
+            "trainable_param_bytes": tensor_bytes([_local(p) for p in params]),
+            "grad_bytes": tensor_bytes([_local(p.grad) for p in params if p.grad is not None]),
+            "optimizer_state_bytes": tensor_bytes([_local(t) for t in state]),
+        }
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded DTensor) tensor held by this rank."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class ReplicatedBackend(Backend):
+    """Every rank holds the whole model; adapter gradients are averaged by one all-reduce.
+
+    Written by hand rather than with torch DDP: DDP's reducer keeps references to every
+    parameter it was built over, so after the prune event it would have to be torn down and
+    rebuilt to free the removed adapters; one flat all-reduce is all we need here.
+    """
+
+    name = "replicated"
+
+    def prepare(self, model: nn.Module, trainable: list[nn.Parameter]) -> nn.Module:
+        model.to(self.env.device)
+        # Same seed on every rank gives the same init; the broadcast makes it a guarantee.
+        with torch.no_grad():
+            for p in trainable:
+                broadcast_(p.data, src=0)
+        return model
+
+    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        if not self.env.distributed:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        all_reduce_mean_(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
+        old = self.optimizer
+        assert old is not None
+        lr = old.param_groups[0]["lr"]
+        self.build_optimizer(kept)
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if keep_state:
+            for p in kept:
+                if p in old.state:
+                    self.optimizer.state[p] = old.state[p]
+        old.state.clear()
+        old.param_groups.clear()
+
+
+def make_backend(name: str, env: DistEnv, optim_cfg: OptimConfig) -> Backend:
+    backends: dict[str, type[Backend]] = {"replicated": ReplicatedBackend}
+    if name not in backends:
+        raise ValueError(f"distributed.backend={name!r}: unknown; choose one of {sorted(backends)}")
+    return backends[name](env, optim_cfg)

@@ -1,0 +1,110 @@
+"""Command line: ``wlora-dist train|make-tiny|report|config`` (train.py wraps ``train``).
+
+wlora-dist train --config configs/tiny_cpu.yaml train.max_steps=50 selection.k=6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, describe, load_config
+from .errors import UserError
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train WeightLoRA (selection -> prune -> LoRA on K -> export)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train WeightLoRA. Launch with torchrun, accelerate launch or deepspeed for several "
+        "processes; plain python runs one.",
+        epilog="config fields (set in YAML or as key.sub=value):\n" + "\n".join(describe()),
+    )
+    p.add_argument("--config", "-c", help="run config YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)  # before any process group: fail fast
+    # Imported here so `--help` and config errors answer in a fraction of a second.
+    from .distributed import init_distributed, shutdown
+    from .tracking import setup_logging
+    from .trainer import Trainer
+
+    env = init_distributed(cfg.distributed.timeout_minutes)
+    setup_logging(env.is_main)
+    trainer = Trainer(cfg, env)
+    try:
+        trainer.setup()
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    if env.is_main:
+        print(f"kept {len(result.kept)} adapters; adapter -> {result.adapter_dir} ; report -> {result.report_dir}")
+    shutdown()
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .tiny import write_default
+
+    out = write_default(Path(args.out), args.rows, args.hidden, args.layers)
+    print(f"tiny Llama -> {out / 'model'} ; data -> {out / 'data'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import plot_gates
+
+    summary = json.loads(Path(args.selection_json).read_text())
+    out = Path(args.out or Path(args.selection_json).with_suffix(".png"))
+    plot_gates(summary, out)
+    print(f"{summary['n_kept']}/{summary['n_adapters']} kept at step {summary['optimizer_step']}; heatmap -> {out}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.check:
+        for path in args.check:
+            load_config(path)
+            print(f"{path}: ok")
+        return 0
+    print("\n".join(describe()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="wlora-dist", description="WeightLoRA fine-tuning, distributed.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    t = sub.add_parser("make-tiny", help="write the embedded default: a tiny Llama and a small dataset")
+    t.add_argument("--out", default="runs/tiny", help="folder for model/ and data/")
+    t.add_argument("--rows", type=int, default=2000, help="training rows")
+    t.add_argument("--hidden", type=int, default=64, help="hidden size")
+    t.add_argument("--layers", type=int, default=4, help="decoder layers")
+    r = sub.add_parser("report", help="redraw the gate heatmap from a selection-*.json")
+    r.add_argument("selection_json")
+    r.add_argument("--out", help="PNG path (default: next to the JSON)")
+    c = sub.add_parser("config", help="list every config field, or --check YAML files")
+    c.add_argument("--check", nargs="*", help="validate these config files")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"train": cmd_train, "make-tiny": cmd_make_tiny, "report": cmd_report, "config": cmd_config}
+    try:
+        return handlers[args.command](args)
+    except UserError as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0" or not isinstance(e, ConfigError):  # every rank sees the same config error
+            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The run configuration: one typed tree, loaded from YAML, validated at once.
+
+Every field carries its documentation (the one source of ``--help``). Loading checks
+types, unknown keys and contradictions and reports *every* problem in one
+:class:`ConfigError`, each line naming the field, the value and the fix.
+
+    cfg = load_config("configs/tiny_cpu.yaml", overrides=["train.max_steps=20"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import UserError
+
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ConfigError(UserError):
+    """All problems found in a configuration, one per line."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        head = f"{source}: {len(problems)} problem(s)"
+        super().__init__(head + "\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "Base model: a local HF folder or a hub id (hub ids need internet).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "Dtype of the frozen base weights; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = _f(False, "Allow code from the model folder/hub to run. Off by default.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+
+
+@dataclass
+class AdapterConfig:
+    lora_rank: int = _f(8, "LoRA rank r of every adapter.")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the adapter output is scaled by alpha / r.")
+    lora_dropout: float = _f(0.0, "Dropout on the adapter input (peft's lora_dropout).")
+    target_modules: list[str] = _f(LLAMA_LINEARS, "Linear module names that get an adapter.")
+    layers: list[int] | None = _f(None, "Decoder layer indices that get adapters; null = all layers.")
+
+
+@dataclass
+class SelectionConfig:
+    method: Literal["topk", "simplex", "none"] = _f(
+        "topk", "Projection of the gates: keep the K best (topk), onto the simplex, or none (plain LoRA)."
+    )
+    k: int = _f(4, "Adapters kept by the top-K projection (1 <= k <= n).")
+    topk_by: Literal["signed", "magnitude"] = _f("signed", "Top-K by signed value (the authors' code) or by |w|.")
+    lr_w: float = _f(5.0, "SGD learning rate of the gates (scaled by the LR schedule); authors use 5.0.")
+    steps: int = _f(10, "Selection phase length T in optimizer steps; the prune event follows step T.")
+    project_every: int = _f(1, "Project the gates every P optimizer steps during selection.")
+    reinit_kept: bool = _f(False, "Re-initialise the kept adapters (and their Adam state) at the prune event.")
+    fold_gates: bool = _f(False, "At the prune event fold w into B (B <- w*B) and set kept gates to 1.")
+    grad_eps: float = _f(1e-12, "Skip the projection while ||grad_w|| <= grad_eps (true at step 1).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-4, "Peak AdamW learning rate of the adapters.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip the adapters' gradient norm to this; 0 disables.")
+    warmup_steps: int = _f(0, "Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "LR decay after warmup.")
+    min_lr_ratio: float = _f(0.0, "Final LR as a fraction of the peak (cosine/linear).")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = _f([], "Training data: json/jsonl/csv/parquet files, a saved dataset folder, or a hub id.")
+    eval: list[str] = _f([], "Held-out data in the same forms; empty = split eval_fraction off train.")
+    eval_fraction: float = _f(0.05, "Share of the training rows held out when no eval data is given.")
+    format: Literal["text", "instruction", "chat"] = _f(
+        "text", "text: causal LM packed to seq_len; instruction: loss on the response only; chat: messages."
+    )
+    text_field: str = _f("text", "Column with the text (format=text).")
+    prompt_field: str = _f("prompt", "Column with the prompt (format=instruction).")
+    response_field: str = _f("response", "Column with the response (format=instruction).")
+    messages_field: str = _f("messages", "Column with the chat messages (format=chat).")
+    split: str = _f("train", "Split to read from a hub dataset or a saved DatasetDict.")
+    seq_len: int = _f(256, "Tokens per training row (text is packed to it; longer rows are truncated).")
+    truncate: bool = _f(True, "Truncate instruction/chat rows longer than seq_len (else it is an error).")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "Optimizer steps in total (selection phase included).")
+    micro_batch_size: int = _f(4, "Rows per rank per forward/backward.")
+    grad_accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
+    seed: int = _f(0, "Seed for init, dropout and data order (same on every rank).")
+    mixed_precision: Literal["auto", "bf16", "no"] = _f(
+        "auto", "bf16 autocast on GPU (auto), or none; CPU runs in the base dtype."
+    )
+    eval_every: int = _f(0, "Evaluate every N optimizer steps (0 = only at the end).")
+    eval_batches: int = _f(8, "Micro-batches per evaluation (per rank).")
+
+
+@dataclass
+class LogConfig:
+    every: int = _f(10, "Write a plain log line and tracker values every N optimizer steps.")
+    trackers: list[Literal["tensorboard", "jsonl"]] = _f(
+        ["jsonl", "tensorboard"], "accelerate trackers to write (rank 0) under <output.dir>/logs."
+    )
+    progress_bar: bool = _f(True, "tqdm progress bar on rank 0.")
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["replicated"] = _f(
+        "replicated", "replicated: every rank holds the model, adapter grads are all-reduced."
+    )
+    timeout_minutes: float = _f(30.0, "Collective timeout: a dead rank fails the others after this long.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/default", "Run folder: adapter/, report/, logs/.")
+    overwrite: bool = _f(False, "Allow replacing an existing adapter in output.dir.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    bad = f"{where}: got {value!r}, expected {_type_name(tp)}"
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(value, inner, where, problems)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(bad)
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected
+        if not isinstance(value, list):
+            problems.append(bad)
+            return value
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(bad + " (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(bad)
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(bad)
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(bad)
+        return value
+    raise TypeError(f"unsupported config type {tp} at {where}")
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: got {data!r}, expected a mapping of fields")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            near = [k for k in known if k.startswith(str(key)[:3])]
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known fields: {', '.join(known)}"
+            problems.append(f"{where + '.' if where else ''}{key}: unknown field{hint}")
+    kwargs = {}
+    for name in known:
+        if name not in data:
+            continue
+        sub = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], sub, problems)
+        else:
+            kwargs[name] = _coerce(data[name], tp, sub, problems)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"override {dotted}: {p} is not a section"], "command line")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings -> (key, YAML-typed value)."""
+    pairs, problems = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"{item!r}: overrides are written key.sub=value, e.g. train.max_steps=50")
+            continue
+        try:
+            pairs.append((key.strip(), yaml.safe_load(raw) if raw != "" else ""))
+        except yaml.YAMLError as e:
+            problems.append(f"{key}: value {raw!r} is not valid YAML ({e.__class__.__name__})")
+    if problems:
+        raise ConfigError(problems, "command line")
+    return pairs
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "", problems)
+    if not problems:
+        problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply ``key.sub=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError([f"config file {path} does not exist; pass an existing YAML file"], source)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    return config_from_dict(data, source)
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Contradictions and out-of-range values that types alone do not catch."""
+    p: list[str] = []
+    if not cfg.model.path:
+        p.append("model.path: empty; set it to an HF model folder or hub id")
+    a, s, o, t, d = cfg.adapter, cfg.selection, cfg.optim, cfg.train, cfg.data
+    if a.lora_rank <= 0:
+        p.append(f"adapter.lora_rank: {a.lora_rank} must be >= 1")
+    if not 0.0 <= a.lora_dropout < 1.0:
+        p.append(f"adapter.lora_dropout: {a.lora_dropout} must be in [0, 1)")
+    if not a.target_modules:
+        p.append("adapter.target_modules: empty; name at least one linear, e.g. [q_proj, v_proj]")
+    if a.layers is not None and any(i < 0 for i in a.layers):
+        p.append(f"adapter.layers: {a.layers} has a negative index")
+    if s.method == "topk" and s.k <= 0:
+        p.append(f"selection.k: {s.k} must be >= 1 (number of adapters kept)")
+    if s.lr_w < 0:
+        p.append(f"selection.lr_w: {s.lr_w} must be >= 0")
+    if s.steps < 0:
+        p.append(f"selection.steps: {s.steps} must be >= 0")
+    if s.method != "none" and s.steps > t.max_steps:
+        p.append(f"selection.steps: {s.steps} exceeds train.max_steps={t.max_steps}; lower it or raise max_steps")
+    if s.project_every <= 0:
+        p.append(f"selection.project_every: {s.project_every} must be >= 1")
+    if o.lr < 0:
+        p.append(f"optim.lr: {o.lr} must be >= 0")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay: {o.weight_decay} must be >= 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas: {o.betas} must be two numbers in [0, 1)")
+    if o.max_grad_norm < 0:
+        p.append(f"optim.max_grad_norm: {o.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
+        p.append(f"optim.warmup_steps: {o.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio: {o.min_lr_ratio} must be in [0, 1]")
+    if not d.train:
+        p.append("data.train: empty; give a data file, dataset folder or hub id")
+    if not 0 <= d.eval_fraction < 1:
+        p.append(f"data.eval_fraction: {d.eval_fraction} must be in [0, 1)")
+    if d.seq_len < 2:
+        p.append(f"data.seq_len: {d.seq_len} must be >= 2")
+    for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches"):
+        if getattr(t, name) <= 0:
+            p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
+    if t.eval_every < 0:
+        p.append(f"train.eval_every: {t.eval_every} must be >= 0")
+    if cfg.distributed.timeout_minutes <= 0:
+        p.append(f"distributed.timeout_minutes: {cfg.distributed.timeout_minutes} must be > 0")
+    if cfg.log.every <= 0:
+        p.append(f"log.every: {cfg.log.every} must be >= 1")
+    return p
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, type, default, documentation (for --help)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"{name}:")
+            lines += describe(tp, name + ".")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}")
+    return lines

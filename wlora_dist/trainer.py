@@ -1,0 +1,270 @@
+"""The training recipe: setup -> train (selection phase -> prune event -> LoRA on K) ->
+export -> cleanup.
+
+    torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml
+    accelerate launch --config_file launch/accelerate/cpu_2proc.yaml train.py --config configs/tiny_cpu.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from . import data as data_mod
+from .backends import Backend, make_backend
+from .config import RunConfig
+from .distributed import DistEnv, all_reduce_mean_, all_reduce_sum_, assert_same_on_all_ranks, barrier
+from .errors import UserError
+from .export import save_peft_adapter
+from .modeling import load_base_model, load_tokenizer
+from .report import write_report
+from .selection import gate_step, in_selection, is_projection_step, is_prune_step, lr_multiplier
+from .tracking import RunLogger, log
+from .weight_lora import WeightLoRA
+
+
+class TrainingError(UserError):
+    """The run cannot go on (NaN loss, an adapter in the way)."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    report_dir: Path
+    kept: list[str]
+    history: list[dict] = field(default_factory=list)  # rank-0 metrics of every step
+    eval_loss: float | None = None
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # "before"/"after" prune
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.out_dir = Path(cfg.output.dir)
+        self.adapter_dir = self.out_dir / "adapter"
+        self.report_dir = self.out_dir / "report"
+        self.removed_refs: list[weakref.ref] = []  # removed adapter tensors (tests prove them freed)
+        self.memory: dict[str, dict[str, int]] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        if self.adapter_dir.exists() and not cfg.output.overwrite:
+            raise TrainingError(
+                f"{self.adapter_dir} already holds an adapter; choose another output.dir or set "
+                "output.overwrite=true (the old one is replaced only after the new one is complete)"
+            )
+        set_seed(cfg.train.seed)  # the same on every rank: identical adapter init
+        self.tokenizer = load_tokenizer(cfg.model)
+        base = load_base_model(cfg.model, env.device)
+        self.wl = WeightLoRA.attach(base, cfg.adapter)
+        self.backend: Backend = make_backend(cfg.distributed.backend, env, cfg.optim)
+        self.params = self.wl.trainable_parameters()
+        self.module = self.backend.prepare(self.wl.peft_model, self.params)
+        self.wl.gates.data = self.wl.gates.data.to(env.device)
+        self.backend.build_optimizer(self.params)
+        torch.manual_seed(cfg.train.seed + env.global_rank)  # dropout differs per rank, as in DDP
+        self._setup_data()
+        self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
+        self.logger.info(
+            "world_size=%d backend=%s adapters n=%d (%s) trainable=%d params selection=%s K=%s T=%d",
+            env.world_size,
+            self.backend.name,
+            self.wl.n,
+            ",".join(cfg.adapter.target_modules),
+            sum(p.numel() for p in self.params),
+            cfg.selection.method,
+            cfg.selection.k if cfg.selection.method == "topk" else "-",
+            cfg.selection.steps,
+        )
+
+    def _setup_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        train_rows, eval_rows = data_mod.train_eval_split(cfg.data, cfg.train.seed)
+        train_ds = data_mod.tokenize(train_rows, self.tokenizer, cfg.data)
+        pad = self.tokenizer.pad_token_id
+        mb = cfg.train.micro_batch_size
+        loader = data_mod.make_loader(train_ds, mb, pad, env.global_rank, env.world_size, cfg.train.seed, True)
+        self.train_iter = data_mod.forever(loader)
+        self.eval_loader = None
+        if eval_rows is not None:
+            eval_ds = data_mod.tokenize(eval_rows, self.tokenizer, cfg.data)
+            if len(eval_ds) >= env.world_size * mb:
+                self.eval_loader = data_mod.make_loader(eval_ds, mb, pad, env.global_rank, env.world_size, 0, False)
+            else:
+                log.warning("eval data has %d rows, fewer than one batch per rank: no eval", len(eval_ds))
+        self.train_rows = len(train_ds)
+
+    # ------------------------------------------------------------------ train
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.env.device.type == "cuda" and self.cfg.train.mixed_precision in ("auto", "bf16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        history = []
+        self.module.train()
+        for step in range(1, cfg.train.max_steps + 1):
+            metrics = self._optimizer_step(step)
+            if is_prune_step(step, cfg.selection):
+                metrics["prune_seconds"] = self._prune_event(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                metrics.update(self._eval_metrics())
+            history.append(metrics)
+            self.logger.step(
+                step,
+                metrics,
+                {
+                    "loss": f"{metrics['loss']:.3f}",
+                    "lr": f"{metrics['lr']:.2e}",
+                    "tok/s": f"{metrics['tokens_per_s']:.0f}",
+                    "kept": f"{metrics['kept']}/{self.wl.n}",
+                },
+            )
+        final_eval = self._eval_metrics()
+        if final_eval:
+            self.logger.track(cfg.train.max_steps, final_eval)
+            self.logger.info("final eval: loss %.4f perplexity %.2f", final_eval["eval_loss"], final_eval["eval_ppl"])
+        self._save_outputs()
+        return TrainResult(
+            self.adapter_dir,
+            self.report_dir,
+            [s.name for s in self.wl.kept_sites()],
+            history,
+            final_eval.get("eval_loss"),
+            self.memory,
+        )
+
+    def _optimizer_step(self, step: int) -> dict:
+        cfg, wl = self.cfg, self.wl
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.env.device)
+        tokens = 0
+        accum = cfg.train.grad_accum_steps
+        for _ in range(accum):  # micro-steps
+            batch = {k: v.to(self.env.device) for k, v in next(self.train_iter).items()}
+            with self._autocast():
+                loss = self.module(**batch).loss
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss is {loss.item()} at optimizer step {step} on rank {self.env.global_rank}; "
+                    "lower optim.lr / selection.lr_w or check the data"
+                )
+            (loss / accum).backward()
+            loss_sum += loss.detach()
+            tokens += int(batch["attention_mask"].sum())
+        self.backend.reduce_gradients(self.params)
+        selecting = in_selection(step, cfg.selection)
+        if selecting:
+            assert wl.gates.grad is not None
+            all_reduce_mean_(wl.gates.grad)  # w is replicated: mean grad, same step on every rank
+        grad_norm = self.backend.clip_grad_norm(self.params, cfg.optim.max_grad_norm)
+        mult = lr_multiplier(step, cfg.optim, cfg.train.max_steps)
+        self.backend.optimizer_step(cfg.optim.lr * mult)
+        if step in (cfg.selection.steps, cfg.selection.steps + 1) and cfg.selection.method != "none":
+            self.memory["before" if step == cfg.selection.steps else "after"] = self.backend.memory_report(self.params)
+        self.backend.zero_grad()
+        metrics = {"gate_grad_norm": 0.0}
+        if selecting:
+            metrics = self._gate_update(step, cfg.selection.lr_w * mult)
+        loss_mean = all_reduce_mean_(loss_sum / accum).item()
+        elapsed = time.perf_counter() - t0
+        return {
+            "loss": loss_mean,
+            "lr": cfg.optim.lr * mult,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens * self.env.world_size / elapsed,
+            "kept": int(wl.kept.sum()),
+            "step_seconds": elapsed,
+            **metrics,
+        }
+
+    def _gate_update(self, step: int, lr_w: float) -> dict:
+        wl, sel = self.wl, self.cfg.selection
+        assert wl.gates.grad is not None
+        result = gate_step(
+            wl.gates, wl.gates.grad, lr_w, sel, is_projection_step(step, sel), force_projection=is_prune_step(step, sel)
+        )
+        with torch.no_grad():
+            wl.gates.copy_(result.gates)
+        wl.gates.grad = None
+        if result.projected:
+            assert_same_on_all_ranks(wl.gates, "gate vector w")  # cheap: n floats
+        return {"gate_grad_norm": result.grad_norm, "gates_nonzero": int((wl.gates != 0).sum())}
+
+    # ------------------------------------------------------------------ prune event
+
+    def _prune_event(self, step: int) -> float:
+        """Freeze w, physically remove adapters with w_i == 0, rebuild the optimizer."""
+        t0 = time.perf_counter()
+        wl, sel = self.wl, self.cfg.selection
+        assert_same_on_all_ranks(wl.gates, "gate vector w at the prune event")
+        drop = [s.index for s in wl.kept_sites() if float(wl.gates.detach()[s.index]) == 0.0]
+        if sel.fold_gates:
+            wl.fold_gates_into_B()
+        wl.freeze_gates()
+        removed = wl.remove(drop)
+        if sel.reinit_kept:
+            wl.reinit_kept()
+        self.params = wl.trainable_parameters()
+        self.backend.rebuild_after_prune(self.params, keep_state=not sel.reinit_kept)
+        self.removed_refs = [weakref.ref(p) for p in removed]
+        del removed
+        seconds = time.perf_counter() - t0
+        if self.env.is_main:
+            write_report(wl, self.report_dir, step, "prune", {"prune_seconds": seconds})
+        self.logger.info(
+            "prune event at step %d: kept %d of %d adapters, removed %d, %.3f s; report in %s",
+            step,
+            int(wl.kept.sum()),
+            wl.n,
+            len(drop),
+            seconds,
+            self.report_dir,
+        )
+        return seconds
+
+    # ------------------------------------------------------------------ eval / save
+
+    @torch.no_grad()
+    def _eval_metrics(self) -> dict:
+        if self.eval_loader is None:
+            return {}
+        self.module.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # (loss * tokens, tokens)
+        for i, batch in enumerate(self.eval_loader):
+            if i >= self.cfg.train.eval_batches:
+                break
+            batch = {k: v.to(self.env.device) for k, v in batch.items()}
+            with self._autocast():
+                loss = self.module(**batch).loss
+            n = int((batch["labels"][:, 1:] != data_mod.IGNORE).sum())
+            sums += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=sums.device)
+        all_reduce_sum_(sums)
+        self.module.train()
+        eval_loss = float(sums[0] / sums[1].clamp(min=1))
+        return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
+
+    def _save_outputs(self) -> None:
+        state = self.wl.export_state()
+        if self.env.is_main:
+            phase = "final"
+            write_report(self.wl, self.report_dir, self.cfg.train.max_steps, phase, {"memory": self.memory})
+            save_peft_adapter(state, self.wl, self.adapter_dir, self.cfg.model.path)
+            self.logger.info("adapter (peft format) -> %s ; selection report -> %s", self.adapter_dir, self.report_dir)
+        barrier()
+
+    def cleanup(self) -> None:
+        if hasattr(self, "logger"):
+            self.logger.close()
