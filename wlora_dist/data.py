@@ -9,6 +9,7 @@ into one of three formats, and sharded so each data-parallel rank reads its own 
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,13 +59,35 @@ def _load_one(source: str, split: str) -> datasets.Dataset:
     builder = _EXT_BUILDER.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{source}: unknown file type {path.suffix!r}; use one of {sorted(_EXT_BUILDER)}")
+    if builder != "parquet":
+        _check_utf8(path)
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{source}: not valid UTF-8 near byte {e.start}; re-encode the file as UTF-8") from None
     except Exception as e:  # datasets wraps parse errors in several types
         cause = e.__cause__ or e
         raise DataError(f"{source}: could not be read as {builder}: {cause}") from None
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Reject invalid UTF-8 up front: pyarrow's JSON reader would load it silently."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line += block[: e.start].count(b"\n")
+                raise DataError(
+                    f"{path}: not valid UTF-8 at byte {at} (line {line}); re-encode the file as UTF-8"
+                ) from None
+            offset += len(block)
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: ends inside a UTF-8 character; the file is truncated or not UTF-8") from None
 
 
 def _require_columns(ds: datasets.Dataset, needed: list[str], cfg_fields: list[str]) -> None:

@@ -1,0 +1,100 @@
+"""Config: every shipped YAML loads; every problem is reported at once with field and fix."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wlora_dist.config import ConfigError, RunConfig, config_from_dict, describe, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"path": "m"}, "data": {"train": ["d.jsonl"]}}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig) and cfg.model.path and cfg.data.train
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config(
+        ROOT / "configs/tiny_cpu.yaml",
+        ["train.max_steps=77", "selection.k=3", "optim.lr=1e-4", "adapter.target_modules=[q_proj,v_proj]"],
+    )
+    assert cfg.train.max_steps == 77 and cfg.selection.k == 3
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+
+
+def test_all_problems_reported_at_once():
+    bad = {
+        "model": {"path": "m", "dtype": "fp8"},
+        "selection": {"k": 0, "lr_w": -1.0, "methd": "topk"},
+        "optim": {"lr": -0.1, "betas": [0.9]},
+        "train": {"max_steps": "ten"},
+        "data": {"train": ["d.jsonl"]},
+        "bogus": {},
+    }
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(bad)
+    text = str(info.value)
+    for needle in [
+        "model.dtype: got 'fp8'",
+        "selection.methd: unknown field; did you mean 'method'",
+        "train.max_steps: got 'ten', expected int",
+        "bogus: unknown field",
+    ]:
+        assert needle in text, text
+    # Type errors stop before range checks; fix the types and the range problems all show.
+    bad["model"]["dtype"] = "auto"
+    del bad["selection"]["methd"], bad["bogus"]
+    bad["train"]["max_steps"] = 10
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(bad)
+    text = str(info.value)
+    for needle in [
+        "selection.k: 0 must be >= 1",
+        "selection.lr_w: -1.0 must be >= 0",
+        "optim.lr: -0.1 must be >= 0",
+        "optim.betas: [0.9] must be two numbers",
+    ]:
+        assert needle in text, text
+    assert len(info.value.problems) == 4
+
+
+def test_selection_longer_than_run_is_rejected():
+    with pytest.raises(ConfigError, match=r"selection.steps: 50 exceeds train.max_steps=20"):
+        config_from_dict({**MINIMAL, "selection": {"steps": 50}, "train": {"max_steps": 20}})
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(ROOT / "configs/tiny_cpu.yaml", ["train.max_steps"])
+
+
+def test_describe_documents_every_field():
+    lines = describe()
+    assert any(line.strip().startswith("selection.k (int, default 4):") for line in lines)
+    assert all(line.rstrip().endswith(":") or ": " in line for line in lines)
+
+
+def test_cli_bad_config_exits_2_with_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: m}\ndata: {train: [x.jsonl]}\nselection: {k: -3}\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert "selection.k: -3 must be >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
