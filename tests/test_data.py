@@ -72,7 +72,7 @@ def test_missing_empty_and_non_utf8_files(tmp_path):
         load_rows(["./not/here"])  # written like a path: never tried as a hub id
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="empty|no rows|could not be read"):
+    with pytest.raises(DataError, match=r"empty|no rows|could not be read"):
         load_rows([str(empty)])
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')

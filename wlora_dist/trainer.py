@@ -53,6 +53,7 @@ class Trainer:
         self.report_dir = self.out_dir / "report"
         self.removed_refs: list[weakref.ref] = []  # removed adapter tensors (tests prove them freed)
         self.memory: dict[str, dict[str, int]] = {}
+        self.local_losses: list[float] = []  # this rank's own loss per step, before the all-reduce
 
     # ------------------------------------------------------------------ setup
 
@@ -178,6 +179,7 @@ class Trainer:
         metrics = {"gate_grad_norm": 0.0}
         if selecting:
             metrics = self._gate_update(step, cfg.selection.lr_w * mult)
+        self.local_losses.append(float(loss_sum / accum))
         loss_mean = all_reduce_mean_(loss_sum / accum).item()
         elapsed = time.perf_counter() - t0
         return {

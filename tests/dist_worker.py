@@ -1,0 +1,61 @@
+"""Runs the trainer in this process (alone, or as one rank under torchrun) and writes what
+the distributed tests compare to <output.dir>/rank<R>.json.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py cfg.json
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wlora_dist.config import config_from_dict
+from wlora_dist.distributed import init_distributed, shutdown
+from wlora_dist.tracking import setup_logging
+from wlora_dist.trainer import Trainer
+
+
+def digest(tensors):
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
+    env = init_distributed(cfg.distributed.timeout_minutes)
+    setup_logging(env.is_main)
+    trainer = Trainer(cfg, env)
+    trainer.setup()
+    result = trainer.train()
+    trainer.cleanup()
+    import gc
+
+    gc.collect()
+    out = {
+        "world_size": env.world_size,
+        "global_rank": env.global_rank,
+        "torch_dist_world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "losses": [h["loss"] for h in result.history],
+        "local_losses": trainer.local_losses,
+        "kept": result.kept,
+        "gates": trainer.wl.gates.tolist(),
+        "gates_digest": digest([trainer.wl.gates]),
+        "params_digest": digest(trainer.wl.trainable_parameters()),
+        "n_trainable": len(trainer.wl.trainable_parameters()),
+        "removed_alive": sum(r() is not None for r in trainer.removed_refs),
+        "n_removed": len(trainer.removed_refs),
+        "memory": result.memory,
+        "eval_loss": result.eval_loss,
+    }
+    Path(cfg.output.dir, f"rank{env.global_rank}.json").write_text(json.dumps(out))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

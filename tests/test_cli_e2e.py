@@ -1,0 +1,106 @@
+"""End to end through the command line, as a user runs it, on the tiny Llama."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from .conftest import ROOT, tiny_config_dict
+
+pytestmark = pytest.mark.e2e
+
+
+def _run(args, timeout=600, **env):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        full_env.pop(k, None)
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def _write_cfg(tmp_path, tiny_dir, name="run", **sections):
+    cfg = tiny_config_dict(tiny_dir, tmp_path / name, **sections)
+    cfg["log"]["trackers"] = ["jsonl", "tensorboard"]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, tmp_path / name
+
+
+def test_train_py_single_process_end_to_end(tmp_path, tiny_dir):
+    cfg, out = _write_cfg(tmp_path, tiny_dir, selection={"steps": 6, "k": 5}, train={"max_steps": 24})
+    proc = _run([sys.executable, "train.py", "--config", str(cfg), "optim.lr=1e-2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size=1" in proc.stderr and "prune event at step 6: kept 5 of 14" in proc.stderr
+
+    metrics = [json.loads(line) for line in (out / "logs/metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert len(losses) == 24 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3  # it learns
+    assert any("eval_loss" in m for m in metrics)
+    assert list((out / "logs/tensorboard").rglob("events.out.tfevents.*"))
+
+    report = json.loads((out / "report/selection-final.json").read_text())
+    assert report["n_kept"] == 5 and report["n_adapters"] == 14
+    assert sum(a["gate"] != 0 for a in report["adapters"]) == 5
+    assert (out / "report/gates-prune.png").stat().st_size > 5000
+
+    # The adapter is standard peft: it loads without this project and has exactly 5 adapters.
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"))
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert sum("lora_A" in n for n, _ in model.named_parameters()) == 5
+    assert sorted(model.peft_config["default"].target_modules) == sorted(report["kept"])
+    with model.disable_adapter(), torch.no_grad():
+        plain = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    with torch.no_grad():
+        tuned = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert (tuned - plain).abs().max() > 1e-3  # the trained adapters do something
+
+
+def test_accelerate_launch_two_processes(tmp_path, tiny_dir):
+    cfg, out = _write_cfg(tmp_path, tiny_dir, selection={"steps": 4, "k": 4}, train={"max_steps": 8})
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    proc = _run(
+        [
+            accelerate,
+            "launch",
+            "--config_file",
+            "launch/accelerate/cpu_2proc.yaml",
+            "--main_process_port",
+            "0",
+            "train.py",
+            "--config",
+            str(cfg),
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size=2" in proc.stderr, proc.stderr[-3000:]
+    assert "kept 4 adapters" in proc.stdout
+    assert (out / "adapter/adapter_model.safetensors").exists()
+
+
+def test_existing_adapter_is_never_overwritten(tmp_path, tiny_dir):
+    cfg, out = _write_cfg(tmp_path, tiny_dir)
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter/adapter_model.safetensors").write_bytes(b"precious")
+    proc = _run([sys.executable, "train.py", "--config", str(cfg)])
+    assert proc.returncode == 1
+    assert "already holds an adapter" in proc.stderr and "output.overwrite=true" in proc.stderr
+    assert (out / "adapter/adapter_model.safetensors").read_bytes() == b"precious"
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, tiny_dir):
+    cfg, _ = _write_cfg(tmp_path, tiny_dir)
+    proc = _run([sys.executable, "train.py", "--config", str(cfg), "model.path=./no/such/model"])
+    assert proc.returncode == 1
+    assert "model.path='./no/such/model': no such folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_config_fields():
+    proc = _run([sys.executable, "train.py", "--help"])
+    assert proc.returncode == 0
+    assert "selection.lr_w" in proc.stdout and "key.sub=value" in proc.stdout
