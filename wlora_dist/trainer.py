@@ -19,7 +19,7 @@ from transformers import set_seed
 
 from . import data as data_mod
 from .backends import Backend, make_backend
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .distributed import DistEnv, all_reduce_mean_, all_reduce_sum_, assert_same_on_all_ranks, barrier
 from .errors import UserError
 from .export import save_peft_adapter
@@ -68,6 +68,14 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         base = load_base_model(cfg.model, env.device)
         self.wl = WeightLoRA.attach(base, cfg.adapter)
+        if cfg.selection.method == "topk" and cfg.selection.k > self.wl.n:
+            raise ConfigError(
+                [
+                    f"selection.k: {cfg.selection.k} exceeds the {self.wl.n} adapters that adapter.target_modules / "
+                    f"adapter.layers give on this model; choose k in [1, {self.wl.n}]"
+                ],
+                "selection",
+            )
         self.backend: Backend = make_backend(cfg.distributed.backend, env, cfg.optim)
         self.params = self.wl.trainable_parameters()
         self.module = self.backend.prepare(self.wl.peft_model, self.params)
