@@ -77,7 +77,8 @@ class RunLogger:
             if isinstance(t, JSONLTracker):
                 t.store_init_configuration(run_config)
         if cfg.progress_bar:
-            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stderr)
+            # disable=None: no bar when stderr is not a terminal (CI logs, SLURM files); log lines remain.
+            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stderr, disable=None)
 
     def step(self, optimizer_step: int, metrics: dict[str, float], postfix: dict[str, str]) -> None:
         """Advance the bar; on every ``log.every`` steps also log and track ``metrics``."""

@@ -1,0 +1,86 @@
+"""The trainer in one process: the selection variants, options, and invariants."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wlora_dist.config import ConfigError, config_from_dict
+from wlora_dist.distributed import init_distributed
+from wlora_dist.trainer import Trainer, TrainingError
+
+from .conftest import tiny_config_dict
+
+
+def _train(tiny_dir, tmp_path, **sections):
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", **sections))
+    trainer = Trainer(cfg, init_distributed())
+    trainer.setup()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer, result
+
+
+def test_simplex_selection_keeps_the_support(tiny_dir, tmp_path):
+    trainer, result = _train(tiny_dir, tmp_path, selection={"method": "simplex", "steps": 4, "lr_w": 50.0})
+    w = trainer.wl.gates
+    assert torch.all(w >= 0) and abs(float(w.sum()) - 1) < 1e-5
+    nonzero = [s.name for s in trainer.wl.sites if float(w[s.index]) > 0]
+    assert result.kept == nonzero and 0 < len(nonzero) <= 14
+    assert len(trainer.wl.trainable_parameters()) == 2 * len(nonzero)
+
+
+def test_method_none_is_plain_lora_on_all_adapters(tiny_dir, tmp_path):
+    trainer, result = _train(tiny_dir, tmp_path, selection={"method": "none"})
+    assert len(result.kept) == 14 and torch.all(trainer.wl.gates == 1)
+    assert trainer.removed_refs == [] and not (tmp_path / "run/report/selection-prune.json").exists()
+
+
+def test_reinit_kept_restarts_the_kept_adapters(tiny_dir, tmp_path):
+    # max_steps == T: the export happens right after the prune event, so B is fresh zeros.
+    _, result = _train(tiny_dir, tmp_path, selection={"steps": 4, "reinit_kept": True}, train={"max_steps": 4})
+    state = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    assert len(state) == 2 * 4
+    assert all(torch.all(t == 0) for k, t in state.items() if "lora_B" in k)
+    assert all(t.abs().sum() > 0 for k, t in state.items() if "lora_A" in k)
+
+
+def test_fold_gates_sets_kept_gates_to_one(tiny_dir, tmp_path):
+    trainer, result = _train(tiny_dir, tmp_path, selection={"fold_gates": True})
+    kept = [s.index for s in trainer.wl.kept_sites()]
+    assert torch.all(trainer.wl.gates[kept] == 1) and len(kept) == 4
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_dir, tmp_path):
+    _, big = _train(tiny_dir, tmp_path / "a", train={"micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 5})
+    _, acc = _train(tiny_dir, tmp_path / "b", train={"micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 5})
+    for a, b in zip(big.history, acc.history, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    assert big.kept == acc.kept
+
+
+def test_activation_checkpointing_gives_the_same_training(tiny_dir, tmp_path):
+    _, plain = _train(tiny_dir, tmp_path / "a", train={"max_steps": 5})
+    _, ckpt = _train(tiny_dir, tmp_path / "b", train={"max_steps": 5}, model={"gradient_checkpointing": True})
+    for a, b in zip(plain.history, ckpt.history, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["gate_grad_norm"] - b["gate_grad_norm"]) < 1e-5
+    assert plain.kept == ckpt.kept
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_dir, tmp_path):
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run"))
+    trainer = Trainer(cfg, init_distributed())
+    trainer.setup()
+    with torch.no_grad():
+        trainer.wl.base_model.model.embed_tokens.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 1 on rank 0; lower optim.lr"):
+        trainer.train()
+    trainer.cleanup()
+    assert not (tmp_path / "run/adapter").exists()
+
+
+def test_k_larger_than_n_is_a_config_error(tiny_dir, tmp_path):
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", selection={"k": 15}))
+    with pytest.raises(ConfigError, match=r"selection.k: 15 exceeds the 14 adapters"):
+        Trainer(cfg, init_distributed()).setup()
