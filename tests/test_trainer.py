@@ -47,7 +47,7 @@ def test_reinit_kept_restarts_the_kept_adapters(tiny_dir, tmp_path):
 
 
 def test_fold_gates_sets_kept_gates_to_one(tiny_dir, tmp_path):
-    trainer, result = _train(tiny_dir, tmp_path, selection={"fold_gates": True})
+    trainer, _ = _train(tiny_dir, tmp_path, selection={"fold_gates": True})
     kept = [s.index for s in trainer.wl.kept_sites()]
     assert torch.all(trainer.wl.gates[kept] == 1) and len(kept) == 4
 
