@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,11 +20,20 @@ from wlora_dist.tracking import setup_logging
 from wlora_dist.trainer import Trainer
 
 
+def full(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t  # collective for DTensors
+
+
 def digest(tensors):
     h = hashlib.sha256()
     for t in tensors:
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(full(t.detach()).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def local_bytes(t):
+    t = t.to_local() if isinstance(t, DTensor) else t
+    return t.numel() * t.element_size()
 
 
 def main() -> None:
@@ -51,6 +61,13 @@ def main() -> None:
         "removed_alive": sum(r() is not None for r in trainer.removed_refs),
         "n_removed": len(trainer.removed_refs),
         "memory": result.memory,
+        "prune_losses": trainer.prune_losses,
+        "backend": trainer.backend.name,
+        "base_local_bytes": sum(local_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad),
+        "base_total_bytes": sum(
+            p.numel() * p.element_size() for p in trainer.wl.peft_model.parameters() if not p.requires_grad
+        ),
+        "param_types": sorted({type(p).__name__ for p in trainer.wl.peft_model.parameters()}),
         "eval_loss": result.eval_loss,
     }
     Path(cfg.output.dir, f"rank{env.global_rank}.json").write_text(json.dumps(out))

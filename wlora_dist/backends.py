@@ -13,8 +13,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from .config import DistributedConfig, OptimConfig
 from .distributed import DistEnv, all_reduce_mean_, broadcast_
+from .weight_lora import WeightLoRA
 
 
 def tensor_bytes(tensors: list[torch.Tensor]) -> int:
@@ -30,8 +31,8 @@ class Backend(ABC):
         self.optimizer: torch.optim.Optimizer | None = None
 
     @abstractmethod
-    def prepare(self, model: nn.Module, trainable: list[nn.Parameter]) -> nn.Module:
-        """Wrap/shard ``model``; return the module to call for forward."""
+    def prepare(self, wl: WeightLoRA) -> nn.Module:
+        """Place / wrap / shard ``wl.peft_model``; return the module to call for forward."""
 
     @abstractmethod
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
@@ -46,6 +47,22 @@ class Backend(ABC):
         self.optimizer = torch.optim.AdamW(
             params, lr=c.lr, betas=(c.betas[0], c.betas[1]), eps=c.eps, weight_decay=c.weight_decay
         )
+
+    def _rebuild_optimizer(self, kept: list[nn.Parameter], keep_state: bool) -> None:
+        """A new AdamW over ``kept`` at the current LR; Adam state carried over if asked."""
+        old = self.optimizer
+        assert old is not None
+        lr = old.param_groups[0]["lr"]
+        self.build_optimizer(kept)
+        assert self.optimizer is not None
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if keep_state:
+            for p in kept:
+                if p in old.state:
+                    self.optimizer.state[p] = old.state[p]
+        old.state.clear()
+        old.param_groups.clear()
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
         if max_norm <= 0:
@@ -91,13 +108,13 @@ class ReplicatedBackend(Backend):
 
     name = "replicated"
 
-    def prepare(self, model: nn.Module, trainable: list[nn.Parameter]) -> nn.Module:
-        model.to(self.env.device)
+    def prepare(self, wl: WeightLoRA) -> nn.Module:
+        wl.peft_model.to(self.env.device)
         # Same seed on every rank gives the same init; the broadcast makes it a guarantee.
         with torch.no_grad():
-            for p in trainable:
+            for p in wl.trainable_parameters():
                 broadcast_(p.data, src=0)
-        return model
+        return wl.peft_model
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
         if not self.env.distributed:
@@ -113,23 +130,15 @@ class ReplicatedBackend(Backend):
             offset += g.numel()
 
     def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
-        old = self.optimizer
-        assert old is not None
-        lr = old.param_groups[0]["lr"]
-        self.build_optimizer(kept)
-        assert self.optimizer is not None
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if keep_state:
-            for p in kept:
-                if p in old.state:
-                    self.optimizer.state[p] = old.state[p]
-        old.state.clear()
-        old.param_groups.clear()
+        self._rebuild_optimizer(kept, keep_state)
 
 
-def make_backend(name: str, env: DistEnv, optim_cfg: OptimConfig) -> Backend:
-    backends: dict[str, type[Backend]] = {"replicated": ReplicatedBackend}
-    if name not in backends:
-        raise ValueError(f"distributed.backend={name!r}: unknown; choose one of {sorted(backends)}")
-    return backends[name](env, optim_cfg)
+def make_backend(cfg: DistributedConfig, env: DistEnv, optim_cfg: OptimConfig) -> Backend:
+    """The configured backend. FSDP2 and ZeRO are imported only when chosen."""
+    if cfg.backend == "replicated":
+        return ReplicatedBackend(env, optim_cfg)
+    if cfg.backend == "fsdp2":
+        from .fsdp2_backend import FSDP2Backend
+
+        return FSDP2Backend(env, optim_cfg, cfg.fsdp)
+    raise ValueError(f"distributed.backend={cfg.backend!r}: unknown")

@@ -127,10 +127,20 @@ class LogConfig:
 
 
 @dataclass
+class FSDPConfig:
+    reshard_after_forward: bool = _f(True, "Free gathered parameters after forward (less memory, one more all-gather).")
+    cpu_offload: bool = _f(False, "Keep sharded parameters, gradients and optimizer state in CPU memory.")
+    mixed_precision: Literal["bf16", "no"] = _f("bf16", "On GPU: bf16 compute copies, fp32 gradient reduction.")
+
+
+@dataclass
 class DistributedConfig:
-    backend: Literal["replicated"] = _f(
-        "replicated", "replicated: every rank holds the model, adapter grads are all-reduced."
+    backend: Literal["replicated", "fsdp2"] = _f(
+        "replicated",
+        "replicated: every rank holds the model, adapter grads all-reduced; fsdp2: torch FSDP2 shards "
+        "base and adapters over the ranks.",
     )
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     timeout_minutes: float = _f(30.0, "Collective timeout: a dead rank fails the others after this long.")
 
 

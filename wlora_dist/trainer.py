@@ -53,6 +53,7 @@ class Trainer:
         self.report_dir = self.out_dir / "report"
         self.removed_refs: list[weakref.ref] = []  # removed adapter tensors (tests prove them freed)
         self.memory: dict[str, dict[str, int]] = {}
+        self.prune_losses: tuple[float, float] | None = None  # probe loss before / after removal
         self.local_losses: list[float] = []  # this rank's own loss per step, before the all-reduce
 
     # ------------------------------------------------------------------ setup
@@ -76,9 +77,9 @@ class Trainer:
                 ],
                 "selection",
             )
-        self.backend: Backend = make_backend(cfg.distributed.backend, env, cfg.optim)
-        self.params = self.wl.trainable_parameters()
-        self.module = self.backend.prepare(self.wl.peft_model, self.params)
+        self.backend: Backend = make_backend(cfg.distributed, env, cfg.optim)
+        self.module = self.backend.prepare(self.wl)
+        self.params = self.wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
         self.wl.gates.data = self.wl.gates.data.to(env.device)
         self.backend.build_optimizer(self.params)
         torch.manual_seed(cfg.train.seed + env.global_rank)  # dropout differs per rank, as in DDP
@@ -171,6 +172,7 @@ class Trainer:
                     "lower optim.lr / selection.lr_w or check the data"
                 )
             (loss / accum).backward()
+            self._last_batch = batch
             loss_sum += loss.detach()
             tokens += int(batch["attention_mask"].sum())
         self.backend.reduce_gradients(self.params)
@@ -221,6 +223,7 @@ class Trainer:
         wl, sel = self.wl, self.cfg.selection
         assert_same_on_all_ranks(wl.gates, "gate vector w at the prune event")
         drop = [s.index for s in wl.kept_sites() if float(wl.gates.detach()[s.index]) == 0.0]
+        loss_before = self._probe_loss()
         if sel.fold_gates:
             wl.fold_gates_into_B()
         wl.freeze_gates()
@@ -231,9 +234,17 @@ class Trainer:
         self.backend.rebuild_after_prune(self.params, keep_state=not sel.reinit_kept)
         self.removed_refs = [weakref.ref(p) for p in removed]
         del removed
+        # Continuity: the pruned model computes what the gated model did (unless reinit).
+        self.prune_losses = (loss_before, self._probe_loss())
         seconds = time.perf_counter() - t0
         if self.env.is_main:
-            write_report(wl, self.report_dir, step, "prune", {"prune_seconds": seconds})
+            write_report(
+                wl,
+                self.report_dir,
+                step,
+                "prune",
+                {"prune_seconds": seconds, "probe_loss_before": loss_before, "probe_loss_after": self.prune_losses[1]},
+            )
         self.logger.info(
             "prune event at step %d: kept %d of %d adapters, removed %d, %.3f s; report in %s",
             step,
@@ -246,6 +257,15 @@ class Trainer:
         return seconds
 
     # ------------------------------------------------------------------ eval / save
+
+    @torch.no_grad()
+    def _probe_loss(self) -> float:
+        """Loss of the last training micro-batch, dropout off (same batch before/after pruning)."""
+        self.module.eval()
+        with self._autocast():
+            loss = self.module(**self._last_batch).loss
+        self.module.train()
+        return float(loss)
 
     @torch.no_grad()
     def _eval_metrics(self) -> dict:

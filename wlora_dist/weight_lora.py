@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .config import AdapterConfig, ConfigError
 
@@ -70,6 +71,10 @@ def find_target_modules(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 def _is_linear(module: nn.Module) -> bool:
     # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear, so they count too.
     return isinstance(module, nn.Linear)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class WeightLoRA:
@@ -202,7 +207,8 @@ class WeightLoRA:
         """Kept adapters as a peft state dict, with w folded into B (B' = w * B)."""
         out = {}
         for s in self.kept_sites():
-            a, b = (p.detach() for p in self.adapter_params(s))
+            # A sharded (DTensor) adapter is gathered in full: every rank must call this.
+            a, b = (_full(p.detach()) for p in self.adapter_params(s))
             key = f"base_model.model.{s.name}"
             w = self.gates[s.index].detach().to(torch.float32)
             out[f"{key}.lora_A.weight"] = a.float().cpu().contiguous()
