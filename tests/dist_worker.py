@@ -32,7 +32,7 @@ def digest(tensors):
 
 
 def local_bytes(t):
-    t = t.to_local() if isinstance(t, DTensor) else t
+    t = t.to_local() if isinstance(t, DTensor) else getattr(t, "ds_tensor", t)  # FSDP2 / ZeRO-3 shard
     return t.numel() * t.element_size()
 
 
@@ -56,7 +56,7 @@ def main() -> None:
         "kept": result.kept,
         "gates": trainer.wl.gates.tolist(),
         "gates_digest": digest([trainer.wl.gates]),
-        "params_digest": digest(trainer.wl.trainable_parameters()),
+        "params_digest": digest(trainer.backend.gather_full(trainer.wl.trainable_parameters())),
         "n_trainable": len(trainer.wl.trainable_parameters()),
         "removed_alive": sum(r() is not None for r in trainer.removed_refs),
         "n_removed": len(trainer.removed_refs),

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from .config import DistributedConfig, OptimConfig
+from .config import OptimConfig, RunConfig
 from .distributed import DistEnv, all_reduce_mean_, broadcast_
 from .weight_lora import WeightLoRA
 
@@ -29,6 +29,13 @@ class Backend(ABC):
         self.env = env
         self.optim_cfg = optim_cfg
         self.optimizer: torch.optim.Optimizer | None = None
+        self._module: nn.Module | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """What to call for forward; ask every time: ZeRO swaps its engine at the prune event."""
+        assert self._module is not None, "call prepare() first"
+        return self._module
 
     @abstractmethod
     def prepare(self, wl: WeightLoRA) -> nn.Module:
@@ -64,17 +71,31 @@ class Backend(ABC):
         old.state.clear()
         old.param_groups.clear()
 
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        if max_norm <= 0:
-            grads = [p.grad for p in params if p.grad is not None]
-            return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        """Backward of one micro-step (``loss`` already divided by the accumulation steps)."""
+        loss.backward()
 
-    def optimizer_step(self, lr: float) -> None:
+    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(norm, "full_tensor"):  # DTensor grads (FSDP2): the norm is all-reduced
+            norm = norm.full_tensor()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
+
+    def step(self, params: list[nn.Parameter], lr: float, max_grad_norm: float) -> float:
+        """Clip, then one optimizer step at ``lr``; returns the gradient norm before clipping."""
         assert self.optimizer is not None
+        norm = self.clip_grad_norm(params, max_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        return norm
+
+    def gather_full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full (unsharded) copies of ``tensors``; a collective where they are sharded."""
+        return [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]
 
     def zero_grad(self) -> None:
         assert self.optimizer is not None
@@ -110,6 +131,7 @@ class ReplicatedBackend(Backend):
 
     def prepare(self, wl: WeightLoRA) -> nn.Module:
         wl.peft_model.to(self.env.device)
+        self._module = wl.peft_model
         # Same seed on every rank gives the same init; the broadcast makes it a guarantee.
         with torch.no_grad():
             for p in wl.trainable_parameters():
@@ -133,12 +155,17 @@ class ReplicatedBackend(Backend):
         self._rebuild_optimizer(kept, keep_state)
 
 
-def make_backend(cfg: DistributedConfig, env: DistEnv, optim_cfg: OptimConfig) -> Backend:
+def make_backend(cfg: RunConfig, env: DistEnv) -> Backend:
     """The configured backend. FSDP2 and ZeRO are imported only when chosen."""
-    if cfg.backend == "replicated":
-        return ReplicatedBackend(env, optim_cfg)
-    if cfg.backend == "fsdp2":
+    name = cfg.distributed.backend
+    if name == "replicated":
+        return ReplicatedBackend(env, cfg.optim)
+    if name == "fsdp2":
         from .fsdp2_backend import FSDP2Backend
 
-        return FSDP2Backend(env, optim_cfg, cfg.fsdp)
-    raise ValueError(f"distributed.backend={cfg.backend!r}: unknown")
+        return FSDP2Backend(env, cfg.optim, cfg.distributed.fsdp)
+    if name == "zero":
+        from .zero_backend import ZeROBackend
+
+        return ZeROBackend(env, cfg.optim, cfg.distributed.zero, cfg.train)
+    raise ValueError(f"distributed.backend={name!r}: unknown")

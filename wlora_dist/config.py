@@ -134,13 +134,22 @@ class FSDPConfig:
 
 
 @dataclass
+class ZeROConfig:
+    stage: int = _f(2, "ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters, base included).")
+    offload_optimizer: bool = _f(False, "Keep optimizer state in CPU memory.")
+    offload_params: bool = _f(False, "Keep parameters in CPU memory (stage 3).")
+    config_file: str = _f("", "Your own DeepSpeed JSON; its values win over ours except where they are 'auto'.")
+
+
+@dataclass
 class DistributedConfig:
-    backend: Literal["replicated", "fsdp2"] = _f(
+    backend: Literal["replicated", "fsdp2", "zero"] = _f(
         "replicated",
         "replicated: every rank holds the model, adapter grads all-reduced; fsdp2: torch FSDP2 shards "
-        "base and adapters over the ranks.",
+        "base and adapters; zero: DeepSpeed ZeRO (distributed.zero.stage).",
     )
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    zero: ZeROConfig = field(default_factory=ZeROConfig)
     timeout_minutes: float = _f(30.0, "Collective timeout: a dead rank fails the others after this long.")
 
 
@@ -357,6 +366,10 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
     if t.eval_every < 0:
         p.append(f"train.eval_every: {t.eval_every} must be >= 0")
+    if cfg.distributed.zero.stage not in (1, 2, 3):
+        p.append(f"distributed.zero.stage: {cfg.distributed.zero.stage} must be 1, 2 or 3")
+    if cfg.distributed.zero.offload_params and cfg.distributed.zero.stage != 3:
+        p.append("distributed.zero.offload_params: needs distributed.zero.stage=3")
     if cfg.distributed.timeout_minutes <= 0:
         p.append(f"distributed.timeout_minutes: {cfg.distributed.timeout_minutes} must be > 0")
     if cfg.log.every <= 0:

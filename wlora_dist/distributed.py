@@ -58,7 +58,11 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the group together: a rank tearing gloo down while another still talks to it
+    can abort the process at exit."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

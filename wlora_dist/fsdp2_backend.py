@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from .backends import Backend
 from .config import FSDPConfig, OptimConfig
@@ -53,20 +52,11 @@ class FSDP2Backend(Backend):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
         self.root = model  # type: ignore[assignment]
+        self._module = model
         return model
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
         pass  # FSDP2 reduce-scatters (mean) every gradient in backward
-
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        # torch's clip works on DTensors: the norm of the sharded grads is all-reduced.
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
 
     def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
         _forget_removed_units(self.root)

@@ -77,8 +77,8 @@ class Trainer:
                 ],
                 "selection",
             )
-        self.backend: Backend = make_backend(cfg.distributed, env, cfg.optim)
-        self.module = self.backend.prepare(self.wl)
+        self.backend: Backend = make_backend(cfg, env)
+        self.backend.prepare(self.wl)
         self.params = self.wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
         self.wl.gates.data = self.wl.gates.data.to(env.device)
         self.backend.build_optimizer(self.params)
@@ -124,7 +124,7 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         history = []
-        self.module.train()
+        self.backend.module.train()
         for step in range(1, cfg.train.max_steps + 1):
             metrics = self._optimizer_step(step)
             if is_prune_step(step, cfg.selection):
@@ -162,16 +162,16 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.env.device)
         tokens = 0
         accum = cfg.train.grad_accum_steps
-        for _ in range(accum):  # micro-steps
+        for micro in range(accum):
             batch = {k: v.to(self.env.device) for k, v in next(self.train_iter).items()}
             with self._autocast():
-                loss = self.module(**batch).loss
+                loss = self.backend.module(**batch).loss
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss is {loss.item()} at optimizer step {step} on rank {self.env.global_rank}; "
                     "lower optim.lr / selection.lr_w or check the data"
                 )
-            (loss / accum).backward()
+            self.backend.backward(loss / accum, last_micro_step=micro == accum - 1)
             self._last_batch = batch
             loss_sum += loss.detach()
             tokens += int(batch["attention_mask"].sum())
@@ -180,9 +180,8 @@ class Trainer:
         if selecting:
             assert wl.gates.grad is not None
             all_reduce_mean_(wl.gates.grad)  # w is replicated: mean grad, same step on every rank
-        grad_norm = self.backend.clip_grad_norm(self.params, cfg.optim.max_grad_norm)
         mult = lr_multiplier(step, cfg.optim, cfg.train.max_steps)
-        self.backend.optimizer_step(cfg.optim.lr * mult)
+        grad_norm = self.backend.step(self.params, cfg.optim.lr * mult, cfg.optim.max_grad_norm)
         if step in (cfg.selection.steps, cfg.selection.steps + 1) and cfg.selection.method != "none":
             self.memory["before" if step == cfg.selection.steps else "after"] = self.backend.memory_report(self.params)
         self.backend.zero_grad()
@@ -261,33 +260,33 @@ class Trainer:
     @torch.no_grad()
     def _probe_loss(self) -> float:
         """Loss of the last training micro-batch, dropout off (same batch before/after pruning)."""
-        self.module.eval()
+        self.backend.module.eval()
         with self._autocast():
-            loss = self.module(**self._last_batch).loss
-        self.module.train()
+            loss = self.backend.module(**self._last_batch).loss
+        self.backend.module.train()
         return float(loss)
 
     @torch.no_grad()
     def _eval_metrics(self) -> dict:
         if self.eval_loader is None:
             return {}
-        self.module.eval()
+        self.backend.module.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # (loss * tokens, tokens)
         for i, batch in enumerate(self.eval_loader):
             if i >= self.cfg.train.eval_batches:
                 break
             batch = {k: v.to(self.env.device) for k, v in batch.items()}
             with self._autocast():
-                loss = self.module(**batch).loss
+                loss = self.backend.module(**batch).loss
             n = int((batch["labels"][:, 1:] != data_mod.IGNORE).sum())
             sums += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=sums.device)
         all_reduce_sum_(sums)
-        self.module.train()
+        self.backend.module.train()
         eval_loss = float(sums[0] / sums[1].clamp(min=1))
         return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
 
     def _save_outputs(self) -> None:
-        state = self.wl.export_state()
+        state = self.wl.export_state(self.backend.gather_full)
         if self.env.is_main:
             phase = "final"
             write_report(self.wl, self.report_dir, self.cfg.train.max_steps, phase, {"memory": self.memory})

@@ -15,13 +15,13 @@ is never sharded or partitioned; the trainer all-reduces its gradient by hand.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from .config import AdapterConfig, ConfigError
 
@@ -71,10 +71,6 @@ def find_target_modules(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 def _is_linear(module: nn.Module) -> bool:
     # bitsandbytes' Linear8bitLt / Linear4bit subclass nn.Linear, so they count too.
     return isinstance(module, nn.Linear)
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class WeightLoRA:
@@ -203,12 +199,18 @@ class WeightLoRA:
 
     # -- export -------------------------------------------------------------------------
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        """Kept adapters as a peft state dict, with w folded into B (B' = w * B)."""
+    def export_state(
+        self, gather: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Kept adapters as a peft state dict, with w folded into B (B' = w * B).
+
+        ``gather`` turns sharded tensors into full ones (the backend's ``gather_full``, a
+        collective under FSDP2 / ZeRO-3: every rank must call this).
+        """
+        gather = gather or (lambda ts: ts)
         out = {}
         for s in self.kept_sites():
-            # A sharded (DTensor) adapter is gathered in full: every rank must call this.
-            a, b = (_full(p.detach()) for p in self.adapter_params(s))
+            a, b = (t.detach() for t in gather(self.adapter_params(s)))
             key = f"base_model.model.{s.name}"
             w = self.gates[s.index].detach().to(torch.float32)
             out[f"{key}.lora_A.weight"] = a.float().cpu().contiguous()

@@ -1,0 +1,237 @@
+"""DeepSpeed ZeRO stage 1, 2 or 3, through ``deepspeed.initialize`` on our own module.
+
+Stage 1/2 partition the adapters' optimizer state (and, for 2, gradients) over the ranks;
+the frozen base stays replicated. Stage 3 partitions every parameter, base included.
+The gates stay outside the engine (they are not module parameters).
+
+At the prune event the engine is destroyed (its hooks removed) and a new one is built
+over the same module and the kept adapters, carrying their Adam state over with
+DeepSpeed's own tensor-fragment API; the base is never reloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backends import Backend, tensor_bytes
+from .config import OptimConfig, TrainConfig, ZeROConfig
+from .distributed import DistEnv
+from .errors import UserError
+from .weight_lora import WeightLoRA
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def deepspeed_config(zero: ZeROConfig, optim: OptimConfig, train: TrainConfig, bf16: bool) -> dict[str, Any]:
+    """Our settings as a DeepSpeed config; a user JSON (zero.config_file) overrides them,
+    except where it says "auto" (the HF convention), which takes ours."""
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": optim.max_grad_norm,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": zero.stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if zero.offload_optimizer:
+        ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if zero.offload_params:
+        ours["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    if not zero.config_file:
+        return ours
+    path = Path(zero.config_file)
+    if not path.is_file():
+        raise UserError(f"distributed.zero.config_file={zero.config_file!r}: no such file")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"distributed.zero.config_file={zero.config_file!r}: not valid JSON ({e})") from None
+    return _merge(ours, user)
+
+
+def _merge(ours: dict, user: dict) -> dict:
+    out = copy.deepcopy(ours)
+    for key, value in user.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class ZeROBackend(Backend):
+    name = "zero"
+
+    def __init__(self, env: DistEnv, optim_cfg: OptimConfig, zero_cfg: ZeROConfig, train_cfg: TrainConfig) -> None:
+        super().__init__(env, optim_cfg)
+        import deepspeed  # optional dependency: imported only when chosen
+
+        self.deepspeed = deepspeed
+        self.zero_cfg = zero_cfg
+        bf16 = env.device.type == "cuda" and train_cfg.mixed_precision in ("auto", "bf16")
+        self.ds_config = deepspeed_config(zero_cfg, optim_cfg, train_cfg, bf16)
+        self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.name = f"zero{self.stage}"
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+        self.fragment_api = (safe_get_full_optimizer_state, safe_set_full_optimizer_state)
+        self.engine: Any = None
+        self.peft_model: nn.Module | None = None
+
+    def prepare(self, wl: WeightLoRA) -> nn.Module:
+        if not self.deepspeed.comm.is_initialized():
+            self.deepspeed.init_distributed(dist_backend="nccl" if self.env.device.type == "cuda" else "gloo")
+        self.peft_model = wl.peft_model
+        self.peft_model.to(self.env.device)
+        self._initialize(wl.trainable_parameters())
+        return self.engine
+
+    def _initialize(self, params: list[nn.Parameter]) -> None:
+        self.engine, self.optimizer, _, _ = self.deepspeed.initialize(
+            model=self.peft_model, model_parameters=params, config=copy.deepcopy(self.ds_config)
+        )
+        self._module = self.engine
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> None:
+        pass  # the engine built it from ds_config
+
+    def backward(self, loss: torch.Tensor, last_micro_step: bool) -> None:
+        # We run the accumulation loop; tell the engine where the boundary is, and do not
+        # let it divide the (already divided) loss again.
+        self.engine.set_gradient_accumulation_boundary(last_micro_step)
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+        pass  # ZeRO reduces (stage 1: all-reduce, 2/3: reduce-scatter) inside backward
+
+    def step(self, params: list[nn.Parameter], lr: float, max_grad_norm: float) -> float:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()  # clips by ds_config["gradient_clipping"]
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def zero_grad(self) -> None:
+        pass  # engine.step() zeroes the gradients
+
+    def gather_full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.stage < 3:
+            return tensors
+        with self.deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
+            return [t.detach().clone() for t in tensors]
+
+    def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
+        get_state = self.fragment_api[0]
+        saved: dict = {}
+        step = None
+        if keep_state:
+            saved = {id(p): {k: get_state(p, k).detach().clone() for k in ADAM_STATE_KEYS} for p in kept}
+            step = _adam_step(self.engine.optimizer)
+        _destroy(self.engine)
+        self.engine = self.optimizer = None
+        gc.collect()  # the old engine's partitions hold the removed adapters: free them now
+        self._initialize(kept)
+        if saved:
+            self._restore_adam_state(kept, saved, step)
+
+    def _restore_adam_state(self, kept: list[nn.Parameter], saved: dict, step: torch.Tensor | None) -> None:
+        # torch's AdamW creates its state at the first step; create it now in its own
+        # format (step, exp_avg, exp_avg_sq per flat fp32 partition) so DeepSpeed's
+        # fragment API can write the kept adapters' moments into the new partitions.
+        inner = _inner(self.engine.optimizer)
+        for flat in _master_partitions(self.engine.optimizer):
+            inner.state[flat] = {
+                "step": (step if step is not None else torch.zeros(())).clone().float(),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
+        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # stage 1/2 link the fragments lazily, at the first step
+            link()
+        for p in kept:
+            for key, value in saved[id(p)].items():
+                self.fragment_api[1](p, value, key)
+
+    def memory_report(self, params: list[nn.Parameter]) -> dict[str, int]:
+        """This rank's bytes: its partition of the adapters (stage 3) or all of them, its
+        fp32 master partition and the inner optimizer's state (exp_avg, exp_avg_sq, step)."""
+        local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        masters = _master_partitions(self.engine.optimizer)
+        return {
+            "trainable_param_bytes": tensor_bytes(local),
+            "optimizer_state_bytes": tensor_bytes(state),
+            "master_weight_bytes": tensor_bytes(masters),
+        }
+
+
+def _destroy(engine: Any) -> None:
+    """engine.destroy() removes the optimizer's gradient hooks and (stage 3) the module
+    hooks, but leaves the engine's own forward hooks on the module (DeepSpeed 0.19):
+    they would keep the old engine alive and drive its optimizer from the new one's
+    forward. Remove them too."""
+    engine.destroy()
+    _clear_stage3_release_cache()
+    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, name, None)
+        if handle is not None and hasattr(handle, "remove"):
+            handle.remove()
+
+
+def _clear_stage3_release_cache() -> None:
+    """ZeRO-3's PartitionedParameterCoordinator memoises ``__params_to_release`` with a
+    class-level functools.lru_cache keyed by (coordinator, submodule): it keeps every
+    module it has seen, removed adapters included, alive for the life of the process
+    (found by walking gc referrers from a removed lora_A weight). Clearing it only
+    costs a recomputation on the next step."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    fn = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    # DeepSpeed wraps it in instrument_w_nvtx, a closure without __wrapped__: look inside.
+    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+    for candidate in [fn, *cells]:
+        if hasattr(candidate, "cache_clear"):
+            candidate.cache_clear()
+            return
+    raise RuntimeError("DeepSpeed's ZeRO-3 coordinator changed: cannot clear its module cache to free adapters")
+
+
+def _master_partitions(zero_optimizer: Any) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, the tensors the inner optimizer steps.
+    (Stage 3 detaches them from the inner optimizer's param_groups between steps.)"""
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        if hasattr(zero_optimizer, attr):
+            return list(getattr(zero_optimizer, attr))
+    return [p for g in _inner(zero_optimizer).param_groups for p in g["params"]]
+
+
+def _inner(zero_optimizer: Any) -> torch.optim.Optimizer:
+    return getattr(zero_optimizer, "optimizer", zero_optimizer)
+
+
+def _adam_step(zero_optimizer: Any) -> torch.Tensor | None:
+    for s in _inner(zero_optimizer).state.values():
+        if "step" in s:
+            return s["step"].clone() if isinstance(s["step"], torch.Tensor) else torch.tensor(float(s["step"]))
+    return None
