@@ -60,26 +60,52 @@ def test_train_py_single_process_end_to_end(tmp_path, tiny_dir):
     assert (tuned - plain).abs().max() > 1e-3  # the trained adapters do something
 
 
-def test_accelerate_launch_two_processes(tmp_path, tiny_dir):
-    cfg, out = _write_cfg(tmp_path, tiny_dir, selection={"steps": 4, "k": 4}, train={"max_steps": 8})
+@pytest.fixture(scope="module")
+def launched(tiny_dir, tmp_path_factory):
+    """The same tiny run through `accelerate launch` with three shipped configs, 2 processes."""
+    tmp = tmp_path_factory.mktemp("launch")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    proc = _run(
-        [
-            accelerate,
-            "launch",
-            "--config_file",
-            "launch/accelerate/cpu_2proc.yaml",
-            "--main_process_port",
-            "0",
-            "train.py",
-            "--config",
-            str(cfg),
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "world_size=2" in proc.stderr, proc.stderr[-3000:]
+    runs = {}
+    for launch in ("cpu_2proc", "fsdp2", "zero3"):
+        cfg, out = _write_cfg(tmp, tiny_dir, launch, selection={"steps": 4, "k": 4}, train={"max_steps": 8})
+        proc = _run(
+            [
+                accelerate,
+                "launch",
+                "--config_file",
+                f"launch/accelerate/{launch}.yaml",
+                "--main_process_port",
+                "0",
+                "train.py",
+                "--config",
+                str(cfg),
+            ]
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[launch] = (proc, out)
+    return runs
+
+
+@pytest.mark.parametrize(("launch", "backend"), [("cpu_2proc", "replicated"), ("fsdp2", "fsdp2"), ("zero3", "zero3")])
+def test_accelerate_launch_runs_the_configured_backend_on_two_processes(launched, launch, backend):
+    proc, out = launched[launch]
+    assert f"world_size=2 backend={backend} " in proc.stderr, proc.stderr[-3000:]
     assert "kept 4 adapters" in proc.stdout
     assert (out / "adapter/adapter_model.safetensors").exists()
+
+
+def test_exported_adapter_is_the_full_trained_tensor_under_every_backend(launched):
+    """Sharded backends gather the full adapter before writing it (no empty ZeRO-3 shards)."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(launched["cpu_2proc"][1] / "adapter/adapter_model.safetensors"))
+    assert len(ref) == 8 and all(t.numel() > 0 for t in ref.values())
+    for launch in ("fsdp2", "zero3"):
+        got = load_file(str(launched[launch][1] / "adapter/adapter_model.safetensors"))
+        assert got.keys() == ref.keys(), launch
+        for key, tensor in ref.items():
+            assert got[key].shape == tensor.shape, (launch, key)
+            torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=f"{launch} {key}")
 
 
 def test_existing_adapter_is_never_overwritten(tmp_path, tiny_dir):

@@ -158,7 +158,7 @@ class ReplicatedBackend(Backend):
 def make_backend(cfg: RunConfig, env: DistEnv) -> Backend:
     """The configured backend. FSDP2 and ZeRO are imported only when chosen."""
     name = cfg.distributed.backend
-    if name == "replicated":
+    if name in ("replicated", "auto"):  # auto: no launcher chose a sharded backend
         return ReplicatedBackend(env, cfg.optim)
     if name == "fsdp2":
         from .fsdp2_backend import FSDP2Backend

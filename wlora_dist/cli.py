@@ -29,7 +29,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)  # before any process group: fail fast
+    from .launchers import accelerate_overrides
+
+    # Before any process group: fail fast. The accelerate config's choices come in first.
+    cfg = load_config(args.config, args.overrides, accelerate_overrides(os.environ))
     # Imported here so `--help` and config errors answer in a fraction of a second.
     from .distributed import init_distributed, shutdown
     from .tracking import setup_logging

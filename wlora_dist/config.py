@@ -110,7 +110,7 @@ class TrainConfig:
     micro_batch_size: int = _f(4, "Rows per rank per forward/backward.")
     grad_accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
     seed: int = _f(0, "Seed for init, dropout and data order (same on every rank).")
-    mixed_precision: Literal["auto", "bf16", "no"] = _f(
+    mixed_precision: Literal["auto", "bf16", "no", "fp16"] = _f(
         "auto", "bf16 autocast on GPU (auto), or none; CPU runs in the base dtype."
     )
     eval_every: int = _f(0, "Evaluate every N optimizer steps (0 = only at the end).")
@@ -143,8 +143,9 @@ class ZeROConfig:
 
 @dataclass
 class DistributedConfig:
-    backend: Literal["replicated", "fsdp2", "zero"] = _f(
-        "replicated",
+    backend: Literal["auto", "replicated", "fsdp2", "zero"] = _f(
+        "auto",
+        "auto: what `accelerate launch --config_file` chose (FSDP -> fsdp2, DEEPSPEED -> zero), else replicated; "
         "replicated: every rank holds the model, adapter grads all-reduced; fsdp2: torch FSDP2 shards "
         "base and adapters; zero: DeepSpeed ZeRO (distributed.zero.stage).",
     )
@@ -299,8 +300,13 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``key.sub=value`` overrides, validate."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    launcher: list[tuple[str, Any]] | None = None,
+) -> RunConfig:
+    """Read a YAML run config, apply the launcher's settings (``launcher``, e.g. from an
+    accelerate config), then ``key.sub=value`` overrides; validate."""
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -314,7 +320,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"not valid YAML: {e}"], source) from None
         if not isinstance(data, dict):
             raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source)
-    for key, value in parse_overrides(overrides or []):
+    launcher = launcher or []
+    chosen = dict(launcher).get("distributed.backend")
+    in_file = (
+        (data.get("distributed") or {}).get("backend", "auto") if isinstance(data.get("distributed"), dict) else "auto"
+    )
+    if chosen and in_file not in ("auto", chosen):
+        raise ConfigError(
+            [
+                f"distributed.backend: {in_file!r} in the config, but the accelerate config launched {chosen!r}; "
+                "set distributed.backend: auto (or the same value), or launch with a matching accelerate config"
+            ],
+            source,
+        )
+    for key, value in [*launcher, *parse_overrides(overrides or [])]:
         _set_dotted(data, key, value)
     return config_from_dict(data, source)
 
@@ -366,6 +385,8 @@ def validate(cfg: RunConfig) -> list[str]:
             p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
     if t.eval_every < 0:
         p.append(f"train.eval_every: {t.eval_every} must be >= 0")
+    if t.mixed_precision == "fp16":
+        p.append("train.mixed_precision: fp16 is not supported (loss scaling would scale the gates); use bf16 or no")
     if cfg.distributed.zero.stage not in (1, 2, 3):
         p.append(f"distributed.zero.stage: {cfg.distributed.zero.stage} must be 1, 2 or 3")
     if cfg.distributed.zero.offload_params and cfg.distributed.zero.stage != 3:

@@ -91,7 +91,7 @@ class Trainer:
             self.backend.name,
             self.wl.n,
             ",".join(cfg.adapter.target_modules),
-            sum(p.numel() for p in self.params),
+            sum(getattr(p, "ds_numel", p.numel()) for p in self.params),  # ZeRO-3: numel() is 0
             cfg.selection.method,
             cfg.selection.k if cfg.selection.method == "topk" else "-",
             cfg.selection.steps,

@@ -1,0 +1,68 @@
+"""accelerate configs choose and configure the backend; every shipped launch config parses."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wlora_dist.config import ConfigError, load_config
+from wlora_dist.launchers import accelerate_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs/tiny_cpu.yaml"
+
+
+def test_fsdp_env_selects_fsdp2_with_its_options():
+    env = {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_RESHARD_AFTER_FORWARD": "false",
+        "FSDP_OFFLOAD_PARAMS": "true",
+        "FSDP_ACTIVATION_CHECKPOINTING": "true",
+        "ACCELERATE_MIXED_PRECISION": "bf16",
+    }
+    cfg = load_config(TINY, [], accelerate_overrides(env))
+    assert cfg.distributed.backend == "fsdp2"
+    assert cfg.distributed.fsdp.reshard_after_forward is False and cfg.distributed.fsdp.cpu_offload is True
+    assert cfg.model.gradient_checkpointing is True and cfg.train.mixed_precision == "bf16"
+
+
+def test_deepspeed_env_selects_zero_stage_and_offload(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text("{}")
+    env = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu",
+        "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "none",
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds),
+    }
+    cfg = load_config(TINY, [], accelerate_overrides(env))
+    z = cfg.distributed.zero
+    assert cfg.distributed.backend == "zero" and z.stage == 3 and z.offload_optimizer and not z.offload_params
+    assert z.config_file == str(ds)
+
+
+def test_command_line_beats_the_launcher_and_no_launcher_means_auto():
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    assert load_config(TINY, ["distributed.zero.stage=2"], accelerate_overrides(env)).distributed.zero.stage == 2
+    assert load_config(TINY, [], accelerate_overrides({})).distributed.backend == "auto"
+
+
+def test_contradicting_backend_is_an_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY.read_text() + "distributed: {backend: fsdp2}\n")
+    with pytest.raises(ConfigError, match=r"distributed.backend: 'fsdp2' in the config, but the accelerate config"):
+        load_config(cfg, [], accelerate_overrides({"ACCELERATE_USE_DEEPSPEED": "true"}))
+
+
+def test_fp16_is_rejected_with_the_reason():
+    with pytest.raises(ConfigError, match="fp16 is not supported"):
+        load_config(TINY, [], accelerate_overrides({"ACCELERATE_MIXED_PRECISION": "fp16"}))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "launch/accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_parse_and_document_their_command(path):
+    data = yaml.safe_load(path.read_text())
+    assert data["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    assert data.get("use_cpu") is False  # use_cpu: true makes accelerate start ONE process
+    assert "accelerate launch --config_file launch/accelerate/" in path.read_text().split("\n\n")[0]
