@@ -61,6 +61,7 @@ def main() -> None:
         "removed_alive": sum(r() is not None for r in trainer.removed_refs),
         "n_removed": len(trainer.removed_refs),
         "memory": result.memory,
+        "load_bytes_read": getattr(getattr(trainer.backend, "load_stats", None), "bytes_read", None),
         "prune_losses": trainer.prune_losses,
         "backend": trainer.backend.name,
         "base_local_bytes": sum(local_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad),

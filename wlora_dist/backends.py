@@ -12,9 +12,11 @@ from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from .config import OptimConfig, RunConfig
+from .config import ModelConfig, OptimConfig, RunConfig
 from .distributed import DistEnv, all_reduce_mean_, broadcast_
+from .modeling import load_base_model
 from .weight_lora import WeightLoRA
 
 
@@ -36,6 +38,10 @@ class Backend(ABC):
         """What to call for forward; ask every time: ZeRO swaps its engine at the prune event."""
         assert self._module is not None, "call prepare() first"
         return self._module
+
+    def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
+        """The frozen base model; sharded backends override this to never hold it whole."""
+        return load_base_model(cfg, self.env.device)
 
     @abstractmethod
     def prepare(self, wl: WeightLoRA) -> nn.Module:
@@ -163,7 +169,7 @@ def make_backend(cfg: RunConfig, env: DistEnv) -> Backend:
     if name == "fsdp2":
         from .fsdp2_backend import FSDP2Backend
 
-        return FSDP2Backend(env, cfg.optim, cfg.distributed.fsdp)
+        return FSDP2Backend(env, cfg.optim, cfg.distributed.fsdp, cfg.train.seed)
     if name == "zero":
         from .zero_backend import ZeROBackend
 

@@ -49,6 +49,9 @@ class ModelConfig:
     )
     trust_remote_code: bool = _f(False, "Allow code from the model folder/hub to run. Off by default.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+    sharded_loading: bool = _f(
+        True, "fsdp2 / zero stage 3: never a full model per rank (meta init + own rows / partitioned init)."
+    )
 
 
 @dataclass

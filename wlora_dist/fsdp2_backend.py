@@ -16,20 +16,31 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from transformers import PreTrainedModel
 
 from .backends import Backend
-from .config import FSDPConfig, OptimConfig
+from .config import FSDPConfig, ModelConfig, OptimConfig
 from .distributed import DistEnv
+from .sharded_loading import LoadStats, build_on_meta, is_on_meta, materialize_sharded
 from .weight_lora import ADAPTER, WeightLoRA
 
 
 class FSDP2Backend(Backend):
     name = "fsdp2"
 
-    def __init__(self, env: DistEnv, optim_cfg: OptimConfig, fsdp_cfg: FSDPConfig) -> None:
+    def __init__(self, env: DistEnv, optim_cfg: OptimConfig, fsdp_cfg: FSDPConfig, seed: int) -> None:
         super().__init__(env, optim_cfg)
         self.fsdp_cfg = fsdp_cfg
+        self.seed = seed
         self.root: FSDPModule | None = None
+        self.model_path = ""
+        self.load_stats: LoadStats | None = None
+
+    def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
+        self.model_path = cfg.path
+        if not cfg.sharded_loading:
+            return super().load_base(cfg)
+        return build_on_meta(cfg, self.env.device)  # filled shard by shard in prepare()
 
     def _policies(self) -> dict:
         kwargs: dict = {"reshard_after_forward": self.fsdp_cfg.reshard_after_forward}
@@ -43,7 +54,8 @@ class FSDP2Backend(Backend):
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         kwargs = {**self._policies(), "mesh": mesh}
         model = wl.peft_model
-        if not self.fsdp_cfg.cpu_offload:
+        on_meta = is_on_meta(model)
+        if not self.fsdp_cfg.cpu_offload and not on_meta:
             model.to(self.env.device)
         for site in wl.sites:
             layer = wl.lora_layer(site)
@@ -53,6 +65,9 @@ class FSDP2Backend(Backend):
         fully_shard(model, **kwargs)
         self.root = model  # type: ignore[assignment]
         self._module = model
+        if on_meta:
+            device = torch.device("cpu") if self.fsdp_cfg.cpu_offload else self.env.device
+            self.load_stats = materialize_sharded(wl, self.model_path, device, self.seed)
         return model
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:

@@ -23,7 +23,7 @@ from .config import ConfigError, RunConfig
 from .distributed import DistEnv, all_reduce_mean_, all_reduce_sum_, assert_same_on_all_ranks, barrier
 from .errors import UserError
 from .export import save_peft_adapter
-from .modeling import load_base_model, load_tokenizer
+from .modeling import load_tokenizer
 from .report import write_report
 from .selection import gate_step, in_selection, is_projection_step, is_prune_step, lr_multiplier
 from .tracking import RunLogger, log
@@ -67,8 +67,11 @@ class Trainer:
             )
         set_seed(cfg.train.seed)  # the same on every rank: identical adapter init
         self.tokenizer = load_tokenizer(cfg.model)
-        base = load_base_model(cfg.model, env.device)
+        self.backend: Backend = make_backend(cfg, env)
+        base = self.backend.load_base(cfg.model)
         self.wl = WeightLoRA.attach(base, cfg.adapter)
+        if not any(p.is_meta for p in self.wl.trainable_parameters()):
+            self.wl.init_adapters(cfg.train.seed)  # meta models get the same init in prepare()
         if cfg.selection.method == "topk" and cfg.selection.k > self.wl.n:
             raise ConfigError(
                 [
@@ -77,7 +80,6 @@ class Trainer:
                 ],
                 "selection",
             )
-        self.backend: Backend = make_backend(cfg, env)
         self.backend.prepare(self.wl)
         self.params = self.wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
         self.wl.gates.data = self.wl.gates.data.to(env.device)

@@ -14,6 +14,7 @@ is never sharded or partitioned; the trainer all-reduces its gradient by hand.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +74,18 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def initial_adapter_weights(
+    site: AdapterSite, a_shape: torch.Size, b_shape: torch.Size, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The initial (A, B) of one adapter, as peft initialises them (A kaiming-uniform,
+    B zeros), from a generator seeded by (seed, adapter index): the same values on every
+    rank, for any world size, sharding or module traversal order. float32, on CPU."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + site.index)
+    a = torch.empty(a_shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    return a, torch.zeros(b_shape, dtype=torch.float32)
+
+
 class WeightLoRA:
     """A peft LoRA model with one gate per adapter, and the prune event.
 
@@ -88,6 +101,8 @@ class WeightLoRA:
         self.sites = sites
         self.lora_config = lora_config
         device = next(peft_model.parameters()).device
+        if device.type == "meta":  # a model built on meta is materialised later; w is tiny
+            device = torch.device("cpu")
         self.gates = torch.ones(len(sites), dtype=torch.float32, device=device, requires_grad=True)
         self.kept = torch.ones(len(sites), dtype=torch.bool)
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
@@ -116,6 +131,16 @@ class WeightLoRA:
             m = _LAYER_RE.search(name)
             sites.append(AdapterSite(i, name, int(m.group(1)) if m else None, name.rsplit(".", 1)[-1]))
         return cls(peft_model, sites, lora_config)
+
+    def init_adapters(self, seed: int) -> None:
+        """Deterministic per-adapter init (see ``initial_adapter_weights``) of every adapter."""
+        with torch.no_grad():
+            for site in self.sites:
+                layer = self.lora_layer(site)
+                a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                a_init, b_init = initial_adapter_weights(site, a.shape, b.shape, seed)
+                a.copy_(a_init)
+                b.copy_(b_init)
 
     def _gate_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:

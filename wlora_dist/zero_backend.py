@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .backends import Backend, tensor_bytes
-from .config import OptimConfig, TrainConfig, ZeROConfig
+from .config import ModelConfig, OptimConfig, TrainConfig, ZeROConfig
 from .distributed import DistEnv
 from .errors import UserError
 from .weight_lora import WeightLoRA
@@ -98,9 +99,23 @@ class ZeROBackend(Backend):
         self.engine: Any = None
         self.peft_model: nn.Module | None = None
 
-    def prepare(self, wl: WeightLoRA) -> nn.Module:
+    def _init_comm(self) -> None:
         if not self.deepspeed.comm.is_initialized():
             self.deepspeed.init_distributed(dist_backend="nccl" if self.env.device.type == "cuda" else "gloo")
+
+    def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
+        """Stage 3: transformers builds the model inside deepspeed.zero.Init (it sees our
+        HfDeepSpeedConfig), so each parameter is partitioned as it is created and loaded;
+        no rank holds the whole model."""
+        if self.stage == 3 and cfg.sharded_loading:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._init_comm()
+            self._hf_ds_config = HfDeepSpeedConfig(copy.deepcopy(self.ds_config))  # must stay alive
+        return super().load_base(cfg)
+
+    def prepare(self, wl: WeightLoRA) -> nn.Module:
+        self._init_comm()
         self.peft_model = wl.peft_model
         self.peft_model.to(self.env.device)
         self._initialize(wl.trainable_parameters())
