@@ -36,6 +36,15 @@ def local_bytes(t):
     return t.numel() * t.element_size()
 
 
+def max_hooks_of_one_kind(model):
+    """Most forward-pre hooks of one function on any module (2+ = an old engine's left over)."""
+    worst = 0
+    for module in model.modules():
+        names = [getattr(h, "__qualname__", repr(h)) for h in module._forward_pre_hooks.values()]
+        worst = max([worst] + [names.count(n) for n in set(names)])
+    return worst
+
+
 def main() -> None:
     cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
     env = init_distributed(cfg.distributed.timeout_minutes)
@@ -61,6 +70,7 @@ def main() -> None:
         "removed_alive": sum(r() is not None for r in trainer.removed_refs),
         "n_removed": len(trainer.removed_refs),
         "memory": result.memory,
+        "max_same_hooks": max_hooks_of_one_kind(trainer.wl.peft_model),
         "load_bytes_read": getattr(getattr(trainer.backend, "load_stats", None), "bytes_read", None),
         "prune_losses": trainer.prune_losses,
         "backend": trainer.backend.name,

@@ -162,6 +162,12 @@ def test_prune_event_removed_and_freed_adapters_on_every_rank(ranks):
         assert before["optimizer_state_bytes"] == 2 * ALL_ADAPTER_BYTES // shard + 4 * 2 * N
 
 
+def test_no_hooks_left_behind_by_a_rebuilt_engine(ranks):
+    # A rebuilt engine (ZeRO) must not leave the old one's hooks: else every forward
+    # after the prune event would run both engines' parameter fetches.
+    assert all(r["max_same_hooks"] <= 1 for r in ranks), [r["max_same_hooks"] for r in ranks]
+
+
 def test_removed_adapter_tensors_are_freed(ranks):
     """Weak references to every removed A and B are dead after the prune event."""
     alive = [r["removed_alive"] for r in ranks]
