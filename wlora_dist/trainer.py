@@ -67,6 +67,7 @@ class Trainer:
             )
         set_seed(cfg.train.seed)  # the same on every rank: identical adapter init
         self.tokenizer = load_tokenizer(cfg.model)
+        self._setup_data()  # before the (possibly long) model load: bad data fails in seconds
         self.backend: Backend = make_backend(cfg, env)
         base = self.backend.load_base(cfg.model)
         self.wl = WeightLoRA.attach(base, cfg.adapter)
@@ -85,7 +86,6 @@ class Trainer:
         self.wl.gates.data = self.wl.gates.data.to(env.device)
         self.backend.build_optimizer(self.params)
         torch.manual_seed(cfg.train.seed + env.global_rank)  # dropout differs per rank, as in DDP
-        self._setup_data()
         self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
         self.logger.info(
             "world_size=%d backend=%s adapters n=%d (%s) trainable=%d params selection=%s K=%s T=%d",
@@ -114,7 +114,6 @@ class Trainer:
                 self.eval_loader = data_mod.make_loader(eval_ds, mb, pad, env.global_rank, env.world_size, 0, False)
             else:
                 log.warning("eval data has %d rows, fewer than one batch per rank: no eval", len(eval_ds))
-        self.train_rows = len(train_ds)
 
     # ------------------------------------------------------------------ train
 
