@@ -92,6 +92,13 @@ def test_accelerate_launch_runs_the_configured_backend_on_two_processes(launched
     assert f"world_size=2 backend={backend} " in proc.stderr, proc.stderr[-3000:]
     assert "kept 4 adapters" in proc.stdout
     assert (out / "adapter/adapter_model.safetensors").exists()
+    report = json.loads((out / "report/selection-final.json").read_text())
+    assert report["backend"] == backend and report["world_size"] == 2
+    per_rank = report["memory_per_rank"]
+    assert [r["global_rank"] for r in per_rank] == [0, 1]
+    for r in per_rank:  # every rank's optimizer state shrank at the prune event, and it was timed
+        assert r["after"]["optimizer_state_bytes"] < r["before"]["optimizer_state_bytes"]
+        assert r["prune_seconds"] > 0
 
 
 def test_exported_adapter_is_the_full_trained_tensor_under_every_backend(launched):

@@ -104,6 +104,15 @@ def assert_same_on_all_ranks(tensor: torch.Tensor, what: str) -> None:
         raise RankMismatchError(f"{what} differs on ranks {bad} from rank 0: replicated state diverged")
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` (small, picklable), in rank order, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -20,7 +20,14 @@ from transformers import set_seed
 from . import data as data_mod
 from .backends import Backend, make_backend
 from .config import ConfigError, RunConfig
-from .distributed import DistEnv, all_reduce_mean_, all_reduce_sum_, assert_same_on_all_ranks, barrier
+from .distributed import (
+    DistEnv,
+    all_reduce_mean_,
+    all_reduce_sum_,
+    assert_same_on_all_ranks,
+    barrier,
+    gather_objects,
+)
 from .errors import UserError
 from .export import save_peft_adapter
 from .modeling import load_tokenizer
@@ -53,6 +60,7 @@ class Trainer:
         self.report_dir = self.out_dir / "report"
         self.removed_refs: list[weakref.ref] = []  # removed adapter tensors (tests prove them freed)
         self.memory: dict[str, dict[str, int]] = {}
+        self.prune_seconds: float | None = None
         self.prune_losses: tuple[float, float] | None = None  # probe loss before / after removal
         self.local_losses: list[float] = []  # this rank's own loss per step, before the all-reduce
 
@@ -237,6 +245,7 @@ class Trainer:
         # Continuity: the pruned model computes what the gated model did (unless reinit).
         self.prune_losses = (loss_before, self._probe_loss())
         seconds = time.perf_counter() - t0
+        self.prune_seconds = seconds
         if self.env.is_main:
             write_report(
                 wl,
@@ -288,9 +297,22 @@ class Trainer:
 
     def _save_outputs(self) -> None:
         state = self.wl.export_state(self.backend.gather_full)
+        # Every rank's bytes before/after the prune event and its wall time, in one report.
+        per_rank = gather_objects(
+            {"global_rank": self.env.global_rank, **self.memory, "prune_seconds": self.prune_seconds}
+        )
         if self.env.is_main:
-            phase = "final"
-            write_report(self.wl, self.report_dir, self.cfg.train.max_steps, phase, {"memory": self.memory})
+            extra = {"backend": self.backend.name, "world_size": self.env.world_size, "memory_per_rank": per_rank}
+            write_report(self.wl, self.report_dir, self.cfg.train.max_steps, "final", extra)
+            for r in per_rank:
+                if "before" in r and "after" in r:
+                    self.logger.info(
+                        "rank %d: trainable/optimizer bytes %s -> %s, prune %.3f s",
+                        r["global_rank"],
+                        _bytes_summary(r["before"]),
+                        _bytes_summary(r["after"]),
+                        r["prune_seconds"],
+                    )
             save_peft_adapter(state, self.wl, self.adapter_dir, self.cfg.model.path)
             self.logger.info("adapter (peft format) -> %s ; selection report -> %s", self.adapter_dir, self.report_dir)
         barrier()
@@ -298,3 +320,7 @@ class Trainer:
     def cleanup(self) -> None:
         if hasattr(self, "logger"):
             self.logger.close()
+
+
+def _bytes_summary(mem: dict[str, int]) -> str:
+    return f"{mem.get('trainable_param_bytes', 0)}/{mem.get('optimizer_state_bytes', 0)}"
