@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,12 @@ from transformers import AutoModelForCausalLM
 from .conftest import ROOT, tiny_config_dict
 
 pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(args, timeout=600, **env):
@@ -62,7 +69,7 @@ def test_train_py_single_process_end_to_end(tmp_path, tiny_dir):
 
 @pytest.fixture(scope="module")
 def launched(tiny_dir, tmp_path_factory):
-    """The same tiny run through `accelerate launch` with three shipped configs, 2 processes."""
+    """The same tiny run through `accelerate launch` (three shipped configs) and the deepspeed launcher."""
     tmp = tmp_path_factory.mktemp("launch")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     runs = {}
@@ -83,10 +90,32 @@ def launched(tiny_dir, tmp_path_factory):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[launch] = (proc, out)
+    # The deepspeed launcher (it passes --local_rank to the script), ZeRO-2 from the command line.
+    cfg, out = _write_cfg(tmp, tiny_dir, "deepspeed", selection={"steps": 4, "k": 4}, train={"max_steps": 8})
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    proc = _run(
+        [
+            deepspeed,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "train.py",
+            "--config",
+            str(cfg),
+            "distributed.backend=zero",
+            "distributed.zero.stage=2",
+        ]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs["deepspeed"] = (proc, out)
     return runs
 
 
-@pytest.mark.parametrize(("launch", "backend"), [("cpu_2proc", "replicated"), ("fsdp2", "fsdp2"), ("zero3", "zero3")])
+@pytest.mark.parametrize(
+    ("launch", "backend"),
+    [("cpu_2proc", "replicated"), ("fsdp2", "fsdp2"), ("zero3", "zero3"), ("deepspeed", "zero2")],
+)
 def test_accelerate_launch_runs_the_configured_backend_on_two_processes(launched, launch, backend):
     proc, out = launched[launch]
     assert f"world_size=2 backend={backend} " in proc.stderr, proc.stderr[-3000:]
@@ -107,7 +136,7 @@ def test_exported_adapter_is_the_full_trained_tensor_under_every_backend(launche
 
     ref = load_file(str(launched["cpu_2proc"][1] / "adapter/adapter_model.safetensors"))
     assert len(ref) == 8 and all(t.numel() > 0 for t in ref.values())
-    for launch in ("fsdp2", "zero3"):
+    for launch in ("fsdp2", "zero3", "deepspeed"):
         got = load_file(str(launched[launch][1] / "adapter/adapter_model.safetensors"))
         assert got.keys() == ref.keys(), launch
         for key, tensor in ref.items():

@@ -66,3 +66,34 @@ def test_shipped_accelerate_configs_parse_and_document_their_command(path):
     assert data["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
     assert data.get("use_cpu") is False  # use_cpu: true makes accelerate start ONE process
     assert "accelerate launch --config_file launch/accelerate/" in path.read_text().split("\n\n")[0]
+
+
+def test_users_deepspeed_json_wins_except_auto(tmp_path):
+    import json
+
+    from wlora_dist.config import OptimConfig, TrainConfig, ZeROConfig
+    from wlora_dist.errors import UserError
+    from wlora_dist.zero_backend import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3, "reduce_bucket_size": 1000},
+                "gradient_clipping": "auto",
+                "train_micro_batch_size_per_gpu": "auto",
+            }
+        )
+    )
+    cfg = deepspeed_config(
+        ZeROConfig(stage=2, config_file=str(user)),
+        OptimConfig(max_grad_norm=0.5),
+        TrainConfig(micro_batch_size=3),
+        bf16=False,
+    )
+    assert cfg["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
+    assert cfg["gradient_clipping"] == 0.5 and cfg["train_micro_batch_size_per_gpu"] == 3
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
+    user.write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        deepspeed_config(ZeROConfig(config_file=str(user)), OptimConfig(), TrainConfig(), bf16=False)
