@@ -97,3 +97,15 @@ def test_users_deepspeed_json_wins_except_auto(tmp_path):
     user.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         deepspeed_config(ZeROConfig(config_file=str(user)), OptimConfig(), TrainConfig(), bf16=False)
+
+
+def test_fsdp_cpu_offload_without_gpu_is_a_clear_error():
+    import torch
+
+    from wlora_dist.config import FSDPConfig, OptimConfig
+    from wlora_dist.distributed import DistEnv
+    from wlora_dist.errors import UserError
+    from wlora_dist.fsdp2_backend import FSDP2Backend
+
+    with pytest.raises(UserError, match=r"cpu_offload: true needs a GPU"):
+        FSDP2Backend(DistEnv(0, 0, 2, torch.device("cpu")), OptimConfig(), FSDPConfig(cpu_offload=True), seed=0)

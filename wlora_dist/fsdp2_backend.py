@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from .backends import Backend
 from .config import FSDPConfig, ModelConfig, OptimConfig
 from .distributed import DistEnv
+from .errors import UserError
 from .sharded_loading import LoadStats, build_on_meta, is_on_meta, materialize_sharded
 from .weight_lora import ADAPTER, WeightLoRA
 
@@ -30,6 +31,11 @@ class FSDP2Backend(Backend):
 
     def __init__(self, env: DistEnv, optim_cfg: OptimConfig, fsdp_cfg: FSDPConfig, seed: int) -> None:
         super().__init__(env, optim_cfg)
+        if fsdp_cfg.cpu_offload and env.device.type != "cuda":
+            raise UserError(
+                "distributed.fsdp.cpu_offload: true needs a GPU (it moves shards between GPU and CPU memory); "
+                "without one everything already lives in CPU memory: set it to false"
+            )
         self.fsdp_cfg = fsdp_cfg
         self.seed = seed
         self.root: FSDPModule | None = None
