@@ -70,6 +70,7 @@ def main() -> None:
         "removed_alive": sum(r() is not None for r in trainer.removed_refs),
         "n_removed": len(trainer.removed_refs),
         "memory": result.memory,
+        "loaded_partitioned": getattr(trainer.backend, "loaded_partitioned", None),
         "max_same_hooks": max_hooks_of_one_kind(trainer.wl.peft_model),
         "load_bytes_read": getattr(getattr(trainer.backend, "load_stats", None), "bytes_read", None),
         "prune_losses": trainer.prune_losses,

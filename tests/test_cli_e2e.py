@@ -86,6 +86,8 @@ def launched(tiny_dir, tmp_path_factory):
                 "train.py",
                 "--config",
                 str(cfg),
+                # Activation checkpointing under FSDP2 must not change the math either.
+                *(["model.gradient_checkpointing=true"] if launch == "fsdp2" else []),
             ]
         )
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -97,6 +97,7 @@ class ZeROBackend(Backend):
 
         self.fragment_api = (safe_get_full_optimizer_state, safe_set_full_optimizer_state)
         self.engine: Any = None
+        self.loaded_partitioned = False
         self.peft_model: nn.Module | None = None
 
     def _init_comm(self) -> None:
@@ -112,7 +113,10 @@ class ZeROBackend(Backend):
 
             self._init_comm()
             self._hf_ds_config = HfDeepSpeedConfig(copy.deepcopy(self.ds_config))  # must stay alive
-        return super().load_base(cfg)
+        model = super().load_base(cfg)
+        # True when every weight was partitioned as it was created (never whole on a rank).
+        self.loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+        return model
 
     def prepare(self, wl: WeightLoRA) -> nn.Module:
         self._init_comm()
@@ -203,11 +207,23 @@ class ZeROBackend(Backend):
 
 def _destroy(engine: Any) -> None:
     """engine.destroy() removes the optimizer's gradient hooks and (stage 3) the module
-    hooks, but leaves the engine's own forward hooks on the module (DeepSpeed 0.19):
-    they would keep the old engine alive and drive its optimizer from the new one's
-    forward. Remove them too."""
+    hooks, but (DeepSpeed 0.19) leaves three things that keep the old engine, and through
+    it the removed adapters, alive and partly in use: its own forward hooks on the module,
+    ZeRO-3's class-level release cache, and ZeRO-3's per-module backward Functions.
+    Each was found by walking gc referrers from a removed lora_A weight; the tests prove
+    the removed tensors freed (weak references dead) under every stage."""
     engine.destroy()
     _clear_stage3_release_cache()
+    # ZeRO-3 stores on every module, once ("if 'pre_bwd_fn' not in module.__dict__"),
+    # autograd Function classes closing over the offload object that created them. A new
+    # engine would reuse the old ones: its backward would drive the OLD coordinator, and
+    # they keep the old engine, and through it the removed adapters, alive. Drop them so
+    # the new engine makes its own.
+    model = getattr(engine, "module", None)
+    if model is not None:
+        for module in model.modules():
+            for attr in ("pre_bwd_fn", "post_bwd_fn"):
+                module.__dict__.pop(attr, None)
     for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
         handle = getattr(engine, name, None)
         if handle is not None and hasattr(handle, "remove"):
