@@ -167,7 +167,7 @@ class ZeROBackend(Backend):
             saved = {id(p): {k: get_state(p, k).detach().clone() for k in ADAM_STATE_KEYS} for p in kept}
             step = _adam_step(self.engine.optimizer)
         _destroy(self.engine)
-        self.engine = self.optimizer = None
+        self.engine = self.optimizer = self._module = None
         gc.collect()  # the old engine's partitions hold the removed adapters: free them now
         self._initialize(kept)
         if saved:
@@ -195,7 +195,7 @@ class ZeROBackend(Backend):
         """This rank's bytes: its partition of the adapters (stage 3) or all of them, its
         fp32 master partition and the inner optimizer's state (exp_avg, exp_avg_sq, step)."""
         local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
-        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        inner = _inner(self.engine.optimizer)
         state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         masters = _master_partitions(self.engine.optimizer)
         return {
