@@ -63,6 +63,7 @@ def main() -> None:
         "losses": [h["loss"] for h in result.history],
         "local_losses": trainer.local_losses,
         "kept": result.kept,
+        "site_names": [s.name for s in trainer.wl.sites],
         "gates": trainer.wl.gates.tolist(),
         "gates_digest": digest([trainer.wl.gates]),
         "params_digest": digest(trainer.backend.gather_full(trainer.wl.trainable_parameters())),

@@ -183,3 +183,33 @@ def test_removed_adapter_tensors_are_freed(ranks):
     """Weak references to every removed A and B are dead after the prune event."""
     alive = [r["removed_alive"] for r in ranks]
     assert alive == [0] * len(ranks), "removed adapter tensors are still referenced"
+
+
+@pytest.mark.parametrize(("backend", "nproc"), [("replicated", 2), ("fsdp2", 2), ("zero3", 2)])
+def test_reinit_kept_gives_the_same_fresh_adapters_on_every_rank(backend, nproc, tiny_dir, tmp_path):
+    """reinit_kept at the prune event: every rank writes the same deterministic fresh A and
+    zero B (not each rank's own RNG), whatever the sharding. Exported right after the event."""
+    import torch
+    from safetensors.torch import load_file
+
+    from wlora_dist.weight_lora import AdapterSite, initial_adapter_weights
+
+    cfg = _cfg(tiny_dir, tmp_path / "run", backend, 8 // nproc)
+    cfg["selection"]["reinit_kept"] = True
+    cfg["train"]["max_steps"] = cfg["selection"]["steps"]
+    ranks = run_worker(cfg, nproc, tmp_path)
+    assert len({r["params_digest"] for r in ranks}) == 1
+    state = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    names = ranks[0]["kept"]
+    assert len(state) == 2 * len(names) == 2 * K
+    for name in names:
+        index = next(i for i, g in enumerate(ranks[0]["gates"]) if g != 0 and _site_name(ranks[0], i) == name)
+        a = state[f"base_model.model.{name}.lora_A.weight"]
+        b = state[f"base_model.model.{name}.lora_B.weight"]
+        want_a, _ = initial_adapter_weights(AdapterSite(index, name, None, ""), a.shape, b.shape, seed=0 + 1)
+        torch.testing.assert_close(a, want_a, rtol=0, atol=0)
+        assert torch.all(b == 0)
+
+
+def _site_name(rank_result: dict, index: int) -> str:
+    return rank_result["site_names"][index]

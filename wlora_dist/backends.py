@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from .config import ModelConfig, OptimConfig, RunConfig
 from .distributed import DistEnv, all_reduce_mean_, broadcast_
 from .modeling import load_base_model
+from .sharded_loading import local_rows
 from .weight_lora import WeightLoRA
 
 
@@ -98,6 +99,13 @@ class Backend(ABC):
             group["lr"] = lr
         self.optimizer.step()
         return norm
+
+    @torch.no_grad()
+    def assign_full(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """Write the full ``value`` into ``param``: all of it, or this rank's rows of a
+        dim-0-sharded DTensor (FSDP2)."""
+        local, start = local_rows(param)
+        local.copy_(value[start : start + local.shape[0]])
 
     def gather_full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Full (unsharded) copies of ``tensors``; a collective where they are sharded."""

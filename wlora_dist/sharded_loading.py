@@ -64,7 +64,7 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
-def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's storage of ``param`` and the global index of its first row (dim 0)."""
     if not isinstance(param, DTensor):
         return param, 0
@@ -89,7 +89,7 @@ def materialize_sharded(wl: WeightLoRA, model_path: str, device: torch.device, s
                     raise KeyError(f"{key}: not in the checkpoint at {model_path}")
                 if files[key] not in handles:
                     handles[files[key]] = safe_open(str(files[key]), "pt", device="cpu")
-                local, start = _local_rows(param)
+                local, start = local_rows(param)
                 if local.numel() == 0:
                     continue
                 rows = handles[files[key]].get_slice(key)[start : start + local.shape[0]]  # type: ignore[attr-defined]
@@ -102,7 +102,7 @@ def materialize_sharded(wl: WeightLoRA, model_path: str, device: torch.device, s
                     site, layer.lora_A[ADAPTER].weight.shape, layer.lora_B[ADAPTER].weight.shape, seed
                 )
                 for param, full in ((layer.lora_A[ADAPTER].weight, a_full), (layer.lora_B[ADAPTER].weight, b_full)):
-                    local, start = _local_rows(param)
+                    local, start = local_rows(param)
                     local.copy_(full[start : start + local.shape[0]])
     finally:
         handles.clear()

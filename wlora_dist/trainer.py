@@ -237,7 +237,8 @@ class Trainer:
         wl.freeze_gates()
         removed = wl.remove(drop)
         if sel.reinit_kept:
-            wl.reinit_kept()
+            # A different seed from the first init; identical on every rank.
+            wl.reinit_kept(self.cfg.train.seed + 1, self.backend.assign_full)
         self.params = wl.trainable_parameters()
         self.backend.rebuild_after_prune(self.params, keep_state=not sel.reinit_kept)
         self.removed_refs = [weakref.ref(p) for p in removed]

@@ -74,6 +74,10 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _full_shape(p: torch.Tensor) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 partitioned parameters report ds_shape
+
+
 def initial_adapter_weights(
     site: AdapterSite, a_shape: torch.Size, b_shape: torch.Size, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +221,15 @@ class WeightLoRA:
         self.peft_model.peft_config[ADAPTER].target_modules = {s.name for s in self.kept_sites()}
         return removed
 
-    def reinit_kept(self) -> None:
-        """Fresh A (kaiming) and zero B for the kept adapters (peft's own initialiser)."""
+    def reinit_kept(self, seed: int, assign: Callable[[nn.Parameter, torch.Tensor], None]) -> None:
+        """Fresh A (kaiming) and zero B for the kept adapters, the same values on every rank
+        (``initial_adapter_weights`` with ``seed``); ``assign`` writes a full value into a
+        possibly sharded parameter (the backend's ``assign_full``)."""
         for s in self.kept_sites():
-            self.lora_layer(s).reset_lora_parameters(ADAPTER, init_lora_weights=True)
+            a, b = self.adapter_params(s)
+            a_init, b_init = initial_adapter_weights(s, _full_shape(a), _full_shape(b), seed)
+            assign(a, a_init)
+            assign(b, b_init)
 
     # -- export -------------------------------------------------------------------------
 

@@ -159,6 +159,14 @@ class ZeROBackend(Backend):
         with self.deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
             return [t.detach().clone() for t in tensors]
 
+    def assign_full(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        if self.stage < 3:  # replicated parameters; the rebuilt engine copies them to its masters
+            super().assign_full(param, value)
+            return
+        with torch.no_grad(), self.deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if self.env.global_rank == 0:
+                param.copy_(value)  # re-partitioned from rank 0 on exit
+
     def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
         get_state = self.fragment_api[0]
         saved: dict = {}
