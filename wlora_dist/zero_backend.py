@@ -95,7 +95,7 @@ class ZeROBackend(Backend):
         self.name = f"zero{self.stage}"
         from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 
-        self.fragment_api = (safe_get_full_optimizer_state, safe_set_full_optimizer_state)
+        self._get_full_state, self._set_full_state = safe_get_full_optimizer_state, safe_set_full_optimizer_state
         self.engine: Any = None
         self.loaded_partitioned = False
         self.peft_model: nn.Module | None = None
@@ -168,11 +168,10 @@ class ZeROBackend(Backend):
                 param.copy_(value)  # re-partitioned from rank 0 on exit
 
     def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
-        get_state = self.fragment_api[0]
         saved: dict = {}
         step = None
         if keep_state:
-            saved = {id(p): {k: get_state(p, k).detach().clone() for k in ADAM_STATE_KEYS} for p in kept}
+            saved = {id(p): {k: self._get_full_state(p, k).detach().clone() for k in ADAM_STATE_KEYS} for p in kept}
             step = _adam_step(self.engine.optimizer)
         _destroy(self.engine)
         self.engine = self.optimizer = self._module = None
@@ -197,7 +196,7 @@ class ZeROBackend(Backend):
             link()
         for p in kept:
             for key, value in saved[id(p)].items():
-                self.fragment_api[1](p, value, key)
+                self._set_full_state(p, value, key)
 
     def memory_report(self, params: list[nn.Parameter]) -> dict[str, int]:
         """This rank's bytes: its partition of the adapters (stage 3) or all of them, its
