@@ -36,6 +36,54 @@ def local_bytes(t):
     return t.numel() * t.element_size()
 
 
+def resident_bytes(t):
+    """Bytes this rank really holds for a base parameter between steps: its shard, plus
+    the full .data where ZeRO-3 kept it (a persisted or never released parameter)."""
+    if hasattr(t, "ds_tensor"):
+        return local_bytes(t) + t.data.numel() * t.element_size()
+    return local_bytes(t)
+
+
+def watch_int8_forward(model):
+    """What the first Int8Linear holds while its forward runs (gathered under FSDP2 / ZeRO-3)."""
+    from wlora_dist.int8 import Int8Linear
+
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+
+            def hook(mod, args):
+                seen.update(
+                    weight_dtype=str(mod.weight.dtype),
+                    weight_shape=list(mod.weight.shape),
+                    weight_type=type(mod.weight).__name__,
+                    scb_dtype=str(mod.SCB.dtype),
+                )
+
+            m.register_forward_pre_hook(hook)
+            return seen
+    return seen
+
+
+def int8_info(trainer):
+    """Every Int8Linear's int8 weight and scales: names, this rank's bytes, total bytes and a
+    digest of the full (gathered) values."""
+    from wlora_dist.int8 import Int8Linear
+
+    mods = [(n, m) for n, m in trainer.wl.peft_model.named_modules() if isinstance(m, Int8Linear)]
+    if not mods:
+        return None
+    params = [t for _, m in mods for t in (m.weight, m.SCB)]
+    shapes = [getattr(p, "ds_shape", p.shape) for p in params]
+    return {
+        "names": [n.split("base_model.model.", 1)[-1].replace(".base_layer", "") for n, _ in mods],
+        "local_bytes": sum(local_bytes(p) for p in params),
+        "total_bytes": sum(torch.Size(s).numel() * p.element_size() for s, p in zip(shapes, params, strict=True)),
+        "dtypes": sorted({str(getattr(p, "ds_tensor", p).dtype) for p in params}),
+        "digest": digest(trainer.backend.gather_full(params)),
+    }
+
+
 def max_hooks_of_one_kind(model):
     """Most forward-pre hooks of one function on any module (2+ = an old engine's left over)."""
     worst = 0
@@ -51,6 +99,7 @@ def main() -> None:
     setup_logging(env.is_main)
     trainer = Trainer(cfg, env)
     trainer.setup()
+    int8_forward = watch_int8_forward(trainer.wl.peft_model)
     result = trainer.train()
     trainer.cleanup()
     import gc
@@ -76,10 +125,18 @@ def main() -> None:
         "load_bytes_read": getattr(getattr(trainer.backend, "load_stats", None), "bytes_read", None),
         "prune_losses": trainer.prune_losses,
         "backend": trainer.backend.name,
+        "quantization": cfg.model.quantization,
         "base_local_bytes": sum(local_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad),
         "base_total_bytes": sum(
-            p.numel() * p.element_size() for p in trainer.wl.peft_model.parameters() if not p.requires_grad
+            torch.Size(getattr(p, "ds_shape", p.shape)).numel() * p.element_size()
+            for p in trainer.wl.peft_model.parameters()
+            if not p.requires_grad
         ),
+        "base_resident_bytes": sum(
+            resident_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad
+        ),
+        "int8": int8_info(trainer),
+        "int8_forward": int8_forward,
         "param_types": sorted({type(p).__name__ for p in trainer.wl.peft_model.parameters()}),
         "eval_loss": result.eval_loss,
     }

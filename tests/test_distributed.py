@@ -33,14 +33,21 @@ PARAMS_OF = {
 }
 ALL_ADAPTER_BYTES = 2 * 4 * sum(PARAMS_OF.values())
 CASES = [
-    ("replicated", 2),
-    ("fsdp2", 2),
-    ("fsdp2", 4),
-    ("zero1", 2),
-    ("zero2", 2),
-    ("zero2", 4),
-    ("zero3", 2),
-    ("zero3", 4),
+    ("replicated", 2, "none"),
+    ("fsdp2", 2, "none"),
+    ("fsdp2", 4, "none"),
+    ("zero1", 2, "none"),
+    ("zero2", 2, "none"),
+    ("zero2", 4, "none"),
+    ("zero3", 2, "none"),
+    ("zero3", 4, "none"),
+    # The 8-bit base (int8 weights + per-row scales, Int8Linear): replicated under ZeRO-2,
+    # sharded under FSDP2 and ZeRO-3; compared with the 1-process 8-bit run.
+    ("zero2", 2, "int8"),
+    ("fsdp2", 2, "int8"),
+    ("fsdp2", 4, "int8"),
+    ("zero3", 2, "int8"),
+    ("zero3", 4, "int8"),
 ]
 
 
@@ -75,7 +82,7 @@ def run_worker(cfg: dict, nproc: int, tmp: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-def _cfg(tiny_dir, out, backend, micro_batch):
+def _cfg(tiny_dir, out, backend, micro_batch, quantization="none"):
     # Global batch 8 rows x 2 micro-steps for every world size.
     cfg = tiny_config_dict(
         tiny_dir,
@@ -83,23 +90,44 @@ def _cfg(tiny_dir, out, backend, micro_batch):
         selection={"steps": 5, "k": K, "project_every": 5},
         train={"max_steps": 9, "grad_accum_steps": 2, "micro_batch_size": micro_batch},
     )
+    cfg["model"]["quantization"] = quantization
     cfg["distributed"] = {"backend": backend}
     if backend.startswith("zero"):
         cfg["distributed"] = {"backend": "zero", "zero": {"stage": int(backend[-1])}}
+    if backend == "zero3":
+        # DeepSpeed keeps parameters under 1e5 elements (all of the tiny model's) whole on
+        # every rank by default; 0 makes stage 3 partition them, as it does a real model's.
+        ds_json = Path(out).parent / "ds_zero3.json"
+        ds_json.parent.mkdir(parents=True, exist_ok=True)
+        ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+        cfg["distributed"]["zero"]["config_file"] = str(ds_json)
     return cfg
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ref")
-    return run_worker(_cfg(tiny_dir, tmp / "one", "replicated", 8), 1, tmp)[0]
+def references(tiny_dir, tmp_path_factory):
+    """The 1-process run of the float and of the 8-bit base, made when first asked for."""
+    runs: dict[str, dict] = {}
+
+    def get(quantization: str) -> dict:
+        if quantization not in runs:
+            tmp = tmp_path_factory.mktemp(f"ref-{quantization}")
+            runs[quantization] = run_worker(_cfg(tiny_dir, tmp / "one", "replicated", 8, quantization), 1, tmp)[0]
+        return runs[quantization]
+
+    return get
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[f"{b}-{n}ranks" for b, n in CASES])
+@pytest.fixture
+def reference(ranks, references):
+    return references(ranks[0]["quantization"])
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{b}-{n}ranks-{q}" for b, n, q in CASES])
 def ranks(request, tiny_dir, tmp_path_factory):
-    backend, nproc = request.param
-    tmp = tmp_path_factory.mktemp(f"{backend}{nproc}")
-    return run_worker(_cfg(tiny_dir, tmp / "run", backend, 8 // nproc), nproc, tmp)
+    backend, nproc, quantization = request.param
+    tmp = tmp_path_factory.mktemp(f"{backend}{nproc}{quantization}")
+    return run_worker(_cfg(tiny_dir, tmp / "run", backend, 8 // nproc, quantization), nproc, tmp)
 
 
 def test_really_distributed_on_different_data(ranks):
@@ -119,7 +147,7 @@ def test_gates_bitwise_equal_and_same_selection_on_every_rank(ranks):
 
 
 def test_matches_one_process_reference(ranks, reference):
-    assert reference["world_size"] == 1
+    assert reference["world_size"] == 1 and reference["quantization"] == ranks[0]["quantization"]
     assert ranks[0]["kept"] == reference["kept"]
     # Same global batch each step; only the summation order differs (float32).
     for a, b in zip(reference["losses"], ranks[0]["losses"], strict=True):
@@ -129,21 +157,76 @@ def test_matches_one_process_reference(ranks, reference):
         assert abs(g - sum(r["local_losses"][step] for r in ranks) / len(ranks)) < 1e-5
 
 
-def test_base_sharded_only_under_fsdp2(ranks):
+def test_base_sharded_only_under_fsdp2_and_zero3(ranks, tiny_dir):
     n = len(ranks)
     total = ranks[0]["base_total_bytes"]
-    if ranks[0]["backend"] == "fsdp2":
-        # Built on meta; each rank read only its own rows of the checkpoint.
+    backend, quantization = ranks[0]["backend"], ranks[0]["quantization"]
+    if backend == "fsdp2" or (backend == "zero3" and quantization == "int8"):
+        # Built on meta / in zero.Init; each rank read only its own rows (FSDP2) or flat
+        # partition (ZeRO-3) of the checkpoint: about 1/n of its bytes. (An 8-bit base is
+        # read from a float32 checkpoint here: 4 bytes per int8 weight read.)
+        ckpt = _checkpoint_bytes(tiny_dir / "model")
         read = [r["load_bytes_read"] for r in ranks]
-        assert sum(read) == total and all(abs(b - total / n) <= 0.02 * total for b in read), read
-    if ranks[0]["backend"] == "zero3":  # built inside zero.Init: partitioned as created
+        assert abs(sum(read) - ckpt) <= 0.02 * ckpt and all(abs(b - ckpt / n) <= 0.03 * ckpt for b in read), read
+    if backend == "zero3":  # built inside zero.Init: partitioned as created
         assert all(r["loaded_partitioned"] for r in ranks)
-    if ranks[0]["backend"] in ("fsdp2", "zero3"):
-        assert ranks[0]["backend"] == "zero3" or "DTensor" in ranks[0]["param_types"]
+    if backend in ("fsdp2", "zero3"):
+        assert backend == "zero3" or "DTensor" in ranks[0]["param_types"]
         assert sum(r["base_local_bytes"] for r in ranks) == total
-        assert all(abs(r["base_local_bytes"] - total / n) <= 0.02 * total for r in ranks)
+        for r in ranks:
+            assert abs(r["base_local_bytes"] - total / n) <= 0.02 * total
+            # What the rank really holds between steps: its shard and nothing more.
+            assert r["base_resident_bytes"] == r["base_local_bytes"]
     else:
-        assert all(r["base_local_bytes"] == total for r in ranks)
+        assert all(r["base_local_bytes"] == r["base_resident_bytes"] == total for r in ranks)
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(str(folder / "model.safetensors")).values())
+
+
+def test_int8_base_what_each_rank_holds(ranks, tiny_dir):
+    """8-bit base: every rank holds int8 weights and int32-stored scales (never float), 1/n
+    of them under FSDP2 / ZeRO-3, and the gathered values are exactly bnb's quantisation
+    of the checkpoint; the forward sees the full int8 weight (all-gathered as int8)."""
+    if ranks[0]["quantization"] != "int8":
+        pytest.skip("float base")
+    import torch
+    from safetensors.torch import load_file
+
+    from wlora_dist.int8 import quantize_rows, scb_bits
+
+    n, info = len(ranks), ranks[0]["int8"]
+    assert len(info["names"]) == N  # every linear of the decoder layers; lm_head kept float
+    ckpt = load_file(str(tiny_dir / "model/model.safetensors"))
+    want = []
+    for name in info["names"]:
+        cb, scb = quantize_rows(ckpt[name + ".weight"])
+        want += [cb, scb_bits(scb)]
+    assert all(r["int8"]["digest"] == _digest(want) for r in ranks)
+    assert all(r["int8"]["dtypes"] == ["torch.int32", "torch.int8"] for r in ranks)
+    total = info["total_bytes"]
+    assert total == sum(t.numel() * t.element_size() for t in want)
+    shard = n if ranks[0]["backend"] in ("fsdp2", "zero3") else 1
+    assert sum(r["int8"]["local_bytes"] for r in ranks) == total * n // shard
+    assert all(abs(r["int8"]["local_bytes"] - total / shard) <= 0.02 * total for r in ranks)
+    for r in ranks:
+        fwd = r["int8_forward"]
+        assert fwd["weight_dtype"] == "torch.int8" and fwd["scb_dtype"] == "torch.int32", fwd
+        assert fwd["weight_type"] != "DTensor" and torch.Size(fwd["weight_shape"]).numel() > 0, fwd
+
+
+def _digest(tensors) -> str:
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def test_prune_event_removed_and_freed_adapters_on_every_rank(ranks):

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from .config import ModelConfig, OptimConfig, RunConfig
 from .distributed import DistEnv, all_reduce_mean_, broadcast_
 from .modeling import load_base_model
-from .sharded_loading import local_rows
+from .sharded_loading import LoadStats, build_on_meta, is_on_meta, local_rows, materialize_sharded
 from .weight_lora import WeightLoRA
 
 
@@ -28,11 +28,14 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
 class Backend(ABC):
     name: str
 
-    def __init__(self, env: DistEnv, optim_cfg: OptimConfig) -> None:
+    def __init__(self, env: DistEnv, optim_cfg: OptimConfig, seed: int) -> None:
         self.env = env
         self.optim_cfg = optim_cfg
+        self.seed = seed  # of the deterministic adapter init of models built on meta
         self.optimizer: torch.optim.Optimizer | None = None
         self._module: nn.Module | None = None
+        self.model_path = ""
+        self.load_stats: LoadStats | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -41,8 +44,19 @@ class Backend(ABC):
         return self._module
 
     def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
-        """The frozen base model; sharded backends override this to never hold it whole."""
+        """The frozen base model; sharded backends override this to never hold it whole.
+        An 8-bit base is built on meta and filled tensor by tensor in prepare(), its weights
+        quantised as they are read: never a whole float copy of the model."""
+        self.model_path = cfg.path
+        if cfg.quantization == "int8":
+            return build_on_meta(cfg, self.env.device)
         return load_base_model(cfg, self.env.device)
+
+    def _materialize_if_meta(self, wl: WeightLoRA) -> None:
+        """Fill a model built on meta (all of it on this rank): base from the checkpoint,
+        adapters with their deterministic init."""
+        if is_on_meta(wl.peft_model):
+            self.load_stats = materialize_sharded(wl, self.model_path, self.env.device, self.seed)
 
     @abstractmethod
     def prepare(self, wl: WeightLoRA) -> nn.Module:
@@ -144,6 +158,7 @@ class ReplicatedBackend(Backend):
     name = "replicated"
 
     def prepare(self, wl: WeightLoRA) -> nn.Module:
+        self._materialize_if_meta(wl)
         wl.peft_model.to(self.env.device)
         self._module = wl.peft_model
         # Same seed on every rank gives the same init; the broadcast makes it a guarantee.
@@ -173,7 +188,7 @@ def make_backend(cfg: RunConfig, env: DistEnv) -> Backend:
     """The configured backend. FSDP2 and ZeRO are imported only when chosen."""
     name = cfg.distributed.backend
     if name in ("replicated", "auto"):  # auto: no launcher chose a sharded backend
-        return ReplicatedBackend(env, cfg.optim)
+        return ReplicatedBackend(env, cfg.optim, cfg.train.seed)
     if name == "fsdp2":
         from .fsdp2_backend import FSDP2Backend
 

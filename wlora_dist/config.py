@@ -52,6 +52,15 @@ class ModelConfig:
     sharded_loading: bool = _f(
         True, "fsdp2 / zero stage 3: never a full model per rank (meta init + own rows / partitioned init)."
     )
+    quantization: Literal["none", "int8"] = _f(
+        "none",
+        "Frozen base in 8-bit (bitsandbytes LLM.int8): int8 weights + per-row scales, quantised row by row as "
+        "they load (or read as they are from a folder saved in bitsandbytes 8-bit); shardable by fsdp2 / zero 3.",
+    )
+    int8_threshold: float = _f(
+        6.0, "LLM.int8 outlier threshold (transformers' llm_int8_threshold); 0 = no fp16 outlier columns."
+    )
+    int8_skip_modules: list[str] = _f(["lm_head"], "Linear module names kept in model.dtype under int8.")
 
 
 @dataclass
@@ -346,6 +355,8 @@ def validate(cfg: RunConfig) -> list[str]:
     p: list[str] = []
     if not cfg.model.path:
         p.append("model.path: empty; set it to an HF model folder or hub id")
+    if cfg.model.int8_threshold < 0:
+        p.append(f"model.int8_threshold: {cfg.model.int8_threshold} must be >= 0")
     a, s, o, t, d = cfg.adapter, cfg.selection, cfg.optim, cfg.train, cfg.data
     if a.lora_rank <= 0:
         p.append(f"adapter.lora_rank: {a.lora_rank} must be >= 1")

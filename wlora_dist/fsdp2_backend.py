@@ -22,7 +22,7 @@ from .backends import Backend
 from .config import FSDPConfig, ModelConfig, OptimConfig
 from .distributed import DistEnv
 from .errors import UserError
-from .sharded_loading import LoadStats, build_on_meta, is_on_meta, materialize_sharded
+from .sharded_loading import build_on_meta, is_on_meta, materialize_sharded
 from .weight_lora import ADAPTER, WeightLoRA
 
 
@@ -30,21 +30,18 @@ class FSDP2Backend(Backend):
     name = "fsdp2"
 
     def __init__(self, env: DistEnv, optim_cfg: OptimConfig, fsdp_cfg: FSDPConfig, seed: int) -> None:
-        super().__init__(env, optim_cfg)
+        super().__init__(env, optim_cfg, seed)
         if fsdp_cfg.cpu_offload and env.device.type != "cuda":
             raise UserError(
                 "distributed.fsdp.cpu_offload: true needs a GPU (it moves shards between GPU and CPU memory); "
                 "without one everything already lives in CPU memory: set it to false"
             )
         self.fsdp_cfg = fsdp_cfg
-        self.seed = seed
         self.root: FSDPModule | None = None
-        self.model_path = ""
-        self.load_stats: LoadStats | None = None
 
     def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
         self.model_path = cfg.path
-        if not cfg.sharded_loading:
+        if not cfg.sharded_loading and cfg.quantization != "int8":
             return super().load_base(cfg)
         return build_on_meta(cfg, self.env.device)  # filled shard by shard in prepare()
 

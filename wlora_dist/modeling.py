@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import ModelConfig
 from .errors import UserError
+from .int8 import check_checkpoint_quantization
 from .paths import looks_local
 
 
@@ -42,6 +43,7 @@ def load_tokenizer(cfg: ModelConfig):
 def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     """The frozen base in ``model.dtype``; every base parameter has requires_grad False."""
     check_model_path(cfg.path)
+    check_checkpoint_quantization(cfg.path, cfg.quantization)
     model = AutoModelForCausalLM.from_pretrained(
         os.path.expanduser(cfg.path),
         dtype=resolve_dtype(cfg.dtype, device),

@@ -25,6 +25,7 @@ from .backends import Backend, tensor_bytes
 from .config import ModelConfig, OptimConfig, TrainConfig, ZeROConfig
 from .distributed import DistEnv
 from .errors import UserError
+from .sharded_loading import build_zero3_partitioned, fill_zero3_partitions
 from .weight_lora import WeightLoRA
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -84,7 +85,7 @@ class ZeROBackend(Backend):
     name = "zero"
 
     def __init__(self, env: DistEnv, optim_cfg: OptimConfig, zero_cfg: ZeROConfig, train_cfg: TrainConfig) -> None:
-        super().__init__(env, optim_cfg)
+        super().__init__(env, optim_cfg, train_cfg.seed)
         import deepspeed  # optional dependency: imported only when chosen
 
         self.deepspeed = deepspeed
@@ -105,9 +106,19 @@ class ZeROBackend(Backend):
             self.deepspeed.init_distributed(dist_backend="nccl" if self.env.device.type == "cuda" else "gloo")
 
     def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
-        """Stage 3: transformers builds the model inside deepspeed.zero.Init (it sees our
-        HfDeepSpeedConfig), so each parameter is partitioned as it is created and loaded;
-        no rank holds the whole model."""
+        """Stage 3: the model is built inside deepspeed.zero.Init, so each parameter is
+        partitioned as it is created and loaded; no rank holds the whole model. A float
+        base goes through transformers' loader (it sees our HfDeepSpeedConfig); an 8-bit
+        one is built with Int8Linear and each rank fills its own partitions, quantising
+        the rows it reads. Stages 1/2 replicate the base (an 8-bit one streamed in by
+        Backend.load_base / prepare)."""
+        if self.stage == 3 and cfg.quantization == "int8":
+            self.model_path = cfg.path
+            self._init_comm()
+            model = build_zero3_partitioned(cfg, self.env.device, copy.deepcopy(self.ds_config))
+            self.load_stats = fill_zero3_partitions(model, cfg.path)
+            self.loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
+            return model
         if self.stage == 3 and cfg.sharded_loading:
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -120,6 +131,7 @@ class ZeROBackend(Backend):
 
     def prepare(self, wl: WeightLoRA) -> nn.Module:
         self._init_comm()
+        self._materialize_if_meta(wl)
         self.peft_model = wl.peft_model
         self.peft_model.to(self.env.device)
         self._initialize(wl.trainable_parameters())
