@@ -161,7 +161,7 @@ def to_int8_linears(model: nn.Module, skip: list[str], threshold: float) -> list
 
 
 def checkpoint_quantization(folder: str) -> str:
-    """"int8" / "4bit" for a folder saved by transformers + bitsandbytes, else "none"."""
+    """ "int8" / "4bit" for a folder saved by transformers + bitsandbytes, else "none"."""
     path = os.path.join(os.path.expanduser(folder), "config.json")
     if not os.path.isfile(path):
         return "none"  # a hub id: resolved by transformers
