@@ -161,7 +161,12 @@ def test_training_on_int8_equals_training_on_its_dequantised_weights(tiny_dir, t
     assert int8_run["kept"] == float_run["kept"]
     for a, b in zip(int8_run["losses"], float_run["losses"], strict=True):
         assert abs(a - b) < 1e-5, (int8_run["losses"], float_run["losses"])
-    assert json.loads(json.dumps(int8_run["int8"]["dtypes"])) == ["torch.int32", "torch.int8"]
+    assert int8_run["int8"]["dtypes"] == ["torch.int32", "torch.int8"]
+    # The adapter is a standard peft adapter: it loads onto transformers' bnb 8-bit base.
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(_bnb_model(tiny_dir / "model"), str(tmp_path / "int8/adapter"))
+    assert sum(".lora_" in n for n, _ in loaded.named_parameters()) == 2 * len(int8_run["kept"])
 
 
 def test_config_knows_the_int8_fields(tiny_dir, tmp_path):
@@ -173,3 +178,54 @@ def test_config_knows_the_int8_fields(tiny_dir, tmp_path):
         bad = {**cfg, "model": {**cfg["model"], field: value}}
         with pytest.raises(ConfigError, match=rf"model\.{field}"):
             config_from_dict(bad)
+
+
+FSDP2_MP_SCRIPT = r"""
+import os, sys, json, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+sys.path.insert(0, sys.argv[1])
+from wlora_dist.int8 import Int8Linear, quantize_rows, scb_bits, dequantize
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+torch.manual_seed(0)
+w = torch.randn(16, 32)
+cb, scb = quantize_rows(w)
+lin = Int8Linear(32, 16)
+with torch.no_grad():
+    lin.weight.copy_(cb); lin.SCB.copy_(scb_bits(scb))
+model = torch.nn.Sequential(lin)
+fully_shard(model, mesh=init_device_mesh("cpu", (1,)),
+            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+seen = {}
+lin.register_forward_pre_hook(lambda m, a: seen.update(w=str(m.weight.dtype), scb=str(m.SCB.dtype), x=str(a[0].dtype)))
+stored = str(lin.weight.to_local().dtype)  # the DTensor shard, between steps
+x = torch.randn(4, 32)
+y = model(x)
+ref = x.to(torch.bfloat16).float() @ dequantize(cb, scb).T
+print(json.dumps({**seen, "y": str(y.dtype), "err": float((y.float() - ref).abs().max()),
+                  "scale": float(ref.abs().max()), "stored": stored}))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_bf16_mixed_precision_leaves_int8_and_scales_uncast(tmp_path):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bf16), as the fsdp2 backend uses it on GPU:
+    the int8 weight and the int32-stored scales reach the forward uncast (a bf16 scale
+    would cost 0.4% on every row); only the activations are bf16."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    from .test_distributed import _free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", FSDP2_MP_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["w"], out["scb"], out["stored"]) == ("torch.int8", "torch.int32", "torch.int8")
+    assert out["x"] == "torch.bfloat16"
+    assert out["y"] == "torch.bfloat16" and out["err"] <= 0.02 * out["scale"], out

@@ -142,6 +142,21 @@ class Backend(ABC):
         }
 
 
+def base_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """This rank's bytes of the frozen base between steps, per dtype: its shard (FSDP2
+    DTensor / ZeRO-3 partition) plus any full copy it keeps."""
+    out: dict[str, int] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        held = [_local(p)]
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: the partition, plus .data if not released
+            held = [p.ds_tensor, p.data]
+        key = str(held[0].dtype).removeprefix("torch.")
+        out[key] = out.get(key, 0) + tensor_bytes(held)
+    return out
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The part of a (possibly sharded DTensor) tensor held by this rank."""
     return t.to_local() if hasattr(t, "to_local") else t

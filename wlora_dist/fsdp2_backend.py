@@ -8,6 +8,9 @@ Wrapping, innermost first:
   3. the root (embeddings, final norm, lm_head).
 Every parameter becomes a DTensor sharded on dim 0 over the data-parallel mesh; FSDP
 all-gathers per unit for forward/backward and reduce-scatters (mean) the gradients.
+An 8-bit base (int8.py) is sharded the same way: each Int8Linear's int8 weight and its
+int32-stored row scales are split on their rows and all-gathered as they are (FSDP2 casts
+floating parameters only), so a rank holds 1/world of the int8 base.
 """
 
 from __future__ import annotations

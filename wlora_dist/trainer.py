@@ -18,7 +18,7 @@ import torch
 from transformers import set_seed
 
 from . import data as data_mod
-from .backends import Backend, make_backend
+from .backends import Backend, base_bytes_by_dtype, make_backend
 from .config import ConfigError, RunConfig
 from .distributed import (
     DistEnv,
@@ -300,12 +300,22 @@ class Trainer:
         state = self.wl.export_state(self.backend.gather_full)
         # Every rank's bytes before/after the prune event and its wall time, in one report.
         per_rank = gather_objects(
-            {"global_rank": self.env.global_rank, **self.memory, "prune_seconds": self.prune_seconds}
+            {
+                "global_rank": self.env.global_rank,
+                **self.memory,
+                "base_bytes": base_bytes_by_dtype(self.wl.peft_model),
+                "prune_seconds": self.prune_seconds,
+            }
         )
         if self.env.is_main:
             extra = {"backend": self.backend.name, "world_size": self.env.world_size, "memory_per_rank": per_rank}
             write_report(self.wl, self.report_dir, self.cfg.train.max_steps, "final", extra)
             for r in per_rank:
+                self.logger.info(
+                    "rank %d: frozen base %s",
+                    r["global_rank"],
+                    ", ".join(f"{v / 2**20:.2f} MiB {k}" for k, v in sorted(r["base_bytes"].items())),
+                )
                 if "before" in r and "after" in r:
                     self.logger.info(
                         "rank %d: trainable/optimizer bytes %s -> %s, prune %.3f s",
