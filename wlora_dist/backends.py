@@ -114,6 +114,32 @@ class Backend(ABC):
         self.optimizer.step()
         return norm
 
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint_tensors(self, named: dict[str, nn.Parameter], for_load: bool) -> dict[str, torch.Tensor]:
+        """The adapters and their AdamW state as checkpoint tensors, keyed by adapter name:
+        here the live tensors themselves (DTensor shards under FSDP2), so a checkpoint
+        load fills them in place. AdamW state not created yet (before the first step after
+        a rebuild) is created now as zeros, which AdamW treats exactly as a fresh state."""
+        assert self.optimizer is not None
+        out: dict[str, torch.Tensor] = {}
+        for name, p in named.items():
+            state = self.optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)  # AdamW's own format
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out[f"adapter.{name}"] = p.detach()
+            out[f"optim.{name}.exp_avg"] = state["exp_avg"]
+            out[f"optim.{name}.exp_avg_sq"] = state["exp_avg_sq"]
+            out[f"optim.{name}.step"] = state["step"].view(1)
+        return out
+
+    def load_checkpoint_tensors(self, named: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+        """After a checkpoint load filled ``tensors`` (from ``checkpoint_tensors(for_load=True)``);
+        nothing to do here, where they were the live tensors."""
+        return None
+
     @torch.no_grad()
     def assign_full(self, param: nn.Parameter, value: torch.Tensor) -> None:
         """Write the full ``value`` into ``param``: all of it, or this rank's rows of a

@@ -167,6 +167,19 @@ class DistributedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only when stopped by SIGTERM / SIGUSR1).")
+    keep_last: int = _f(2, "Checkpoints kept (the newest); older ones are deleted once a new one is complete.")
+    dir: str = _f("", "Where checkpoints go; empty = <output.dir>/checkpoints.")
+    resume_from: str = _f(
+        "",
+        "'' = start fresh; 'auto' = the newest checkpoint in checkpoint.dir if there is one (for requeued jobs); "
+        "'latest' = the newest (an error if none); or a checkpoint folder (step-NNNNNNNN).",
+    )
+    save_on_signal: bool = _f(True, "On SIGTERM / SIGUSR1: finish the step, save a checkpoint, exit 0.")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("runs/default", "Run folder: adapter/, report/, logs/.")
     overwrite: bool = _f(False, "Allow replacing an existing adapter in output.dir.")
@@ -182,6 +195,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -407,6 +421,10 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("distributed.zero.offload_params: needs distributed.zero.stage=3")
     if cfg.distributed.timeout_minutes <= 0:
         p.append(f"distributed.timeout_minutes: {cfg.distributed.timeout_minutes} must be > 0")
+    if cfg.checkpoint.every < 0:
+        p.append(f"checkpoint.every: {cfg.checkpoint.every} must be >= 0 (0 = only on a stop signal)")
+    if cfg.checkpoint.keep_last < 1:
+        p.append(f"checkpoint.keep_last: {cfg.checkpoint.keep_last} must be >= 1")
     if cfg.log.every <= 0:
         p.append(f"log.every: {cfg.log.every} must be >= 1")
     return p

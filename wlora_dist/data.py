@@ -215,12 +215,26 @@ def make_loader(
     )
 
 
-def forever(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Cycle through epochs; each epoch reshuffles deterministically (sampler.set_epoch)."""
-    epoch = 0
+def forever(loader: DataLoader, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Cycle through epochs; each epoch reshuffles deterministically (sampler.set_epoch).
+    ``start``: micro-batches already consumed (a resumed run); they are skipped by index,
+    without reading or collating their rows."""
+    epoch, skip = divmod(start, len(loader))
     while True:
         loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
-        yield from loader
+        if skip:
+            indices = list(loader.sampler)[skip * loader.batch_size :]  # type: ignore[operator]
+            rest = DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                sampler=indices,
+                drop_last=True,
+                collate_fn=loader.collate_fn,
+            )
+            yield from rest
+            skip = 0
+        else:
+            yield from loader
         epoch += 1
 
 

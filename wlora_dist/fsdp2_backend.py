@@ -104,6 +104,8 @@ def _forget_removed_units(root: FSDPModule | None) -> None:
     """
     assert root is not None
     state = root._get_fsdp_state()
+    if not getattr(state, "_is_root", None):
+        return  # no forward yet (a resumed run): FSDP2's lazy init will see only the kept units
     try:
         all_states = state._state_ctx.all_states
         post_forward_order = state._comm_ctx.post_forward_order

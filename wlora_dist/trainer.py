@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from . import checkpoint
 from . import data as data_mod
 from .backends import Backend, base_bytes_by_dtype, make_backend
 from .config import ConfigError, RunConfig
@@ -29,7 +30,7 @@ from .distributed import (
     gather_objects,
 )
 from .errors import UserError
-from .export import save_peft_adapter
+from .export import lora_config_to_json, save_peft_adapter
 from .modeling import load_tokenizer
 from .report import write_report
 from .selection import gate_step, in_selection, is_projection_step, is_prune_step, lr_multiplier
@@ -49,6 +50,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # rank-0 metrics of every step
     eval_loss: float | None = None
     memory: dict[str, dict[str, int]] = field(default_factory=dict)  # "before"/"after" prune
+    stopped_at: int | None = None  # the step a stop signal ended the run at (checkpoint saved)
+    checkpoint: Path | None = None
 
 
 class Trainer:
@@ -95,6 +98,18 @@ class Trainer:
         self.backend.build_optimizer(self.params)
         torch.manual_seed(cfg.train.seed + env.global_rank)  # dropout differs per rank, as in DDP
         self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        self.start_step = 0
+        self.pruned = False
+        resume = checkpoint.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
+        if resume is not None:
+            self._resume(resume)
+        # Data position: rows of the global batch already consumed -> this rank's micro-batches.
+        consumed = self.start_step * cfg.train.grad_accum_steps
+        self.train_iter = data_mod.forever(self.train_loader, start=consumed)
+        self.stopper = checkpoint.StopOnSignal()
+        if cfg.checkpoint.save_on_signal:
+            self.stopper.install()
         self.logger.info(
             "world_size=%d backend=%s adapters n=%d (%s) trainable=%d params selection=%s K=%s T=%d",
             env.world_size,
@@ -113,8 +128,9 @@ class Trainer:
         train_ds = data_mod.tokenize(train_rows, self.tokenizer, cfg.data)
         pad = self.tokenizer.pad_token_id
         mb = cfg.train.micro_batch_size
-        loader = data_mod.make_loader(train_ds, mb, pad, env.global_rank, env.world_size, cfg.train.seed, True)
-        self.train_iter = data_mod.forever(loader)
+        self.train_loader = data_mod.make_loader(
+            train_ds, mb, pad, env.global_rank, env.world_size, cfg.train.seed, True
+        )
         self.eval_loader = None
         if eval_rows is not None:
             eval_ds = data_mod.tokenize(eval_rows, self.tokenizer, cfg.data)
@@ -134,7 +150,8 @@ class Trainer:
         cfg = self.cfg
         history = []
         self.backend.module.train()
-        for step in range(1, cfg.train.max_steps + 1):
+        every = cfg.checkpoint.every
+        for step in range(self.start_step + 1, cfg.train.max_steps + 1):
             metrics = self._optimizer_step(step)
             if is_prune_step(step, cfg.selection):
                 metrics["prune_seconds"] = self._prune_event(step)
@@ -151,6 +168,24 @@ class Trainer:
                     "kept": f"{metrics['kept']}/{self.wl.n}",
                 },
             )
+            stop = self.stopper.requested(self.env.device)  # on every rank, whichever got the signal
+            if stop or (every and step % every == 0 and step < cfg.train.max_steps):
+                path = self.save_checkpoint(step)
+            if stop:
+                self.logger.info(
+                    "stop signal received: checkpoint of step %d in %s; resume with checkpoint.resume_from=auto",
+                    step,
+                    path,
+                )
+                return TrainResult(
+                    self.adapter_dir,
+                    self.report_dir,
+                    [s.name for s in self.wl.kept_sites()],
+                    history,
+                    memory=self.memory,
+                    stopped_at=step,
+                    checkpoint=path,
+                )
         final_eval = self._eval_metrics()
         if final_eval:
             self.logger.track(cfg.train.max_steps, final_eval)
@@ -236,6 +271,7 @@ class Trainer:
             wl.fold_gates_into_B()
         wl.freeze_gates()
         removed = wl.remove(drop)
+        self.pruned = True
         if sel.reinit_kept:
             # A different seed from the first init; identical on every rank.
             wl.reinit_kept(self.cfg.train.seed + 1, self.backend.assign_full)
@@ -265,6 +301,95 @@ class Trainer:
             self.report_dir,
         )
         return seconds
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _named_params(self) -> dict[str, torch.nn.Parameter]:
+        """Kept adapters' A and B by a name independent of backend and world size."""
+        out = {}
+        for s in self.wl.kept_sites():
+            a, b = self.wl.adapter_params(s)
+            out[f"{s.name}.lora_A"], out[f"{s.name}.lora_B"] = a, b
+        return out
+
+    def _identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it."""
+        cfg, mc = self.cfg, self.wl.base_model.config
+        return {
+            "model": {k: getattr(mc, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers")},
+            "sites": [s.name for s in self.wl.sites],
+            "adapter.lora_rank": cfg.adapter.lora_rank,
+            "adapter.lora_alpha": cfg.adapter.lora_alpha,
+            "selection.method": cfg.selection.method,
+            "selection.k": cfg.selection.k,
+            "selection.steps": cfg.selection.steps,
+            "selection.fold_gates": cfg.selection.fold_gates,
+            "train.seed": cfg.train.seed,
+        }
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Collective: every rank writes its shards; one folder, complete or absent."""
+        t0 = time.perf_counter()
+        cfg, env = self.cfg, self.env
+        tensors = self.backend.checkpoint_tensors(self._named_params(), for_load=False)
+        tensors["wlora.gates"] = self.wl.gates.detach()
+        meta = {
+            "step": step,
+            "pruned": self.pruned,
+            "kept": [s.name for s in self.wl.kept_sites()],
+            "rows_consumed": step * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * env.world_size,
+            "world_size": env.world_size,
+            "backend": self.backend.name,
+            "identity": self._identity(),
+            "adapter_config": lora_config_to_json(self.wl.export_config(cfg.model.path)),
+            "time": time.time(),
+        }
+        path = checkpoint.save(self.ckpt_root, step, tensors, meta, cfg.to_dict(), env, cfg.checkpoint.keep_last)
+        self.logger.info("checkpoint of step %d -> %s (%.2f s)", step, path, time.perf_counter() - t0)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        """Bring this freshly set-up run to the checkpoint's state: remove the adapters it had
+        removed, then load adapters, AdamW state, gates (resharded to this world size and
+        backend), the step, the data position and this rank's RNG."""
+        cfg, env, wl = self.cfg, self.env, self.wl
+        meta = checkpoint.read_meta(path)
+        checkpoint.check_compatible(meta, self._identity(), path)
+        if meta["pruned"]:
+            kept = set(meta["kept"])
+            drop = [s.index for s in wl.sites if s.name not in kept]
+            wl.freeze_gates()
+            wl.remove(drop)
+            self.pruned = True
+            self.params = wl.trainable_parameters()
+            self.backend.rebuild_after_prune(self.params, keep_state=False)
+        named = self._named_params()
+        tensors = self.backend.checkpoint_tensors(named, for_load=True)
+        tensors["wlora.gates"] = wl.gates.detach()
+        checkpoint.load_tensors(path, tensors, env.distributed)
+        self.backend.load_checkpoint_tensors(named, tensors)
+        self.start_step = int(meta["step"])
+        same_layout = meta["world_size"] == env.world_size
+        rows_per_step = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * env.world_size
+        if meta["rows_consumed"] != self.start_step * rows_per_step:
+            log.warning(
+                "resuming with a different global batch (%d rows per step; the checkpoint's run used %d)",
+                rows_per_step,
+                meta["rows_consumed"] // max(1, self.start_step),
+            )
+        used = checkpoint.restore_rng(path, env.global_rank, cfg.train.seed + env.global_rank + 7919 * self.start_step)
+        self.logger.info(
+            "resumed from %s: step %d, %s, %d of %d adapters kept%s",
+            path,
+            self.start_step,
+            "after the prune event" if self.pruned else "selection phase",
+            int(wl.kept.sum()),
+            wl.n,
+            ""
+            if same_layout and used
+            else f" (world size {meta['world_size']} -> {env.world_size}: data order and "
+            "dropout RNG re-derived, the run is close to, not bitwise, the uninterrupted one)",
+        )
 
     # ------------------------------------------------------------------ eval / save
 
@@ -329,6 +454,8 @@ class Trainer:
         barrier()
 
     def cleanup(self) -> None:
+        if hasattr(self, "stopper"):
+            self.stopper.uninstall()
         if hasattr(self, "logger"):
             self.logger.close()
 

@@ -94,9 +94,15 @@ class ZeROBackend(Backend):
         self.ds_config = deepspeed_config(zero_cfg, optim_cfg, train_cfg, bf16)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         self.name = f"zero{self.stage}"
-        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
 
         self._get_full_state, self._set_full_state = safe_get_full_optimizer_state, safe_set_full_optimizer_state
+        self._get_full_fp32, self._set_full_fp32 = safe_get_full_fp32_param, safe_set_full_fp32_param
         self.engine: Any = None
         self.loaded_partitioned = False
         self.peft_model: nn.Module | None = None
@@ -209,6 +215,42 @@ class ZeROBackend(Backend):
         for p in kept:
             for key, value in saved[id(p)].items():
                 self._set_full_state(p, value, key)
+
+    def checkpoint_tensors(self, named: dict[str, nn.Parameter], for_load: bool) -> dict[str, torch.Tensor]:
+        """Full (gathered) fp32 masters and AdamW moments, the same on every rank (so the
+        checkpoint writes them once): DeepSpeed's partitions are flat and span parameters,
+        its fragment API is how a parameter's share is read and written (collective)."""
+        step = None if for_load else _adam_step(self.engine.optimizer)
+        out: dict[str, torch.Tensor] = {}
+        for name, p in named.items():
+            shape = getattr(p, "ds_shape", p.shape)
+            if for_load:
+                value = torch.zeros(shape, dtype=torch.float32)
+                moments = {k: torch.zeros(shape, dtype=torch.float32) for k in ADAM_STATE_KEYS}
+            else:
+                value = self._get_full_fp32(p).detach().float().cpu()
+                moments = {}
+                for k in ADAM_STATE_KEYS:
+                    t = self._get_full_state(p, k)
+                    moments[k] = torch.zeros(shape, dtype=torch.float32) if t is None else t.detach().float().cpu()
+            out[f"adapter.{name}"] = value
+            for k, t in moments.items():
+                out[f"optim.{name}.{k}"] = t
+            out[f"optim.{name}.step"] = (step if step is not None else torch.zeros(())).reshape(1).float().clone()
+        return out
+
+    def load_checkpoint_tensors(self, named: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+        params = list(named.values())
+        for name, p in named.items():
+            value = tensors[f"adapter.{name}"]
+            self.assign_full(p, value)  # the module's parameter
+            self._set_full_fp32(p, value.to(self.env.device))  # and the optimizer's fp32 master
+        saved = {
+            id(p): {k: tensors[f"optim.{name}.{k}"].to(self.env.device) for k in ADAM_STATE_KEYS}
+            for name, p in named.items()
+        }
+        step = tensors[f"optim.{next(iter(named))}.step"].reshape(()) if named else None
+        self._restore_adam_state(params, saved, step)
 
     def memory_report(self, params: list[nn.Parameter]) -> dict[str, int]:
         """This rank's bytes: its partition of the adapters (stage 3) or all of them, its
