@@ -1,6 +1,7 @@
-"""Command line: ``wlora-dist train|make-tiny|report|config`` (train.py wraps ``train``).
+"""Command line: ``wlora-dist train|export|make-tiny|report|config`` (train.py wraps ``train``).
 
 wlora-dist train --config configs/tiny_cpu.yaml train.max_steps=50 selection.k=6
+wlora-dist export runs/tiny_cpu/checkpoints/step-00000100 --out runs/tiny_cpu/adapter-100
 """
 
 from __future__ import annotations
@@ -49,8 +50,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.cleanup()
     if env.is_main:
-        print(f"kept {len(result.kept)} adapters; adapter -> {result.adapter_dir} ; report -> {result.report_dir}")
+        if result.stopped_at is not None:
+            print(
+                f"stopped by a signal at step {result.stopped_at}; checkpoint -> {result.checkpoint} "
+                "(resume: checkpoint.resume_from=auto)"
+            )
+        else:
+            print(f"kept {len(result.kept)} adapters; adapter -> {result.adapter_dir} ; report -> {result.report_dir}")
     shutdown()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, list_checkpoints
+    from .export import export_checkpoint
+
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "meta.json").is_file():
+        found = list_checkpoints(ckpt)  # a checkpoints/ folder: take its newest
+        if not found:
+            raise CheckpointError(f"{ckpt}: not a checkpoint (no meta.json) and holds no step-* checkpoint")
+        ckpt = found[-1]
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} exists; choose another folder or pass --overwrite (replaced only when complete)")
+    merged = Path(args.merged) if args.merged else None
+    if merged is not None and merged.exists() and not args.overwrite:
+        raise UserError(f"--merged {merged} exists; choose another folder or pass --overwrite")
+    export_checkpoint(ckpt, out, merged, args.model or "")
+    print(f"{ckpt} -> peft adapter {out}" + (f" ; merged model {merged}" if merged else ""))
     return 0
 
 
@@ -86,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wlora-dist", description="WeightLoRA fine-tuning, distributed.")
     sub = ap.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    e = sub.add_parser(
+        "export",
+        help="write a peft adapter (and optionally merged weights) from a checkpoint",
+        description="Export a checkpoint (any backend, any world size) as a standard peft adapter, gates "
+        "folded into B as the trainer's own export does. One process, no GPU, no base model needed "
+        "(except for --merged).",
+    )
+    e.add_argument("checkpoint", help="a step-NNNNNNNN folder, or a checkpoints/ folder (its newest)")
+    e.add_argument("--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors")
+    e.add_argument("--merged", help="also write base + adapter merged, as a full HF model folder, here")
+    e.add_argument("--model", help="base model folder for --merged (default: the one the run trained on)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing output folders (once complete)")
     t = sub.add_parser("make-tiny", help="write the embedded default: a tiny Llama and a small dataset")
     t.add_argument("--out", default="runs/tiny", help="folder for model/ and data/")
     t.add_argument("--rows", type=int, default=2000, help="training rows")
@@ -101,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train": cmd_train, "make-tiny": cmd_make_tiny, "report": cmd_report, "config": cmd_config}
+    handlers = {
+        "train": cmd_train,
+        "export": cmd_export,
+        "make-tiny": cmd_make_tiny,
+        "report": cmd_report,
+        "config": cmd_config,
+    }
     try:
         return handlers[args.command](args)
     except UserError as e:

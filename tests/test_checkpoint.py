@@ -1,0 +1,235 @@
+"""Checkpoints and faults, for real on gloo processes: exact resume at any phase, resume on
+another world size, SIGTERM, a rank SIGKILLed, and export from any checkpoint.
+
+"Stopped at step s and resumed" is tested by resuming from the step-s checkpoint that an
+uninterrupted run wrote on its way (what a stopped run would have written), and, for
+the signals, by really stopping a run.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .test_distributed import WORKER, _cfg, _free_port, run_worker
+
+pytestmark = pytest.mark.dist
+
+
+def _ckpt_cfg(tiny_dir, out, backend, nproc, **checkpoint):
+    cfg = _cfg(tiny_dir, out, backend, 8 // nproc)
+    cfg["checkpoint"] = checkpoint
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def full_runs(tiny_dir, tmp_path_factory):
+    """Uninterrupted 2-rank runs that checkpoint every step, per backend (made when asked)."""
+    runs: dict[str, tuple[dict, Path]] = {}
+
+    def get(backend: str) -> tuple[dict, Path]:
+        if backend not in runs:
+            tmp = tmp_path_factory.mktemp(f"full-{backend}")
+            cfg = _ckpt_cfg(tiny_dir, tmp / "run", backend, 2, every=1, keep_last=20)
+            runs[backend] = (run_worker(cfg, 2, tmp)[0], tmp / "run" / "checkpoints")
+        return runs[backend]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("backend", "step"),
+    [("replicated", 3), ("replicated", 7), ("fsdp2", 5), ("zero3", 3), ("zero2", 5)],
+    ids=["replicated-selection", "replicated-after-prune", "fsdp2-prune-step", "zero3-selection", "zero2-prune-step"],
+)
+def test_resume_is_bitwise_the_uninterrupted_run(backend, step, full_runs, tiny_dir, tmp_path):
+    full, ckpts = full_runs(backend)
+    meta = json.loads((ckpts / f"step-{step:08d}" / "meta.json").read_text())
+    assert meta["pruned"] == (step >= 5) and meta["world_size"] == 2
+    assert len(meta["kept"]) == (5 if step >= 5 else 14)
+    cfg = _ckpt_cfg(tiny_dir, tmp_path / "resumed", backend, 2, resume_from=str(ckpts / f"step-{step:08d}"))
+    resumed = run_worker(cfg, 2, tmp_path)
+    assert resumed[0]["losses"] == full["losses"][step:]  # the steps after the checkpoint, bitwise
+    assert {r["params_digest"] for r in resumed} == {full["params_digest"]}
+    assert {r["gates_digest"] for r in resumed} == {full["gates_digest"]}
+    assert resumed[0]["kept"] == full["kept"]
+
+
+def test_checkpointing_does_not_change_the_run(full_runs, tiny_dir, tmp_path):
+    full, ckpts = full_runs("replicated")
+    plain = run_worker(_cfg(tiny_dir, tmp_path / "plain", "replicated", 4), 2, tmp_path)[0]
+    assert plain["params_digest"] == full["params_digest"] and plain["losses"] == full["losses"]
+    # keep_last: 20 > 8 steps, all kept; every folder complete, no .tmp left.
+    assert [p.name for p in sorted(ckpts.iterdir())] == [f"step-{s:08d}" for s in range(1, 9)]
+
+
+def test_resume_on_another_world_size_2_to_4_and_4_to_2(full_runs, tiny_dir, tmp_path):
+    """FSDP2 shards resharded by the checkpoint loader: 2 -> 4 ranks from the prune step,
+    then that run's own 4-rank checkpoint back on 2 ranks."""
+    full, ckpts = full_runs("fsdp2")
+    cfg4 = _ckpt_cfg(tiny_dir, tmp_path / "four", "fsdp2", 4, resume_from=str(ckpts / "step-00000005"), every=1)
+    four = run_worker(cfg4, 4, tmp_path)
+    assert four[0]["world_size"] == 4 and four[0]["kept"] == full["kept"]
+    assert len({r["params_digest"] for r in four}) == 1
+    for a, b in zip(four[0]["losses"], full["losses"][5:], strict=True):
+        assert abs(a - b) < 1e-4
+    back = tmp_path / "four" / "checkpoints" / "step-00000007"
+    assert json.loads((back / "meta.json").read_text())["world_size"] == 4
+    two = run_worker(_ckpt_cfg(tiny_dir, tmp_path / "two", "fsdp2", 2, resume_from=str(back)), 2, tmp_path)
+    assert two[0]["kept"] == full["kept"]
+    for a, b in zip(two[0]["losses"], full["losses"][7:], strict=True):
+        assert abs(a - b) < 1e-4
+
+
+def test_export_from_checkpoints_of_every_backend_equals_the_one_process_run(full_runs, tiny_dir, tmp_path):
+    """`wlora-dist export` of the step-7 checkpoint: full trained tensors (never empty
+    ZeRO-3 / FSDP2 shards), equal across backends and to the 1-process run's."""
+    one = _ckpt_cfg(tiny_dir, tmp_path / "one", "replicated", 1, every=7)
+    run_worker(one, 1, tmp_path)
+    exports = {}
+    for name, ckpt in [
+        ("one", tmp_path / "one/checkpoints/step-00000007"),
+        *[(b, full_runs(b)[1] / "step-00000007") for b in ("replicated", "fsdp2", "zero3")],
+    ]:
+        out = tmp_path / f"export-{name}"
+        _cli("export", str(ckpt), "--out", str(out))
+        exports[name] = load_file(str(out / "adapter_model.safetensors"))
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert len(config["target_modules"]) == 5 and len(exports[name]) == 10
+    for name, state in exports.items():
+        assert sorted(state) == sorted(exports["one"]), name
+        for key, value in state.items():
+            assert value.numel() > 0 and value.shape == exports["one"][key].shape
+            torch.testing.assert_close(value, exports["one"][key], rtol=0, atol=1e-4)
+
+
+def test_export_merged_weights_compute_what_base_plus_adapter_computes(full_runs, tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, ckpts = full_runs("replicated")
+    _cli("export", str(ckpts), "--out", str(tmp_path / "adapter"), "--merged", str(tmp_path / "merged"))
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"))
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+        got = merged(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    # An existing output is not replaced without --overwrite.
+    proc = _cli("export", str(ckpts), "--out", str(tmp_path / "adapter"), check=False)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "wlora_dist.cli", *args], capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+# ---------------------------------------------------------------- signals and faults
+
+
+def _long_cfg(tiny_dir, out, **checkpoint):
+    cfg = _ckpt_cfg(tiny_dir, out, "replicated", 2, **checkpoint)
+    cfg["train"].update(max_steps=60)
+    cfg["selection"].update(steps=10, project_every=10)
+    return cfg
+
+
+def _start(cfg: dict, log: Path) -> subprocess.Popen:
+    out = Path(cfg["output"]["dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cfg.json").write_text(json.dumps(cfg))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        str(WORKER),
+        str(out / "cfg.json"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if f"step {step} |" in log.read_text():
+            return
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == pid and b"dist_worker" in (d / "cmdline").read_bytes():
+                    kids.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    return run_worker(_long_cfg(tiny_dir, tmp / "run", every=5), 2, tmp)[0]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_the_same(uninterrupted, tiny_dir, tmp_path):
+    """SIGTERM to the launcher (what SLURM / a scheduler sends): torchrun forwards it, every
+    rank finishes its step, one checkpoint is written, the job ends without an adapter;
+    `resume_from: auto` then ends with bitwise the uninterrupted run's adapter."""
+    log = tmp_path / "log.txt"
+    cfg = _long_cfg(tiny_dir, tmp_path / "run", every=5, resume_from="auto")
+    proc = _start(cfg, log)
+    _wait_for_step(log, 13, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    text = log.read_text()
+    assert "stop signal received: checkpoint of step" in text, text[-3000:]
+    ckpts = sorted((tmp_path / "run/checkpoints").iterdir())
+    stopped_at = json.loads((ckpts[-1] / "meta.json").read_text())["step"]
+    assert 13 <= stopped_at < 60 and not (tmp_path / "run/adapter").exists()
+    assert not any(p.name.endswith(".tmp") for p in ckpts)
+    resumed = run_worker(cfg, 2, tmp_path)
+    assert resumed[0]["losses"] == uninterrupted["losses"][stopped_at:]
+    assert resumed[0]["params_digest"] == uninterrupted["params_digest"]
+
+
+def test_a_rank_killed_does_not_hang_the_others_and_the_run_resumes(uninterrupted, tiny_dir, tmp_path):
+    """SIGKILL one rank mid-run: the other must not wait forever (gloo sees the peer gone;
+    torchrun tears the job down), no half-written checkpoint appears, and resuming from the
+    last complete one ends with bitwise the uninterrupted run's adapter."""
+    log = tmp_path / "log.txt"
+    cfg = _long_cfg(tiny_dir, tmp_path / "run", every=5, resume_from="auto")
+    cfg["distributed"]["timeout_minutes"] = 1.0
+    proc = _start(cfg, log)
+    _wait_for_step(log, 12, proc)
+    workers = _children(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    t0 = time.time()
+    proc.wait(timeout=180)
+    assert proc.returncode != 0 and time.time() - t0 < 180
+    ckpts = [p for p in (tmp_path / "run/checkpoints").iterdir() if (p / "meta.json").is_file()]
+    assert ckpts and not (tmp_path / "run/adapter").exists()
+    resumed = run_worker(cfg, 2, tmp_path)
+    assert resumed[0]["params_digest"] == uninterrupted["params_digest"]
+    assert resumed[0]["losses"] == uninterrupted["losses"][60 - len(resumed[0]["losses"]) :]
