@@ -38,7 +38,6 @@ CASES = [
     ("fsdp2", 4, "none"),
     ("zero1", 2, "none"),
     ("zero2", 2, "none"),
-    ("zero2", 4, "none"),
     ("zero3", 2, "none"),
     ("zero3", 4, "none"),
     # The 8-bit base (int8 weights + per-row scales, Int8Linear): replicated under ZeRO-2,

@@ -30,6 +30,17 @@ def check_model_path(path: str) -> None:
         )
     if looks_local(path) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
         raise ModelPathError(f"model.path={path!r}: folder has no config.json; is it an HF model folder?")
+    folder = os.path.expanduser(path)
+    if looks_local(path) and not any(
+        f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(folder)
+    ):
+        pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        raise ModelPathError(
+            f"model.path={path!r}: no safetensors weights"
+            + (f" (found {', '.join(pickled)}: pickled files can run code and are never loaded)" if pickled else "")
+            + "; convert once with transformers: AutoModelForCausalLM.from_pretrained(folder)"
+            ".save_pretrained(new_folder, safe_serialization=True)"
+        )
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -1,0 +1,176 @@
+"""Bad input, as a user meets it: `wlora-dist train` with a broken config, model, data or
+checkpoint. Each case: one clear message naming the field / file / row and the fix, a
+non-zero exit, no traceback, and nothing that existed overwritten (a good adapter and a
+good checkpoint sit in output.dir, with output.overwrite on so only the error stops the
+run from replacing them)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wlora_dist.cli import main
+from wlora_dist.tiny import write_default
+
+from .conftest import tiny_config_dict
+
+SENTINEL = "a good adapter from an earlier run"
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tiny_dir, tmp_path_factory) -> Path:
+    """A complete checkpoint of a 2-step, 1-process run (lora_rank 4)."""
+    out = tmp_path_factory.mktemp("good")
+    cfg = tiny_config_dict(tiny_dir, out / "run", train={"max_steps": 2}, selection={"steps": 1})
+    cfg["checkpoint"] = {"every": 1}
+    path = out / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--config", str(path)]) == 0
+    return out / "run/checkpoints/step-00000001"
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> Path:
+    return write_default(tmp_path_factory.mktemp("other"), rows=50, hidden=32, layers=3, seed=1) / "model"
+
+
+def _data(tmp: Path, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def _pickled_model(tmp: Path) -> str:
+    folder = tmp / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    return str(folder)
+
+
+def _pair(prompt: str, response: str) -> bytes:
+    return (json.dumps({"prompt": prompt, "response": response}) + "\n").encode()
+
+
+def _row(text: str) -> bytes:
+    return (json.dumps({"text": text}) + "\n").encode()
+
+
+CASES = {
+    # name: (how to break the config dict, message fragments)
+    "malformed_yaml": ("YAML", ["not valid YAML"]),
+    "unknown_field": (lambda c, t: c["train"].update(max_step=5), ["train.max_step: unknown field"]),
+    "mistyped_field": (lambda c, t: c["train"].update(max_steps="many"), ["train.max_steps", "int"]),
+    "k_zero": (lambda c, t: c["selection"].update(k=0), ["selection.k: 0 must be >= 1"]),
+    "k_above_n": (lambda c, t: c["selection"].update(k=99), ["selection.k: 99 exceeds the 14 adapters"]),
+    "negative_lr": (lambda c, t: c["optim"].update(lr=-1.0), ["optim.lr: -1.0 must be >= 0"]),
+    "negative_gate_lr": (lambda c, t: c["selection"].update(lr_w=-5.0), ["selection.lr_w: -5.0 must be >= 0"]),
+    "targets_match_nothing": (
+        lambda c, t: c["adapter"].update(target_modules=["qkv_proj"]),
+        ["adapter.target_modules=['qkv_proj']", "matches no linear layer", "q_proj"],
+    ),
+    "missing_model": (lambda c, t: c["model"].update(path=str(t / "no-model")), ["model.path=", "no such folder"]),
+    "pickled_weights_only": (
+        lambda c, t: c["model"].update(path=_pickled_model(t)),
+        ["no safetensors weights", "pytorch_model.bin", "never loaded"],
+    ),
+    "missing_data": (lambda c, t: c["data"].update(train=[str(t / "none.jsonl")]), ["none.jsonl"]),
+    "empty_dataset": (lambda c, t: c["data"].update(train=[_data(t, "empty.jsonl", b"")]), ["empty.jsonl"]),
+    "row_longer_than_seq_len": (
+        lambda c, t: c["data"].update(
+            train=[_data(t, "long.jsonl", _pair("a", "b") * 20 + _pair("x" * 500, "y"))],
+            format="instruction",
+            truncate=False,
+        ),
+        ["row 20", "tokens > data.seq_len=64"],
+    ),
+    "wrong_column": (
+        lambda c, t: c["data"].update(train=[_data(t, "cols.jsonl", _row("a") * 50)], format="instruction"),
+        ["prompt", "text"],
+    ),
+    "invalid_utf8": (
+        lambda c, t: c["data"].update(train=[_data(t, "bad.jsonl", _row("ok") * 3 + b'{"text": "\xff\xfe"}\n')]),
+        ["bad.jsonl", "UTF-8", "line 4"],
+    ),
+    "resume_without_checkpoint": (
+        lambda c, t: c["checkpoint"].update(resume_from="latest", dir=str(t / "no-ckpts")),
+        ["checkpoint.resume_from=latest: no checkpoint in"],
+    ),
+    "resume_from_a_non_checkpoint": (
+        lambda c, t: c["checkpoint"].update(resume_from=str(t)),
+        ["not a checkpoint folder"],
+    ),
+    "nan_or_inf_loss": (
+        lambda c, t: c["optim"].update(lr=1e30, warmup_steps=0, max_grad_norm=0.0),
+        ["loss is", "lower optim.lr"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_error_and_nothing_is_overwritten(case, tiny_dir, tmp_path, capsys):
+    breaker, fragments = CASES[case]
+    rc, err = _run_broken(tiny_dir, tmp_path, breaker, capsys)
+    assert rc != 0, err
+    for fragment in fragments:
+        assert fragment in err, (case, err)
+    assert "Traceback" not in err
+
+
+def test_checkpoint_of_another_config_is_refused(good_checkpoint, tiny_dir, tmp_path, capsys):
+    rc, err = _run_broken(
+        tiny_dir,
+        tmp_path,
+        lambda c, t: (c["checkpoint"].update(resume_from=str(good_checkpoint)), c["adapter"].update(lora_rank=8)),
+        capsys,
+    )
+    assert rc != 0 and "was written by a different run" in err
+    assert "adapter.lora_rank: checkpoint 4, this run 8" in err and "config.json" in err
+
+
+def test_checkpoint_of_another_model_is_refused(good_checkpoint, other_model, tiny_dir, tmp_path, capsys):
+    rc, err = _run_broken(
+        tiny_dir,
+        tmp_path,
+        lambda c, t: (
+            c["checkpoint"].update(resume_from=str(good_checkpoint)),
+            c["model"].update(path=str(other_model)),
+        ),
+        capsys,
+    )
+    assert rc != 0 and "was written by a different run" in err
+    assert "num_hidden_layers" in err and "sites" in err
+
+
+def test_damaged_checkpoint_is_refused(good_checkpoint, tiny_dir, tmp_path, capsys):
+    broken = tmp_path / "step-00000001"
+    shutil.copytree(good_checkpoint, broken)
+    (broken / "meta.json").write_text("{not json")
+    rc, err = _run_broken(tiny_dir, tmp_path, lambda c, t: c["checkpoint"].update(resume_from=str(broken)), capsys)
+    assert rc != 0 and "damaged" in err
+
+
+def _run_broken(tiny_dir: Path, tmp_path: Path, breaker, capsys) -> tuple[int, str]:
+    out = tmp_path / "run"
+    adapter = out / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(SENTINEL)
+    cfg = tiny_config_dict(tiny_dir, out, train={"max_steps": 3}, selection={"steps": 1})
+    cfg["output"]["overwrite"] = True
+    cfg["checkpoint"] = {}
+    path = tmp_path / "cfg.yaml"
+    if breaker == "YAML":
+        path.write_text("model: {path: [unclosed\n")
+    else:
+        breaker(cfg, tmp_path)
+        path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    rc = main(["train", "--config", str(path)])
+    err = capsys.readouterr().err
+    # Nothing overwritten: the earlier adapter is intact, no checkpoint was written.
+    assert (adapter / "adapter_config.json").read_text() == SENTINEL
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json"]
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    return rc, err
