@@ -186,6 +186,23 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def test_sigusr1_and_sigterm_request_a_stop():
+    """SLURM's --signal=USR1@T reaches the ranks as SIGUSR1: the same stop as SIGTERM."""
+    from wlora_dist.checkpoint import StopOnSignal
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        stopper = StopOnSignal()
+        stopper.install()
+        try:
+            assert not stopper.requested(torch.device("cpu"))
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)
+            assert stopper.requested(torch.device("cpu")) and stopper.received == sig
+        finally:
+            stopper.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
