@@ -124,6 +124,10 @@ def main() -> None:
         "max_same_hooks": max_hooks_of_one_kind(trainer.wl.peft_model),
         "load_bytes_read": getattr(getattr(trainer.backend, "load_stats", None), "bytes_read", None),
         "prune_losses": trainer.prune_losses,
+        "rounds_log": trainer.rounds_log,
+        "adam_steps": sorted(
+            {float(st["step"]) for st in getattr(trainer.backend.optimizer, "state", {}).values() if "step" in st}
+        ),
         "backend": trainer.backend.name,
         "quantization": cfg.model.quantization,
         "base_local_bytes": sum(local_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad),

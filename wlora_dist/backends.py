@@ -70,6 +70,11 @@ class Backend(ABC):
     def rebuild_after_prune(self, kept: list[nn.Parameter], keep_state: bool) -> None:
         """Drop everything the backend holds of removed adapters; optimizer over ``kept``."""
 
+    def adapters_replaced(self, wl: WeightLoRA, sites: list) -> None:
+        """Adapters of ``sites`` got new modules (WeightLoRA+ rank doubling): wrap / shard
+        them as prepare() did; rebuild_after_prune follows. Nothing to do when replicated."""
+        return None
+
     def build_optimizer(self, params: list[nn.Parameter]) -> None:
         c = self.optim_cfg
         self.optimizer = torch.optim.AdamW(

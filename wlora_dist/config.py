@@ -85,6 +85,17 @@ class SelectionConfig:
     reinit_kept: bool = _f(False, "Re-initialise the kept adapters (and their Adam state) at the prune event.")
     fold_gates: bool = _f(False, "At the prune event fold w into B (B <- w*B) and set kept gates to 1.")
     grad_eps: float = _f(1e-12, "Skip the projection while ||grad_w|| <= grad_eps (true at step 1).")
+    rounds: int = _f(
+        0,
+        "WeightLoRA+ (the authors' FatLoRA): R > 0 halving rounds at steps T/R, 2T/R, ..., T; each round keeps "
+        "the best half (K = n, n/2, ..., n/2^R; selection.k is not used), removes the rest and doubles the "
+        "rank of every kept adapter, so the adapter parameter budget stays the same. 0 = plain WeightLoRA.",
+    )
+    extension: Literal["smart", "dummy", "restart"] = _f(
+        "smart",
+        "WeightLoRA+ rank doubling: smart (QR, the product BA and the model output unchanged), dummy ([A; N], "
+        "[B, 0], unchanged too) or restart (fresh A, zero B).",
+    )
 
 
 @dataclass
@@ -388,6 +399,14 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"selection.steps: {s.steps} must be >= 0")
     if s.method != "none" and s.steps > t.max_steps:
         p.append(f"selection.steps: {s.steps} exceeds train.max_steps={t.max_steps}; lower it or raise max_steps")
+    if s.rounds < 0:
+        p.append(f"selection.rounds: {s.rounds} must be >= 0")
+    if s.rounds > 0 and s.method != "topk":
+        p.append(f"selection.rounds: {s.rounds} (WeightLoRA+) needs selection.method=topk, not {s.method}")
+    if s.rounds > 0 and (s.steps < s.rounds or s.steps % s.rounds):
+        p.append(
+            f"selection.rounds: {s.rounds} must divide selection.steps={s.steps} (rounds at steps T/R, 2T/R, ..., T)"
+        )
     if s.project_every <= 0:
         p.append(f"selection.project_every: {s.project_every} must be >= 1")
     if o.lr < 0:

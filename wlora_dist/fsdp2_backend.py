@@ -76,6 +76,15 @@ class FSDP2Backend(Backend):
             self.load_stats = materialize_sharded(wl, self.model_path, device, self.seed)
         return model
 
+    def adapters_replaced(self, wl: WeightLoRA, sites: list) -> None:
+        """New (rank-doubled) adapter modules: each its own FSDP2 unit, as in prepare();
+        then FSDP2's root forgets its lazy init so the next forward registers them."""
+        kwargs = {**self._policies(), "mesh": init_device_mesh(self.env.device.type, (self.env.world_size,))}
+        for site in sites:
+            layer = wl.lora_layer(site)
+            fully_shard([layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]], **kwargs)
+        _reset_lazy_init(self.root)
+
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
         pass  # FSDP2 reduce-scatters (mean) every gradient in backward
 
@@ -90,6 +99,21 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     if layers is None:
         raise TypeError(f"{type(model).__name__}: expected a decoder-only model with model.layers (Llama-like)")
     return list(layers)
+
+
+def _reset_lazy_init(root: FSDPModule | None) -> None:
+    """Make FSDP2 lazily initialise again at the next forward, over the current module
+    tree: its root state then lists exactly the units now in the tree (new ones included,
+    removed ones gone) and its comm context starts fresh. FSDP2 has no API to add a unit
+    after the first forward; its param groups' lazy init is idempotent by design."""
+    assert root is not None
+    root_state = root._get_fsdp_state()
+    if not getattr(root_state, "_is_root", None):
+        return  # not initialised yet: nothing to redo
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module._get_fsdp_state()._is_root = None
+    root_state._state_ctx.all_states.clear()
 
 
 def _forget_removed_units(root: FSDPModule | None) -> None:

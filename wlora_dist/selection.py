@@ -41,8 +41,24 @@ def is_prune_step(optimizer_step: int, cfg: SelectionConfig) -> bool:
     return cfg.method != "none" and optimizer_step == cfg.steps
 
 
+def round_index(optimizer_step: int, cfg: SelectionConfig) -> int:
+    """WeightLoRA+: the round (1..R) that ends at this step, else 0."""
+    if cfg.rounds <= 0 or not in_selection(optimizer_step, cfg):
+        return 0
+    every = cfg.steps // cfg.rounds
+    return optimizer_step // every if optimizer_step % every == 0 else 0
+
+
+def round_k(n: int, round_: int) -> int:
+    """Adapters kept after WeightLoRA+ round ``round_``: n // 2^round (at least 1)."""
+    return max(1, n >> round_)
+
+
 def is_projection_step(optimizer_step: int, cfg: SelectionConfig) -> bool:
-    """Project every P steps, and always at the last selection step."""
+    """Project every P steps, and always at the last selection step (WeightLoRA+: at
+    the end of every round only)."""
+    if cfg.rounds > 0:
+        return round_index(optimizer_step, cfg) > 0
     return in_selection(optimizer_step, cfg) and (
         optimizer_step % cfg.project_every == 0 or optimizer_step == cfg.steps
     )
@@ -62,16 +78,18 @@ def gate_step(
     cfg: SelectionConfig,
     project_now: bool,
     force_projection: bool = False,
+    k: int | None = None,
 ) -> GateStep:
     """w <- P(w - lr_w * grad_w): SGD on the gates, then the projection.
 
     The projection is skipped while ||grad_w|| <= cfg.grad_eps (at step 1 B = 0 makes
     grad_w exactly 0, and projecting all-equal gates would pick an arbitrary set), unless
-    ``force_projection`` (the prune event needs a projected w).
+    ``force_projection`` (the prune event needs a projected w). ``k`` overrides cfg.k
+    (WeightLoRA+ halves it every round).
     """
     grad_norm = float(torch.linalg.vector_norm(grad.double()))
     new = gates.detach() - lr_w * grad.detach().to(gates.dtype)
     do_project = force_projection or (project_now and grad_norm > cfg.grad_eps)
     if do_project:
-        new = project(new, cfg.method, cfg.k, cfg.topk_by)
+        new = project(new, cfg.method, cfg.k if k is None else k, cfg.topk_by)
     return GateStep(new, grad_norm, do_project)

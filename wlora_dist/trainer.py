@@ -31,9 +31,18 @@ from .distributed import (
 )
 from .errors import UserError
 from .export import lora_config_to_json, save_peft_adapter
+from .extension import double_rank
 from .modeling import load_tokenizer
 from .report import write_report
-from .selection import gate_step, in_selection, is_projection_step, is_prune_step, lr_multiplier
+from .selection import (
+    gate_step,
+    in_selection,
+    is_projection_step,
+    is_prune_step,
+    lr_multiplier,
+    round_index,
+    round_k,
+)
 from .tracking import RunLogger, log
 from .weight_lora import WeightLoRA
 
@@ -65,6 +74,7 @@ class Trainer:
         self.memory: dict[str, dict[str, int]] = {}
         self.prune_seconds: float | None = None
         self.prune_losses: tuple[float, float] | None = None  # probe loss before / after removal
+        self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round
         self.local_losses: list[float] = []  # this rank's own loss per step, before the all-reduce
 
     # ------------------------------------------------------------------ setup
@@ -92,6 +102,8 @@ class Trainer:
                 ],
                 "selection",
             )
+        if cfg.selection.rounds:
+            self._check_rounds_fit()
         self.backend.prepare(self.wl)
         self.params = self.wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
         self.wl.gates.data = self.wl.gates.data.to(env.device)
@@ -155,6 +167,8 @@ class Trainer:
             metrics = self._optimizer_step(step)
             if is_prune_step(step, cfg.selection):
                 metrics["prune_seconds"] = self._prune_event(step)
+            elif round_index(step, cfg.selection):
+                metrics["round_seconds"] = self._round_event(step, round_index(step, cfg.selection))
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 metrics.update(self._eval_metrics())
             history.append(metrics)
@@ -248,8 +262,15 @@ class Trainer:
     def _gate_update(self, step: int, lr_w: float) -> dict:
         wl, sel = self.wl, self.cfg.selection
         assert wl.gates.grad is not None
+        round_ = round_index(step, sel)
         result = gate_step(
-            wl.gates, wl.gates.grad, lr_w, sel, is_projection_step(step, sel), force_projection=is_prune_step(step, sel)
+            wl.gates,
+            wl.gates.grad,
+            lr_w,
+            sel,
+            is_projection_step(step, sel),
+            force_projection=is_prune_step(step, sel) or round_ > 0,
+            k=round_k(wl.n, round_) if round_ else None,
         )
         with torch.no_grad():
             wl.gates.copy_(result.gates)
@@ -272,24 +293,35 @@ class Trainer:
         wl.freeze_gates()
         removed = wl.remove(drop)
         self.pruned = True
+        if sel.rounds:  # WeightLoRA+: the last round doubles the kept ranks too
+            removed += self._extend_kept(sel.rounds)
         if sel.reinit_kept:
             # A different seed from the first init; identical on every rank.
             wl.reinit_kept(self.cfg.train.seed + 1, self.backend.assign_full)
         self.params = wl.trainable_parameters()
-        self.backend.rebuild_after_prune(self.params, keep_state=not sel.reinit_kept)
+        # Adam state is carried over for kept adapters, reset where they were re-initialised
+        # or extended (WeightLoRA+).
+        self.backend.rebuild_after_prune(self.params, keep_state=not (sel.reinit_kept or sel.rounds))
         self.removed_refs = [weakref.ref(p) for p in removed]
         del removed
         # Continuity: the pruned model computes what the gated model did (unless reinit).
         self.prune_losses = (loss_before, self._probe_loss())
         seconds = time.perf_counter() - t0
         self.prune_seconds = seconds
+        if sel.rounds:
+            self._record_round(sel.rounds, step, seconds, self.prune_losses)
         if self.env.is_main:
             write_report(
                 wl,
                 self.report_dir,
                 step,
                 "prune",
-                {"prune_seconds": seconds, "probe_loss_before": loss_before, "probe_loss_after": self.prune_losses[1]},
+                {
+                    "prune_seconds": seconds,
+                    "probe_loss_before": loss_before,
+                    "probe_loss_after": self.prune_losses[1],
+                    "rounds": self.rounds_log,
+                },
             )
         self.logger.info(
             "prune event at step %d: kept %d of %d adapters, removed %d, %.3f s; report in %s",
@@ -301,6 +333,84 @@ class Trainer:
             self.report_dir,
         )
         return seconds
+
+    # ------------------------------------------------------------------ WeightLoRA+ rounds
+
+    def _check_rounds_fit(self) -> None:
+        sel, r = self.cfg.selection, self.cfg.adapter.lora_rank
+        final = r << sel.rounds
+        narrow = [s.name for s in self.wl.sites if self.wl.lora_layer(s).in_features < final]
+        problems = []
+        if self.wl.n >> sel.rounds < 1:
+            problems.append(f"selection.rounds: {sel.rounds} halvings of n={self.wl.n} adapters leave none")
+        if narrow:
+            problems.append(
+                f"selection.rounds: {sel.rounds} doublings of adapter.lora_rank={r} reach rank {final}, more than "
+                f"the {len(narrow)} adapter(s) with fewer inputs can hold (e.g. {narrow[0]}); lower one of them"
+            )
+        if problems:
+            raise ConfigError(problems, "selection")
+
+    def _extend_kept(self, round_: int) -> list[torch.nn.Parameter]:
+        """Double the rank of every kept adapter (selection.extension), the same values on
+        every rank: gathered, extended in full with a generator seeded by (seed, adapter,
+        round), written into new modules the backend then shards. Returns the old params."""
+        wl, sel = self.wl, self.cfg.selection
+        sites = wl.kept_sites()
+        old: list[torch.nn.Parameter] = []
+        for site in sites:
+            a, b = (t.detach() for t in self.backend.gather_full(wl.adapter_params(site)))
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + site.index + 7_919 * round_)
+            a2, b2 = double_rank(a, b, sel.extension, gen)
+            old += wl.replace_adapter(site, a2.to(self.env.device), b2.to(self.env.device))
+        self.backend.adapters_replaced(wl, sites)
+        return old
+
+    def _round_event(self, step: int, round_: int) -> float:
+        """A WeightLoRA+ round before the last: the projection kept the best n/2^round;
+        remove the others, double the kept ranks, rebuild; the gates keep training."""
+        t0 = time.perf_counter()
+        wl = self.wl
+        assert_same_on_all_ranks(wl.gates, f"gate vector w at WeightLoRA+ round {round_}")
+        drop = [s.index for s in wl.kept_sites() if float(wl.gates.detach()[s.index]) == 0.0]
+        loss_before = self._probe_loss()
+        removed = wl.remove(drop)
+        removed += self._extend_kept(round_)
+        self.params = wl.trainable_parameters()
+        self.backend.rebuild_after_prune(self.params, keep_state=False)  # extended: fresh Adam state
+        self.removed_refs = [weakref.ref(p) for p in removed]
+        del removed
+        losses = (loss_before, self._probe_loss())
+        seconds = time.perf_counter() - t0
+        self._record_round(round_, step, seconds, losses)
+        if self.env.is_main:
+            write_report(wl, self.report_dir, step, f"round{round_}", {"rounds": self.rounds_log})
+        self.logger.info(
+            "WeightLoRA+ round %d at step %d: kept %d of %d adapters at rank %d, %.3f s (probe loss %.5f -> %.5f)",
+            round_,
+            step,
+            int(wl.kept.sum()),
+            wl.n,
+            self.rounds_log[-1]["rank"],
+            seconds,
+            *losses,
+        )
+        return seconds
+
+    def _record_round(self, round_: int, step: int, seconds: float, losses: tuple[float, float] | None) -> None:
+        kept = self.wl.kept_sites()
+        self.rounds_log.append(
+            {
+                "round": round_,
+                "step": step,
+                "k": len(kept),
+                "rank": self.wl.lora_rank(kept[0]) if kept else 0,
+                "kept": [s.name for s in kept],
+                "seconds": seconds,
+                "probe_loss_before": losses[0] if losses else None,
+                "probe_loss_after": losses[1] if losses else None,
+            }
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -337,6 +447,8 @@ class Trainer:
             "step": step,
             "pruned": self.pruned,
             "kept": [s.name for s in self.wl.kept_sites()],
+            "ranks": {s.name: self.wl.lora_rank(s) for s in self.wl.kept_sites()},
+            "rounds_log": self.rounds_log,
             "rows_consumed": step * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * env.world_size,
             "world_size": env.world_size,
             "backend": self.backend.name,
@@ -355,14 +467,25 @@ class Trainer:
         cfg, env, wl = self.cfg, self.env, self.wl
         meta = checkpoint.read_meta(path)
         checkpoint.check_compatible(meta, self._identity(), path)
+        kept = set(meta["kept"])
+        drop = [s.index for s in wl.sites if s.name not in kept]
+        ranks = meta.get("ranks", {})
+        grow = [s for s in wl.sites if s.name in kept and ranks.get(s.name, wl.lora_rank(s)) != wl.lora_rank(s)]
         if meta["pruned"]:
-            kept = set(meta["kept"])
-            drop = [s.index for s in wl.sites if s.name not in kept]
             wl.freeze_gates()
-            wl.remove(drop)
             self.pruned = True
+        if drop or grow:
+            wl.remove(drop)
+            for s in grow:  # WeightLoRA+ ranks: empty modules of the saved rank, filled below
+                a, b = wl.adapter_params(s)
+                r, shape_a, shape_b = ranks[s.name], getattr(a, "ds_shape", a.shape), getattr(b, "ds_shape", b.shape)
+                zeros_a = torch.zeros(r, shape_a[1], device=env.device)
+                wl.replace_adapter(s, zeros_a, torch.zeros(shape_b[0], r, device=env.device))
+            if grow:
+                self.backend.adapters_replaced(wl, grow)
             self.params = wl.trainable_parameters()
             self.backend.rebuild_after_prune(self.params, keep_state=False)
+        self.rounds_log = list(meta.get("rounds_log", []))
         named = self._named_params()
         tensors = self.backend.checkpoint_tensors(named, for_load=True)
         tensors["wlora.gates"] = wl.gates.detach()
@@ -433,7 +556,12 @@ class Trainer:
             }
         )
         if self.env.is_main:
-            extra = {"backend": self.backend.name, "world_size": self.env.world_size, "memory_per_rank": per_rank}
+            extra = {
+                "backend": self.backend.name,
+                "world_size": self.env.world_size,
+                "memory_per_rank": per_rank,
+                "rounds": self.rounds_log,
+            }
             write_report(self.wl, self.report_dir, self.cfg.train.max_steps, "final", extra)
             for r in per_rank:
                 self.logger.info(

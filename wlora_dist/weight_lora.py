@@ -221,6 +221,26 @@ class WeightLoRA:
         self.peft_model.peft_config[ADAPTER].target_modules = {s.name for s in self.kept_sites()}
         return removed
 
+    def replace_adapter(self, site: AdapterSite, a: torch.Tensor, b: torch.Tensor) -> list[nn.Parameter]:
+        """Give a kept adapter new A (r' x in) and B (out x r') of any rank r', as new
+        modules (the caller's backend shards / wraps them); its scaling alpha/r stays what it
+        was (the export writes alpha_pattern accordingly). Returns the old parameters."""
+        layer = self.lora_layer(site)
+        old = self.adapter_params(site)
+        device = a.device
+        rank = a.shape[0]
+        new_a = nn.Linear(a.shape[1], rank, bias=False, device=device, dtype=torch.float32)
+        new_b = nn.Linear(rank, b.shape[0], bias=False, device=device, dtype=torch.float32)
+        with torch.no_grad():
+            new_a.weight.copy_(a)
+            new_b.weight.copy_(b)
+        layer.lora_A[ADAPTER] = new_a
+        layer.lora_B[ADAPTER] = new_b
+        layer.r[ADAPTER] = rank
+        self._hooks.pop(site.index).remove()
+        self._hooks[site.index] = new_b.register_forward_hook(self._gate_hook(site.index))
+        return old
+
     def reinit_kept(self, seed: int, assign: Callable[[nn.Parameter, torch.Tensor], None]) -> None:
         """Fresh A (kaiming) and zero B for the kept adapters, the same values on every rank
         (``initial_adapter_weights`` with ``seed``); ``assign`` writes a full value into a

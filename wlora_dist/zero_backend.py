@@ -268,9 +268,10 @@ class ZeROBackend(Backend):
 
 def _destroy(engine: Any) -> None:
     """engine.destroy() removes the optimizer's gradient hooks and (stage 3) the module
-    hooks, but (DeepSpeed 0.19) leaves three things that keep the old engine, and through
+    hooks, but (DeepSpeed 0.19) leaves four things that keep the old engine, and through
     it the removed adapters, alive and partly in use: its own forward hooks on the module,
-    ZeRO-3's class-level release cache, and ZeRO-3's per-module backward Functions.
+    ZeRO-3's class-level release cache, ZeRO-3's per-module backward Functions, and its
+    per-module registry of "external" parameters.
     Each was found by walking gc referrers from a removed lora_A weight; the tests prove
     the removed tensors freed (weak references dead) under every stage."""
     engine.destroy()
@@ -282,9 +283,17 @@ def _destroy(engine: Any) -> None:
     # the new engine makes its own.
     model = getattr(engine, "module", None)
     if model is not None:
+        live = {id(p) for p in model.parameters()}
         for module in model.modules():
             for attr in ("pre_bwd_fn", "post_bwd_fn"):
                 module.__dict__.pop(attr, None)
+            # ZeRO-3 registers "dangling" parameters it sees in a module's forward output
+            # on that module (_external_params) and never forgets them: a LoraLayer whose
+            # adapter was replaced (WeightLoRA+) kept its old A / B alive that way.
+            external = module.__dict__.get("_external_params")
+            if external:
+                for key in [k for k, v in external.items() if id(v) not in live]:
+                    del external[key]
     for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
         handle = getattr(engine, name, None)
         if handle is not None and hasattr(handle, "remove"):
