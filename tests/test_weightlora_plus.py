@@ -15,6 +15,7 @@ from wlora_dist.trainer import Trainer
 
 from .conftest import tiny_config_dict
 from .test_distributed import _cfg, run_worker
+from .test_trainer import _train
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -43,14 +44,7 @@ def test_restart_extension_and_limits():
 
 def _plus_run(tiny_dir, tmp_path, **selection):
     sel = {"steps": 6, "rounds": 3, "project_every": 1, **selection}
-    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", selection=sel, train={"max_steps": 9}))
-    trainer = Trainer(cfg, init_distributed())
-    trainer.setup()
-    try:
-        result = trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer, result
+    return _train(tiny_dir, tmp_path, selection=sel, train={"max_steps": 9})
 
 
 def test_rounds_halve_k_double_ranks_keep_the_output_and_reset_adam(tiny_dir, tmp_path):
