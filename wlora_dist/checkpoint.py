@@ -143,7 +143,8 @@ def save(
 
 def load_tensors(path: Path, tensors: dict[str, torch.Tensor], distributed: bool) -> None:
     """Fill ``tensors`` in place from the checkpoint (resharded to their layout)."""
-    missing = [k for k in tensors if k not in _stored_keys(path)]
+    stored = _stored_shapes(path)  # reads every shard's header: once, not once per key
+    missing = [k for k in tensors if k not in stored]
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
     dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "state")), no_dist=not distributed)
@@ -161,10 +162,6 @@ def stored_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
 def _stored_shapes(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     md = HuggingFaceStorageReader(str(path / "state")).read_metadata()
     return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()}  # type: ignore[union-attr]
-
-
-def _stored_keys(path: Path) -> set[str]:
-    return set(_stored_shapes(path))
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -119,7 +119,6 @@ class ZeROBackend(Backend):
         the rows it reads. Stages 1/2 replicate the base (an 8-bit one streamed in by
         Backend.load_base / prepare)."""
         if self.stage == 3 and cfg.quantization == "int8":
-            self.model_path = cfg.path
             self._init_comm()
             model = build_zero3_partitioned(cfg, self.env.device, copy.deepcopy(self.ds_config))
             self.load_stats = fill_zero3_partitions(model, cfg.path)
