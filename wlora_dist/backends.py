@@ -9,6 +9,7 @@ trainer all-reduces its gradient itself (see weight_lora.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from transformers import PreTrainedModel
 from .config import ModelConfig, OptimConfig, RunConfig
 from .distributed import DistEnv, all_reduce_mean_, broadcast_
 from .modeling import load_base_model
-from .sharded_loading import LoadStats, build_on_meta, is_on_meta, local_rows, materialize_sharded
+from .sharded_loading import CheckpointReader, LoadStats, build_on_meta, is_on_meta, local_rows, materialize_sharded
 from .weight_lora import WeightLoRA
 
 
@@ -36,6 +37,9 @@ class Backend(ABC):
         self._module: nn.Module | None = None
         self.model_path = ""
         self.load_stats: LoadStats | None = None
+        # Where a model built on meta gets its base weights: None = the checkpoint at
+        # model.path; benchmarks set a reader of random weights (harness.RandomWeights).
+        self.weights_reader: Callable[[nn.Module], CheckpointReader] | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -56,7 +60,10 @@ class Backend(ABC):
         """Fill a model built on meta (all of it on this rank): base from the checkpoint,
         adapters with their deterministic init."""
         if is_on_meta(wl.peft_model):
-            self.load_stats = materialize_sharded(wl, self.model_path, self.env.device, self.seed)
+            self.load_stats = materialize_sharded(wl, self.model_path, self.env.device, self.seed, self._reader(wl))
+
+    def _reader(self, wl: WeightLoRA) -> CheckpointReader | None:
+        return self.weights_reader(wl.base_model) if self.weights_reader is not None else None
 
     @abstractmethod
     def prepare(self, wl: WeightLoRA) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Command line: ``wlora-dist train|export|make-tiny|report|config`` (train.py wraps ``train``).
+"""Command line: ``wlora-dist train|export|plan|make-tiny|report|config`` (train.py wraps ``train``).
 
 wlora-dist train --config configs/tiny_cpu.yaml train.max_steps=50 selection.k=6
 wlora-dist export runs/tiny_cpu/checkpoints/step-00000100 --out runs/tiny_cpu/adapter-100
@@ -100,6 +100,86 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
+    from .memory_plan import LINEARS, PlanInput, format_plan, plan, recommend, shape_from
+
+    kw: dict = {}
+    model = args.model
+    if args.config:  # the run config's choices first; flags given explicitly win
+        cfg = load_config(args.config, args.overrides)
+        model = model or cfg.model.path
+        zero = cfg.distributed.zero
+        kw = {
+            "backend": cfg.distributed.backend if cfg.distributed.backend != "auto" else "fsdp2",
+            "zero_stage": zero.stage,
+            "base": "int8" if cfg.model.quantization == "int8" else "bf16",
+            "lora_rank": cfg.adapter.lora_rank,
+            "targets": tuple(cfg.adapter.target_modules),
+            "lora_layers": tuple(cfg.adapter.layers) if cfg.adapter.layers is not None else None,
+            "lora_dropout": cfg.adapter.lora_dropout,
+            "k": cfg.selection.k,
+            "micro_batch": cfg.train.micro_batch_size,
+            "seq_len": cfg.data.seq_len,
+            "activation_checkpointing": cfg.model.gradient_checkpointing,
+            "offload": cfg.distributed.fsdp.cpu_offload or zero.offload_optimizer,
+        }
+    if not model:
+        raise UserError("wlora-dist plan: give --model (a preset, config.json or model folder) or --config")
+    flags = {
+        "backend": args.backend,
+        "zero_stage": args.zero_stage,
+        "base": args.base,
+        "lora_rank": args.rank,
+        "targets": tuple(args.targets.split(",")) if args.targets else None,
+        "k": args.k,
+        "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
+        "activation_checkpointing": args.activation_checkpointing,
+        "offload": args.offload,
+    }
+    kw.update({k: v for k, v in flags.items() if v is not None})
+    bad = [t for t in kw.get("targets", LINEARS) if t not in LINEARS]
+    if bad:
+        raise UserError(f"--targets: {bad} are not Llama linears; choose from {','.join(LINEARS)}")
+    inp = PlanInput(shape_from(model), world_size=args.world_size, gpu_gib=args.gpu_gib, **kw)
+    if args.world_size < 1 or args.gpu_gib <= 0:
+        raise UserError("--world-size must be >= 1 and --gpu-gib > 0")
+    p = plan(inp)
+    recs = recommend(inp) if args.recommend or not (p.fits_before and p.fits_after) else []
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "input": asdict(inp),
+                    "before": p.before.as_dict(),
+                    "after": p.after.as_dict(),
+                    "budget_bytes": p.budget,
+                    "fits": {"selection": p.fits_before, "after_prune": p.fits_after},
+                    "recommended": [{"settings": d, "before": r.before.total, "after": r.after.total} for d, r in recs],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(format_plan(p))
+    if p.fits_before and p.fits_after and inp.activation_checkpointing:
+        off = plan(replace(inp, activation_checkpointing=False))
+        if off.fits_after:
+            print(
+                "after the prune event the kept adapters fit without activation checkpointing: "
+                "train.replan_at_prune=true switches it off there"
+            )
+    if recs:
+        print("\nsettings that fit the whole run, fastest first:")
+        for d, r in recs[:5]:
+            print(f"  {d}: {r.before.total / 2**30:.1f} GiB -> {r.after.total / 2**30:.1f} GiB per rank")
+    elif not (p.fits_before and p.fits_after):
+        print("\nnothing fits: more ranks, a shorter sequence or a smaller model")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.check:
         for path in args.check:
@@ -134,6 +214,36 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="redraw the gate heatmap from a selection-*.json")
     r.add_argument("selection_json")
     r.add_argument("--out", help="PNG path (default: next to the JSON)")
+    pl = sub.add_parser(
+        "plan",
+        help="per-rank memory before/after the prune event; does it fit, and what would",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Plan a run's memory per rank (base weights, adapters, gradients, optimizer state, "
+        "activations, logits, gathered units) in the selection phase and after the prune event, and say "
+        "whether it fits the GPU. Counts are checked against measured peaks (tests/test_memory_plan.py).",
+        epilog="examples:\n  wlora-dist plan --model llama3-70b --world-size 8 --gpu-gib 24 --base int8 "
+        "--activation-checkpointing\n  wlora-dist plan --config configs/llama3_8b_instruct.yaml --world-size 8 "
+        "--gpu-gib 80\n  wlora-dist plan --model llama3-8b --gpu-gib 40 --recommend",
+    )
+    pl.add_argument("--model", help="preset (llama3.2-1b, llama3.2-3b, llama3-8b, llama3-70b), config.json or folder")
+    pl.add_argument("--config", "-c", help="a run config YAML: its model, adapter, batch and backend settings")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
+    pl.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job (default 1)")
+    pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    pl.add_argument("--backend", choices=["fsdp2", "zero", "replicated"], help="default fsdp2")
+    pl.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="with --backend zero (default 3)")
+    pl.add_argument("--base", choices=["bf16", "int8"], help="frozen base dtype (default bf16)")
+    pl.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    pl.add_argument("--targets", help="comma-separated linears with adapters (default all seven)")
+    pl.add_argument("--k", type=int, help="adapters kept after the prune event (default 32)")
+    pl.add_argument("--micro-batch", type=int, help="rows per rank per forward (default 1)")
+    pl.add_argument("--seq-len", type=int, help="tokens per row (default 2048)")
+    ckpt = pl.add_mutually_exclusive_group()
+    ckpt.add_argument("--activation-checkpointing", action="store_true", default=None)
+    ckpt.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    pl.add_argument("--offload", action="store_true", default=None, help="FSDP2 cpu_offload / ZeRO offload")
+    pl.add_argument("--recommend", action="store_true", help="also list settings that fit (always when it does not)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
     c = sub.add_parser("config", help="list every config field, or --check YAML files")
     c.add_argument("--check", nargs="*", help="validate these config files")
     return ap
@@ -147,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "make-tiny": cmd_make_tiny,
         "report": cmd_report,
         "config": cmd_config,
+        "plan": cmd_plan,
     }
     try:
         return handlers[args.command](args)

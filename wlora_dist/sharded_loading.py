@@ -177,14 +177,17 @@ def _base_params(model: nn.Module):
             yield name.replace(".base_layer.", "."), param
 
 
-def materialize_sharded(wl: WeightLoRA, model_path: str, device: torch.device, seed: int) -> LoadStats:
+def materialize_sharded(
+    wl: WeightLoRA, model_path: str, device: torch.device, seed: int, reader: CheckpointReader | None = None
+) -> LoadStats:
     """Allocate this rank's storage (``to_empty``) and fill it tensor by tensor: base rows
     from the checkpoint (its own rows of DTensors under FSDP2, all rows otherwise; int8
     weights quantised as read), adapters with their deterministic init, rotary buffers
     recomputed. At no point is more than one float tensor (or a shard of it) held beyond
-    the model's own storage."""
+    the model's own storage. ``reader``: anything with CheckpointReader's ``rows`` (the
+    benchmarks' random weights); default: the checkpoint at ``model_path``."""
     wl.peft_model.to_empty(device=device)
-    reader = CheckpointReader(model_path, wl.base_model)
+    reader = reader or CheckpointReader(model_path, wl.base_model)
     try:
         with torch.no_grad():
             for name, param in _base_params(wl.base_model):

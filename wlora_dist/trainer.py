@@ -11,6 +11,7 @@ import contextlib
 import math
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,6 +77,7 @@ class Trainer:
         self.prune_losses: tuple[float, float] | None = None  # probe loss before / after removal
         self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round
         self.local_losses: list[float] = []  # this rank's own loss per step, before the all-reduce
+        self.write_reports = True  # selection reports at the prune event / rounds (rank 0)
 
     # ------------------------------------------------------------------ setup
 
@@ -90,29 +92,10 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         self._setup_data()  # before the (possibly long) model load: bad data fails in seconds
         self.backend: Backend = make_backend(cfg, env)
-        base = self.backend.load_base(cfg.model)
-        self.wl = WeightLoRA.attach(base, cfg.adapter)
-        if not any(p.is_meta for p in self.wl.trainable_parameters()):
-            self.wl.init_adapters(cfg.train.seed)  # meta models get the same init in prepare()
-        if cfg.selection.method == "topk" and cfg.selection.k > self.wl.n:
-            raise ConfigError(
-                [
-                    f"selection.k: {cfg.selection.k} exceeds the {self.wl.n} adapters that adapter.target_modules / "
-                    f"adapter.layers give on this model; choose k in [1, {self.wl.n}]"
-                ],
-                "selection",
-            )
-        if cfg.selection.rounds:
-            self._check_rounds_fit()
-        self.backend.prepare(self.wl)
-        self.params = self.wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
-        self.wl.gates.data = self.wl.gates.data.to(env.device)
-        self.backend.build_optimizer(self.params)
-        torch.manual_seed(cfg.train.seed + env.global_rank)  # dropout differs per rank, as in DDP
+        self.setup_model(self.backend.load_base(cfg.model))
         self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
         self.start_step = 0
-        self.pruned = False
         resume = checkpoint.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
         if resume is not None:
             self._resume(resume)
@@ -133,6 +116,33 @@ class Trainer:
             cfg.selection.k if cfg.selection.method == "topk" else "-",
             cfg.selection.steps,
         )
+
+    def setup_model(self, base: torch.nn.Module, before_wrap: Callable[[WeightLoRA], None] | None = None) -> None:
+        """Adapters, gates, backend wrapping and optimizer on ``base`` (the backend's
+        ``load_base``; benchmarks pass a random-init model here, and ``before_wrap`` to
+        turn it into plain peft LoRA for their baselines)."""
+        cfg, env = self.cfg, self.env
+        self.pruned = False
+        self.wl = WeightLoRA.attach(base, cfg.adapter)
+        if not any(p.is_meta for p in self.wl.trainable_parameters()):
+            self.wl.init_adapters(cfg.train.seed)  # meta models get the same init in prepare()
+        if cfg.selection.method == "topk" and cfg.selection.k > self.wl.n:
+            raise ConfigError(
+                [
+                    f"selection.k: {cfg.selection.k} exceeds the {self.wl.n} adapters that adapter.target_modules / "
+                    f"adapter.layers give on this model; choose k in [1, {self.wl.n}]"
+                ],
+                "selection",
+            )
+        if cfg.selection.rounds:
+            self._check_rounds_fit()
+        if before_wrap is not None:
+            before_wrap(self.wl)
+        self.backend.prepare(self.wl)
+        self.params = self.wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
+        self.wl.gates.data = self.wl.gates.data.to(env.device)
+        self.backend.build_optimizer(self.params)
+        torch.manual_seed(cfg.train.seed + env.global_rank)  # dropout differs per rank, as in DDP
 
     def _setup_data(self) -> None:
         cfg, env = self.cfg, self.env
@@ -310,7 +320,7 @@ class Trainer:
         self.prune_seconds = seconds
         if sel.rounds:
             self._record_round(sel.rounds, step, seconds, self.prune_losses)
-        if self.env.is_main:
+        if self.env.is_main and self.write_reports:
             write_report(
                 wl,
                 self.report_dir,
@@ -383,7 +393,7 @@ class Trainer:
         losses = (loss_before, self._probe_loss())
         seconds = time.perf_counter() - t0
         self._record_round(round_, step, seconds, losses)
-        if self.env.is_main:
+        if self.env.is_main and self.write_reports:
             write_report(wl, self.report_dir, step, f"round{round_}", {"rounds": self.rounds_log})
         self.logger.info(
             "WeightLoRA+ round %d at step %d: kept %d of %d adapters at rank %d, %.3f s (probe loss %.5f -> %.5f)",

@@ -1,0 +1,266 @@
+"""In-process runs of the real training step on a random-init Llama of any shape, for
+benchmarks and for checking the memory planner against measurement.
+
+The trainer's own ``setup_model`` / ``_optimizer_step`` / ``_prune_event`` run here, on
+random token batches (all-ones attention masks, as packed text gives), so what is timed
+and measured is what ``wlora-dist train`` runs. Peak memory: ``torch.cuda`` allocator
+statistics on a GPU; on CPU, the allocation events torch's profiler records
+(``profile_memory``), summed in time order — the CPU allocator has no peak counter.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from .backends import make_backend
+from .config import RunConfig, config_from_dict
+from .distributed import DistEnv
+from .memory_plan import ModelShape
+from .trainer import Trainer
+
+
+def llama_config(shape: ModelShape) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.d,
+        tie_word_embeddings=shape.tied,
+        max_position_embeddings=8192,
+        attn_implementation="sdpa",
+    )
+
+
+def random_llama(
+    shape: ModelShape, device: torch.device, dtype: torch.dtype, seed: int = 0, int8: bool = False, meta: bool = False
+) -> LlamaForCausalLM:
+    """A random-init Llama built directly on ``device`` in ``dtype`` (no float32 detour).
+    ``meta`` (or ``int8``: linears as Int8Linear): structure only, for a backend to
+    materialise with ``RandomWeights`` (each rank fills its own shard)."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta" if meta or int8 else device):
+            model = LlamaForCausalLM(llama_config(shape))
+    finally:
+        torch.set_default_dtype(default)
+    if int8:
+        from .int8 import to_int8_linears
+
+        to_int8_linears(model, ["lm_head"], 6.0)
+    model.config.use_cache = False
+    return model.requires_grad_(False)
+
+
+class RandomWeights:
+    """CheckpointReader's ``rows`` for a checkpoint that does not exist: random rows of
+    the right dtype (float: N(0, 0.02); int8 weight: uniform int8; SCB: row absmax ~ 0.1),
+    the same rows for the same (name, start) on every rank."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
+        self.bytes_read = 0
+        self.tensors = 0
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        p = self.params[name]
+        shape = (stop - start, *p.shape[1:])
+        gen = torch.Generator().manual_seed(hash((name, start)) % 2**31)
+        if p.dtype == torch.int8:
+            return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+        if name.endswith(".SCB"):
+            return (0.05 + 0.1 * torch.rand(shape, generator=gen)).view(torch.int32)
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=p.dtype)
+        return (0.02 * torch.randn(shape, generator=gen)).to(p.dtype)
+
+    def close(self) -> None:
+        pass
+
+
+def random_batches(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=gen)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class _QuietLogger:
+    def info(self, *args: object) -> None:
+        pass
+
+
+def bench_config(overrides: dict) -> RunConfig:
+    """A run config for an in-process run: no data files, no model folder (the model is
+    passed in), no logs or reports unless asked."""
+    base = {
+        "model": {"path": "<random-init>"},
+        "data": {"train": ["<random tokens>"]},
+        "log": {"trackers": [], "progress_bar": False},
+        "checkpoint": {"save_on_signal": False},
+    }
+    for dotted, value in overrides.items():
+        node = base
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config_from_dict(base, "benchmark")
+
+
+@dataclass
+class Harness:
+    trainer: Trainer
+    step: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        env: DistEnv,
+        model: nn.Module,
+        report_dir: Path | None = None,
+        plain_lora: bool = False,
+        keep: list[str] | None = None,
+    ) -> Harness:
+        """``plain_lora``: peft LoRA exactly, no gates (our forward hooks removed);
+        ``keep``: attach adapters to these module names only (the others removed before
+        wrapping, so the model is plain peft on that set)."""
+        tr = Trainer(cfg, env)
+        tr.backend = make_backend(cfg, env)
+        tr.backend.weights_reader = RandomWeights  # type: ignore[assignment]  # for models built on meta
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        strip = (lambda wl: _strip(wl, keep, plain_lora)) if keep is not None or plain_lora else None
+        tr.setup_model(model, strip)
+        tr.logger = _QuietLogger()  # type: ignore[assignment]
+        if report_dir is None:
+            tr.write_reports = False
+        else:
+            tr.report_dir = report_dir
+        tr.train_iter = random_batches(
+            model.config.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed + env.global_rank
+        )
+        tr.backend.module.train()
+        return cls(tr)
+
+    def run_step(self) -> dict:
+        """One optimizer step as the trainer runs it, prune event (or round) included."""
+        self.step += 1
+        tr = self.trainer
+        metrics = tr._optimizer_step(self.step)
+        from .selection import is_prune_step, round_index
+
+        if is_prune_step(self.step, tr.cfg.selection):
+            metrics["prune_seconds"] = tr._prune_event(self.step)
+        elif round_index(self.step, tr.cfg.selection):
+            metrics["round_seconds"] = tr._round_event(self.step, round_index(self.step, tr.cfg.selection))
+        return metrics
+
+    def timed_steps(self, n: int) -> dict:
+        """``n`` steps; tokens/s over all of them (synchronised on a GPU)."""
+        device = self.trainer.env.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        tokens = 0
+        seconds = []
+        for _ in range(n):
+            s0 = time.perf_counter()
+            m = self.run_step()
+            sync()
+            seconds.append(time.perf_counter() - s0)
+            tokens += m["tokens_per_s"] * m["step_seconds"]
+        sync()
+        elapsed = time.perf_counter() - t0
+        seconds.sort()
+        return {"tokens_per_s": tokens / elapsed, "median_step_s": seconds[len(seconds) // 2], "steps": n}
+
+    def measured_step(self) -> dict:
+        """One step with its peak memory: resident bytes before it plus the most it
+        allocated on top (see module docstring)."""
+        device = self.trainer.env.device
+        resident = resident_bytes(self.trainer) if device.type != "cuda" else torch.cuda.memory_allocated(device)
+        peak_extra, metrics = peak_during(self.run_step, device)
+        return {"resident_bytes": resident, "peak_bytes": resident + peak_extra, **_json_safe(metrics)}
+
+
+def _strip(wl, keep: list[str] | None, plain: bool) -> None:
+    if keep is not None:
+        keep_set = set(keep)
+        wl.remove([s.index for s in wl.sites if s.name not in keep_set])
+    if plain:
+        for h in wl._hooks.values():
+            h.remove()
+        wl._hooks.clear()
+        wl.freeze_gates()
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def resident_bytes(tr: Trainer) -> int:
+    """Bytes this rank holds between steps: model parameters (local shards) and buffers,
+    optimizer state, the gates; each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor | None) -> None:
+        if t is None or t.device.type == "meta":
+            return
+        t = _local(t)
+        st = t.untyped_storage()
+        if st.nbytes():
+            seen[st.data_ptr()] = st.nbytes()
+
+    module = tr.wl.peft_model
+    for p in module.parameters():
+        add(p)
+        add(p.grad)
+    for b in module.buffers():
+        add(b)
+    assert tr.backend.optimizer is not None
+    for state in tr.backend.optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                add(v)
+    add(tr.wl.gates)
+    return sum(seen.values())
+
+
+def peak_during(fn: Callable[[], dict], device: torch.device) -> tuple[int, dict]:
+    """(the most bytes allocated on top of what was allocated before ``fn``, its result)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, out
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    run = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            run += e.nbytes()
+            peak = max(peak, run)
+    return peak, out
