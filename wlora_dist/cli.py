@@ -103,28 +103,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
-    from .memory_plan import LINEARS, PlanInput, format_plan, plan, recommend, shape_from
+    from .memory_plan import LINEARS, PlanInput, format_plan, plan, recommend, run_plan_input, shape_from
 
     kw: dict = {}
     model = args.model
     if args.config:  # the run config's choices first; flags given explicitly win
         cfg = load_config(args.config, args.overrides)
         model = model or cfg.model.path
-        zero = cfg.distributed.zero
-        kw = {
-            "backend": cfg.distributed.backend if cfg.distributed.backend != "auto" else "fsdp2",
-            "zero_stage": zero.stage,
-            "base": "int8" if cfg.model.quantization == "int8" else "bf16",
-            "lora_rank": cfg.adapter.lora_rank,
-            "targets": tuple(cfg.adapter.target_modules),
-            "lora_layers": tuple(cfg.adapter.layers) if cfg.adapter.layers is not None else None,
-            "lora_dropout": cfg.adapter.lora_dropout,
-            "k": cfg.selection.k,
-            "micro_batch": cfg.train.micro_batch_size,
-            "seq_len": cfg.data.seq_len,
-            "activation_checkpointing": cfg.model.gradient_checkpointing,
-            "offload": cfg.distributed.fsdp.cpu_offload or zero.offload_optimizer,
-        }
+        base = run_plan_input(cfg, shape_from(model), args.world_size)
+        keys = ("backend", "zero_stage", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
+        keys += ("micro_batch", "seq_len", "activation_checkpointing", "offload")
+        kw = {k: getattr(base, k) for k in keys}
     if not model:
         raise UserError("wlora-dist plan: give --model (a preset, config.json or model folder) or --config")
     flags = {
@@ -143,9 +132,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     bad = [t for t in kw.get("targets", LINEARS) if t not in LINEARS]
     if bad:
         raise UserError(f"--targets: {bad} are not Llama linears; choose from {','.join(LINEARS)}")
-    inp = PlanInput(shape_from(model), world_size=args.world_size, gpu_gib=args.gpu_gib, **kw)
-    if args.world_size < 1 or args.gpu_gib <= 0:
-        raise UserError("--world-size must be >= 1 and --gpu-gib > 0")
+    if args.world_size < 1:
+        raise UserError(f"--world-size {args.world_size}: must be >= 1")
+    if args.gpu_gib <= args.reserve_gib:
+        raise UserError(f"--gpu-gib {args.gpu_gib}: must exceed --reserve-gib {args.reserve_gib}")
+    inp = PlanInput(
+        shape_from(model), world_size=args.world_size, gpu_gib=args.gpu_gib, reserve_gib=args.reserve_gib, **kw
+    )
     p = plan(inp)
     recs = recommend(inp) if args.recommend or not (p.fits_before and p.fits_after) else []
     if args.json:
@@ -169,7 +162,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if off.fits_after:
             print(
                 "after the prune event the kept adapters fit without activation checkpointing: "
-                "train.replan_at_prune=true switches it off there"
+                "memory.replan_at_prune=true switches it off there"
             )
     if recs:
         print("\nsettings that fit the whole run, fastest first:")
@@ -230,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
     pl.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job (default 1)")
     pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    pl.add_argument(
+        "--reserve-gib", type=float, default=2.0, help="left out of the budget: CUDA context, NCCL, fragmentation"
+    )
     pl.add_argument("--backend", choices=["fsdp2", "zero", "replicated"], help="default fsdp2")
     pl.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="with --backend zero (default 3)")
     pl.add_argument("--base", choices=["bf16", "int8"], help="frozen base dtype (default bf16)")

@@ -191,6 +191,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class MemoryConfig:
+    replan_at_prune: bool = _f(
+        False,
+        "At the prune event, when model.gradient_checkpointing is on and the memory plan (wlora-dist plan) says "
+        "the K kept adapters fit memory.budget_gib without it, switch it off: the same math, a faster step.",
+    )
+    budget_gib: float = _f(0.0, "Memory per rank the plan may use; 0 = the GPU's total memory (CPU runs: set it).")
+    reserve_gib: float = _f(2.0, "Left out of the budget: CUDA context, NCCL buffers, allocator fragmentation.")
+
+
+@dataclass
 class OutputConfig:
     dir: str = _f("runs/default", "Run folder: adapter/, report/, logs/.")
     overwrite: bool = _f(False, "Allow replacing an existing adapter in output.dir.")
@@ -207,6 +218,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -444,6 +456,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"checkpoint.every: {cfg.checkpoint.every} must be >= 0 (0 = only on a stop signal)")
     if cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last: {cfg.checkpoint.keep_last} must be >= 1")
+    if cfg.memory.budget_gib < 0 or cfg.memory.reserve_gib < 0:
+        p.append(f"memory.budget_gib / reserve_gib: {cfg.memory.budget_gib} / {cfg.memory.reserve_gib} must be >= 0")
     if cfg.log.every <= 0:
         p.append(f"log.every: {cfg.log.every} must be >= 1")
     return p

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 GiB = 2**30
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -337,9 +340,10 @@ def plan(inp: PlanInput) -> Plan:
 
 
 def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
-    """Settings that fit ``inp.gpu_gib`` for the whole run, fastest first: no activation
-    checkpointing over checkpointing, bf16 over int8 base, no offload over offload, a
-    larger micro-batch (up to the one asked for) over a smaller one."""
+    """Settings that fit ``inp.gpu_gib`` for the whole run, fastest first by rule of thumb:
+    no offload (it moves every shard over PCIe each step) over offload, a bf16 base over
+    int8 (~2x per token at 1B, FINDINGS.md), no activation checkpointing over
+    checkpointing, a larger micro-batch (up to the one asked for) over a smaller one."""
     found: list[tuple[tuple, str, Plan]] = []
     backends: list[tuple[str, int]] = [("fsdp2", 3), ("zero", 3), ("zero", 2)]
     if inp.world_size == 1:
@@ -361,7 +365,7 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
                         )
                         p = plan(cand)
                         if p.fits_before and p.fits_after:
-                            cost = (base == "int8", offload, ckpt, -mb, backend != "fsdp2", p.before.total)
+                            cost = (offload, base == "int8", ckpt, -mb, backend != "fsdp2", p.before.total)
                             found.append((cost, describe_settings(cand), p))
                             break
                         mb //= 2
@@ -421,6 +425,42 @@ def format_plan(p: Plan) -> str:
     return "\n".join(out)
 
 
+def run_plan_input(
+    cfg: RunConfig,
+    shape: ModelShape,
+    world_size: int,
+    on_gpu: bool = True,
+    kept: list[tuple[int, str]] | None = None,
+    backend: str | None = None,
+) -> PlanInput:
+    """The plan of a run config (its adapter, selection, batch, backend and base settings)."""
+    zero = cfg.distributed.zero
+    name = backend or cfg.distributed.backend
+    if name == "auto":
+        name = "fsdp2" if world_size > 1 else "replicated"
+    float_base = "bf16" if on_gpu and cfg.model.dtype in ("auto", "bfloat16", "float16") else "fp32"
+    return PlanInput(
+        shape,
+        world_size=world_size,
+        backend=name,  # type: ignore[arg-type]
+        zero_stage=zero.stage,
+        base="int8" if cfg.model.quantization == "int8" else float_base,  # type: ignore[arg-type]
+        compute="bf16" if on_gpu and cfg.train.mixed_precision in ("auto", "bf16") else "fp32",
+        lora_rank=cfg.adapter.lora_rank << cfg.selection.rounds,  # WeightLoRA+: the final rank
+        targets=tuple(cfg.adapter.target_modules),
+        lora_layers=tuple(cfg.adapter.layers) if cfg.adapter.layers is not None else None,
+        lora_dropout=cfg.adapter.lora_dropout,
+        k=cfg.selection.k,
+        micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        offload=cfg.distributed.fsdp.cpu_offload or zero.offload_optimizer,
+        gpu_gib=cfg.memory.budget_gib or 80.0,
+        reserve_gib=cfg.memory.reserve_gib,
+        kept=tuple(kept) if kept is not None else None,
+    )
+
+
 def shape_from(model: str) -> ModelShape:
     """A preset name, an HF config.json, or a model folder holding one."""
     import json
@@ -431,6 +471,23 @@ def shape_from(model: str) -> ModelShape:
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
+    if not os.path.isfile(path) and "/" in model and not os.path.exists(os.path.expanduser(model)):
+        # A hub id: its config.json from the local HF cache (never downloaded here), else
+        # the Llama 3 preset its name says.
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json", local_files_only=True)
+        except Exception:  # not cached: fall back on the name
+            name = model.lower().replace("_", "-")
+            for size, preset in (
+                ("70b", "llama3-70b"),
+                ("8b", "llama3-8b"),
+                ("3b", "llama3.2-3b"),
+                ("1b", "llama3.2-1b"),
+            ):
+                if "llama-3" in name and f"-{size}" in name:
+                    return PRESETS[preset]
     if not os.path.isfile(path):
         from .errors import UserError
 

@@ -78,6 +78,7 @@ class Trainer:
         self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round
         self.local_losses: list[float] = []  # this rank's own loss per step, before the all-reduce
         self.write_reports = True  # selection reports at the prune event / rounds (rank 0)
+        self.replanned: dict | None = None  # memory.replan_at_prune's switch, if it made one
 
     # ------------------------------------------------------------------ setup
 
@@ -136,6 +137,11 @@ class Trainer:
             )
         if cfg.selection.rounds:
             self._check_rounds_fit()
+        if cfg.memory.replan_at_prune and not self._memory_budget_gib():
+            raise ConfigError(
+                ["memory.replan_at_prune: true needs memory.budget_gib on a machine without a GPU (GiB per rank)"],
+                "memory",
+            )
         if before_wrap is not None:
             before_wrap(self.wl)
         self.backend.prepare(self.wl)
@@ -314,6 +320,8 @@ class Trainer:
         self.backend.rebuild_after_prune(self.params, keep_state=not (sel.reinit_kept or sel.rounds))
         self.removed_refs = [weakref.ref(p) for p in removed]
         del removed
+        if self.cfg.memory.replan_at_prune:
+            self._replan()
         # Continuity: the pruned model computes what the gated model did (unless reinit).
         self.prune_losses = (loss_before, self._probe_loss())
         seconds = time.perf_counter() - t0
@@ -343,6 +351,51 @@ class Trainer:
             self.report_dir,
         )
         return seconds
+
+    def _memory_budget_gib(self) -> float:
+        if self.cfg.memory.budget_gib:
+            return self.cfg.memory.budget_gib
+        if self.env.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.env.device).total_memory / 2**30
+        return 0.0
+
+    def _replan(self) -> None:
+        """memory.replan_at_prune: with K adapters left, switch activation checkpointing
+        off when the plan says the rest of the run fits the budget without it. The same
+        math (checkpointing only recomputes), a faster step; the global batch unchanged."""
+        if not self.cfg.model.gradient_checkpointing:
+            return
+        from dataclasses import replace
+
+        from .memory_plan import GiB, ModelShape, plan, replan_after_prune, run_plan_input
+
+        shape = ModelShape.from_hf_config(self.wl.base_model.config.to_dict())
+        kept = [(s.layer, s.kind) for s in self.wl.kept_sites() if s.layer is not None]
+        inp = run_plan_input(
+            self.cfg, shape, self.env.world_size, self.env.device.type == "cuda", kept, self.backend.name
+        )
+        inp = replace(inp, gpu_gib=self._memory_budget_gib())
+        switched = replan_after_prune(inp)
+        without = plan(replace(inp, activation_checkpointing=False)).after.total / GiB
+        budget = inp.gpu_gib - inp.reserve_gib
+        if switched is None:
+            self.logger.info(
+                "re-plan at the prune event: %d adapters need %.1f GiB per rank without activation checkpointing, "
+                "over the %.1f GiB budget: checkpointing stays on",
+                len(kept),
+                without,
+                budget,
+            )
+            return
+        self.wl.base_model.activation_checkpointing_disable()
+        self.replanned = {"activation_checkpointing": False, "planned_gib": without, "budget_gib": budget}
+        self.logger.info(
+            "re-plan at the prune event: %d adapters fit without activation checkpointing (%.1f of %.1f GiB per "
+            "rank planned): checkpointing switched off for the rest of the run",
+            len(kept),
+            without,
+            budget,
+        )
 
     # ------------------------------------------------------------------ WeightLoRA+ rounds
 
@@ -495,6 +548,8 @@ class Trainer:
                 self.backend.adapters_replaced(wl, grow)
             self.params = wl.trainable_parameters()
             self.backend.rebuild_after_prune(self.params, keep_state=False)
+        if self.pruned and cfg.memory.replan_at_prune:
+            self._replan()  # the same decision the interrupted run made at its prune event
         self.rounds_log = list(meta.get("rounds_log", []))
         named = self._named_params()
         tensors = self.backend.checkpoint_tensors(named, for_load=True)
