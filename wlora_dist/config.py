@@ -136,6 +136,12 @@ class TrainConfig:
     mixed_precision: Literal["auto", "bf16", "no", "fp16"] = _f(
         "auto", "bf16 autocast on GPU (auto), or none; CPU runs in the base dtype."
     )
+    loss_shards: int = _f(
+        0,
+        "0 = transformers' loss; N = the cross-entropy in N tiles of tokens (DeepSpeed's TiledFusedLogitsLoss): "
+        "the same loss, without three fp32 copies of the logits at the peak (at 128k vocabulary the largest "
+        "activation); 8 is a good start.",
+    )
     eval_every: int = _f(0, "Evaluate every N optimizer steps (0 = only at the end).")
     eval_batches: int = _f(8, "Micro-batches per evaluation (per rank).")
 
@@ -442,6 +448,8 @@ def validate(cfg: RunConfig) -> list[str]:
     for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_batches"):
         if getattr(t, name) <= 0:
             p.append(f"train.{name}: {getattr(t, name)} must be >= 1")
+    if t.loss_shards < 0:
+        p.append(f"train.loss_shards: {t.loss_shards} must be >= 0 (0 = transformers' loss)")
     if t.eval_every < 0:
         p.append(f"train.eval_every: {t.eval_every} must be >= 0")
     if t.mixed_precision == "fp16":

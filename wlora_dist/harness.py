@@ -11,6 +11,7 @@ statistics on a GPU; on CPU, the allocation events torch's profiler records
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,7 @@ class RandomWeights:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         p = self.params[name]
         shape = (stop - start, *p.shape[1:])
-        gen = torch.Generator().manual_seed(hash((name, start)) % 2**31)
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted per process
         if p.dtype == torch.int8:
             return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
         if name.endswith(".SCB"):

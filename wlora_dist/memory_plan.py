@@ -91,6 +91,7 @@ class PlanInput:
     micro_batch: int = 1
     seq_len: int = 2048
     activation_checkpointing: bool = False
+    loss_shards: int = 0  # train.loss_shards: the cross-entropy in tiles (wlora_dist/loss.py)
     offload: bool = False  # FSDP2 cpu_offload / ZeRO offload_optimizer (+ params at stage 3)
     gpu_gib: float = 80.0
     reserve_gib: float = 2.0  # CUDA context, allocator fragmentation, NCCL buffers: not counted below
@@ -199,7 +200,7 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
       (o_proj), the MLP product (down_proj); peft casts x to the adapter's dtype first,
       so where that differs (fp32 adapters under bf16 autocast, replicated backend) every
       adapter keeps its own copy;
-    - each adapter: A's output (r); during selection the gate's product saves B's output;
+    - each adapter: A's output (r); during selection the gate's product on it one more;
     - nothing is saved upstream of the first adapter of the model (no input requires grad).
     """
     s, c = inp.shape, (2 if inp.compute == "bf16" else 4)
@@ -223,14 +224,14 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
     shared_inputs = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "gate_proj": "n2", "up_proj": "n2"}
     inputs_kept: set[str] = set()
     for t in layer_sites:
-        i, o = dims[t]
+        i = dims[t][0]
         if per_site_copy or dropout:
             total += c * i + (i if dropout else 0)  # own (cast / dropped-out) copy; dropout's bool mask
         else:
             inputs_kept.add(shared_inputs.get(t, t))
         total += c * inp.lora_rank
         if gates_train:
-            total += c * o
+            total += c * inp.lora_rank  # the gate's product keeps A's output (weight_lora.py)
     for name in inputs_kept:
         total += c * {"n1": h, "n2": h, "o_proj": q, "down_proj": f}[name]
     return total
@@ -257,11 +258,18 @@ def activation_bytes(inp: PlanInput, chosen: list[tuple[int, str]], gates_train:
         recompute = max(per_layer) + 2 * c * s.hidden
     else:
         saved, recompute = sum(per_layer) + final, 0
+    if inp.loss_shards:
+        # Tiled (loss.py): the logits, their gradient buffer, and one tile's fp32 log-softmax
+        # output, nll gradient, log-softmax gradient and compute-dtype gradient.
+        loss = 2 * c * s.vocab + (12 + c) * s.vocab / min(inp.loss_shards, tokens)
+        head = c * s.vocab  # the logits' gradient, computed in the forward
+    else:
+        loss, head = 3 * 4 * s.vocab, (4 + c) * s.vocab
     return {
         "saved": int(saved * tokens),
         "recompute": int(recompute * tokens),
-        "loss": int(3 * 4 * s.vocab * tokens),
-        "head": int((4 + c) * s.vocab * tokens),
+        "loss": int(loss * tokens),
+        "head": int(head * tokens),
     }
 
 
@@ -454,6 +462,7 @@ def run_plan_input(
         micro_batch=cfg.train.micro_batch_size,
         seq_len=cfg.data.seq_len,
         activation_checkpointing=cfg.model.gradient_checkpointing,
+        loss_shards=cfg.train.loss_shards,
         offload=cfg.distributed.fsdp.cpu_offload or zero.offload_optimizer,
         gpu_gib=cfg.memory.budget_gib or 80.0,
         reserve_gib=cfg.memory.reserve_gib,

@@ -37,6 +37,7 @@ def run_case(case: dict) -> dict:
     mb, seq = int(case.get("micro_batch", 2)), int(case.get("seq_len", 256))
     ckpt = bool(case.get("checkpointing", False))
     int8 = bool(case.get("int8", False))
+    loss_shards = int(case.get("loss_shards", 0))
     rank, k, steps = int(case.get("rank", 8)), int(case.get("k", 4)), int(case.get("selection_steps", 2))
     if ws > 1:
         from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -54,6 +55,7 @@ def run_case(case: dict) -> dict:
                 "train.micro_batch_size": mb,
                 "data.seq_len": seq,
                 "model.gradient_checkpointing": ckpt,
+                "train.loss_shards": loss_shards,
                 "distributed.backend": backend,
             }
         )
@@ -82,6 +84,7 @@ def run_case(case: dict) -> dict:
             micro_batch=mb,
             seq_len=seq,
             activation_checkpointing=ckpt,
+            loss_shards=loss_shards,
             kept=kept,
         )
     )

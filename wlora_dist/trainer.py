@@ -125,6 +125,10 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.pruned = False
         self.wl = WeightLoRA.attach(base, cfg.adapter)
+        if cfg.train.loss_shards:
+            from .loss import tiled_causal_lm_loss
+
+            self.wl.base_model.loss_function = tiled_causal_lm_loss(cfg.train.loss_shards)
         if not any(p.is_meta for p in self.wl.trainable_parameters()):
             self.wl.init_adapters(cfg.train.seed)  # meta models get the same init in prepare()
         if cfg.selection.method == "topk" and cfg.selection.k > self.wl.n:

@@ -1,12 +1,18 @@
 """WeightLoRA on a transformers model: peft LoRA adapters plus one gate vector.
 
     x ──► W_i (frozen) ───────────────────────────► (+) ──► h
-    └───► dropout ─► A_i (r x in) ─► B_i (out x r) ─► × w_i ─► × alpha/r ─┘
+    └───► dropout ─► A_i (r x in) ─► × w_i ─► B_i (out x r) ─► × alpha/r ─┘
 
 peft injects and runs the adapters (init, dropout, scaling, its bitsandbytes layers);
 this module adds what peft does not have: the gate vector ``w`` (n floats, one per
-adapter, in a fixed order by module name) applied by a forward hook on each ``lora_B``,
+adapter, in a fixed order by module name) applied by a forward hook on each ``lora_A``,
 and the physical removal of adapters whose gate is 0.
+
+w_i B_i A_i x = B_i (w_i A_i x): the gate multiplies A's r-wide output, not B's
+out-wide one, because the product keeps its other factor for w_i's gradient. On B's
+output that was a tensor of every adapter's output width per token (10.5 GiB at Llama-3
+8B, 224 adapters, 2 x 2048 tokens, bf16: the selection phase's whole extra memory,
+wlora_dist/memory_plan.py); on A's it is r per token.
 
 ``w`` is deliberately *not* a parameter of the model: FSDP2 / ZeRO never see it, so it
 is never sharded or partitioned; the trainer all-reduces its gradient by hand.
@@ -112,7 +118,7 @@ class WeightLoRA:
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
         for site in sites:
             self._hooks[site.index] = (
-                self.lora_layer(site).lora_B[ADAPTER].register_forward_hook(self._gate_hook(site.index))
+                self.lora_layer(site).lora_A[ADAPTER].register_forward_hook(self._gate_hook(site.index))
             )
 
     # -- construction -----------------------------------------------------------------
@@ -148,7 +154,7 @@ class WeightLoRA:
 
     def _gate_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            # peft computes lora_B(lora_A(dropout(x))) * scaling; we scale lora_B's output by
+            # peft computes lora_B(lora_A(dropout(x))) * scaling; we scale lora_A's output by
             # w_i. With w_i == 1 this is bitwise plain peft LoRA (x * 1.0 == x).
             return output * self.gates[index].to(output.dtype)
 
@@ -238,7 +244,7 @@ class WeightLoRA:
         layer.lora_B[ADAPTER] = new_b
         layer.r[ADAPTER] = rank
         self._hooks.pop(site.index).remove()
-        self._hooks[site.index] = new_b.register_forward_hook(self._gate_hook(site.index))
+        self._hooks[site.index] = new_a.register_forward_hook(self._gate_hook(site.index))
         return old
 
     def reinit_kept(self, seed: int, assign: Callable[[nn.Parameter, torch.Tensor], None]) -> None:

@@ -1,0 +1,412 @@
+"""Side by side, one command: plain peft LoRA vs WeightLoRA on the same model, data and
+backend, each configuration in a fresh process (memory of an earlier model in the same
+process would inflate later peaks).
+
+    python benchmarks/compare.py --mode tiny-cpu            # seconds, any machine
+    python benchmarks/compare.py --mode 8b                  # one GPU (H100 80 GB)
+    python benchmarks/compare.py --mode 70b-int8-ws8        # one GPU standing in for rank 0 of 8
+    (modes: tiny-cpu, 1b, 1b-int8, 8b, 8b-48gb, 70b-int8-ws8, 70b-bf16-ws8)
+
+Configurations:
+  (a) plain peft LoRA on all n adapters
+  (b) wlora_dist during selection (n adapters, gates training)
+  (c) wlora_dist after the prune event (K kept, removed ones physically gone)
+  (d) plain peft LoRA on exactly the K adapters (c) kept
+  (e) wlora_dist after the prune event with memory.replan_at_prune (modes with
+      activation checkpointing): checkpointing switched off where the plan says K fit
+
+Each reports tokens/s and its ratio to (a), the peak memory of a step (torch.cuda on a
+GPU; CPU: profiler allocation events on top of resident bytes), the planner's figure for
+the same step, and per-rank bytes of trainable parameters, gradients and optimizer state
+(counted from the tensors). Writes results.json, results.md and results.png to --out.
+World sizes > 1 run rank 0 alone with torch's fake process group: shapes, shards and
+peaks are real, collectives are no-ops (tokens/s leaves communication out).
+Timings are measurements, never assertions (tests/test_benchmarks.py only checks that
+the tiny mode runs and its counts are consistent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wlora_dist.memory_plan import (  # noqa: E402
+    LINEARS,
+    PRESETS,
+    GiB,
+    ModelShape,
+    PlanInput,
+    breakdown,
+    plan,
+    sites,
+)
+
+
+@dataclass
+class Mode:
+    shape: ModelShape
+    micro_batch: int
+    seq_len: int
+    k: int
+    rank: int = 16
+    targets: tuple[str, ...] = LINEARS
+    device: str = "cuda"
+    world_size: int = 1
+    backend: str = "replicated"
+    int8: bool = False
+    checkpointing: bool = False
+    budget_gib: float = 0.0  # > 0: also run (e), re-planning at the prune event under this budget
+    reserve_gib: float = 2.0  # of the budget, left to the CUDA context / NCCL / fragmentation
+    warmup: int = 2
+    timed: int = 5
+    notes: list[str] = field(default_factory=list)
+
+
+MODES: dict[str, Mode] = {
+    "tiny-cpu": Mode(
+        ModelShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=4096),
+        micro_batch=2,
+        seq_len=256,
+        k=4,
+        rank=8,
+        device="cpu",
+        checkpointing=True,
+        budget_gib=0.5,
+        reserve_gib=0.0,
+        warmup=1,
+        timed=8,
+        notes=["CPU timings are noisy; this mode exists to run the whole pipeline in seconds"],
+    ),
+    "1b": Mode(PRESETS["llama3.2-1b"], micro_batch=4, seq_len=2048, k=16),
+    "8b": Mode(PRESETS["llama3-8b"], micro_batch=2, seq_len=2048, k=32),
+    "8b-48gb": Mode(
+        PRESETS["llama3-8b"],
+        micro_batch=2,
+        seq_len=2048,
+        k=32,
+        checkpointing=True,
+        budget_gib=48.0,
+        notes=[
+            "a 48 GB card (A6000 / L40S) simulated by the plan's budget: all 224 adapters need activation "
+            "checkpointing there, 32 kept ones do not (FINDINGS.md: 48.0 vs 39.0 GiB without it)"
+        ],
+    ),
+    "1b-int8": Mode(
+        PRESETS["llama3.2-1b"],
+        micro_batch=2,
+        seq_len=2048,
+        k=16,
+        int8=True,
+        notes=["8-bit base (Int8Linear, bitsandbytes kernels) vs FINDINGS.md's bf16 numbers at 1B"],
+    ),
+    "70b-int8-ws8": Mode(
+        PRESETS["llama3-70b"],
+        micro_batch=1,
+        seq_len=2048,
+        k=32,
+        world_size=8,
+        backend="fsdp2",
+        int8=True,
+        checkpointing=True,
+        warmup=1,
+        timed=2,
+        notes=["rank 0 of 8 via the fake process group: communication left out of tokens/s"],
+    ),
+    "70b-bf16-ws8": Mode(
+        PRESETS["llama3-70b"],
+        micro_batch=1,
+        seq_len=2048,
+        k=32,
+        world_size=8,
+        backend="fsdp2",
+        checkpointing=True,
+        warmup=1,
+        timed=2,
+        notes=["rank 0 of 8 via the fake process group: communication left out of tokens/s"],
+    ),
+}
+
+
+# ---------------------------------------------------------------- one configuration (worker)
+
+
+def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from wlora_dist.distributed import DistEnv
+    from wlora_dist.harness import Harness, bench_config, random_llama
+
+    device = torch.device(mode.device if mode.device != "cuda" or torch.cuda.is_available() else "cpu")
+    if mode.device == "cuda" and device.type != "cuda":
+        raise SystemExit("this mode needs a GPU; none here (try --mode tiny-cpu)")
+    if mode.world_size > 1:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=mode.world_size)
+    env = DistEnv(0, 0, mode.world_size, device)
+    wlora = which in ("b", "c", "e")
+    # (b) is timed inside the selection phase, (c) / (e) after the prune event at step T.
+    steps_t = mode.warmup + mode.timed + 2
+    overrides = {
+        "adapter.lora_rank": mode.rank,
+        "adapter.lora_alpha": 2.0 * mode.rank,
+        "adapter.target_modules": list(mode.targets),
+        "selection.method": "topk" if wlora else "none",
+        "selection.k": mode.k,
+        "selection.steps": steps_t,
+        "selection.project_every": steps_t,  # one projection, at T (as configs/tiny_cpu.yaml)
+        "train.max_steps": 10_000,
+        "train.micro_batch_size": mode.micro_batch,
+        "data.seq_len": mode.seq_len,
+        "model.gradient_checkpointing": mode.checkpointing,
+        "distributed.backend": mode.backend,
+    }
+    if which == "e":
+        overrides.update(
+            {
+                "memory.replan_at_prune": True,
+                "memory.budget_gib": mode.budget_gib,
+                "memory.reserve_gib": mode.reserve_gib,
+            }
+        )
+    cfg = bench_config(overrides)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_llama(mode.shape, device, dtype, int8=mode.int8, meta=mode.backend == "fsdp2")
+    t0 = time.perf_counter()
+    h = Harness.build(cfg, env, model, plain_lora=not wlora, keep=keep if which == "d" else None)
+    setup_s = time.perf_counter() - t0
+    bytes_at: dict[str, dict] = {}
+    original_zero_grad = h.trainer.backend.zero_grad
+
+    def zero_grad_counting() -> None:  # per-rank bytes while the gradients exist
+        bytes_at["last"] = h.trainer.backend.memory_report(h.trainer.params)
+        original_zero_grad()
+
+    h.trainer.backend.zero_grad = zero_grad_counting  # type: ignore[method-assign]
+    prune_s = None
+    if which in ("c", "e"):
+        for _ in range(steps_t):
+            m = h.run_step()
+        prune_s = m.get("prune_seconds")
+    for _ in range(mode.warmup):
+        h.run_step()
+    timing = h.timed_steps(mode.timed)
+    measured = h.measured_step()
+    if which == "b":
+        assert h.step < steps_t, "(b) must be measured inside the selection phase"
+    kept = [s.name for s in h.trainer.wl.kept_sites()]
+    adapters = len(kept)
+    if which == "b":  # the selection this run would make: go on to the prune event
+        while h.step < steps_t:
+            h.run_step()
+        kept = [s.name for s in h.trainer.wl.kept_sites()]
+    checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in h.trainer.wl.base_model.modules())
+    out = {
+        "config": which,
+        **timing,
+        "peak_bytes": measured["peak_bytes"],
+        "resident_bytes": measured["resident_bytes"],
+        "per_rank_bytes": bytes_at["last"],
+        "adapters": adapters,
+        "kept": kept,
+        "prune_seconds": prune_s,
+        "setup_seconds": setup_s,
+        "activation_checkpointing": checkpointing,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    if mode.world_size > 1:
+        dist.destroy_process_group()
+    return out
+
+
+# ---------------------------------------------------------------- the comparison (driver)
+
+
+def planned(mode: Mode, which: str, kept: list[str], checkpointing: bool) -> int:
+    """The planner's peak for configuration ``which`` (plain peft: no gate products)."""
+    import re
+
+    site_re = re.compile(r"layers\.(\d+)\.\w+\.(\w+)$")
+    kept_sites = tuple((int(m.group(1)), m.group(2)) for s in kept if (m := site_re.search(s)))
+    on_gpu = mode.device == "cuda"
+    inp = PlanInput(
+        mode.shape,
+        mode.world_size,
+        mode.backend,  # type: ignore[arg-type]
+        base="int8" if mode.int8 else ("bf16" if on_gpu else "fp32"),
+        compute="bf16" if on_gpu else "fp32",
+        lora_rank=mode.rank,
+        targets=mode.targets,
+        k=mode.k,
+        micro_batch=mode.micro_batch,
+        seq_len=mode.seq_len,
+        activation_checkpointing=checkpointing,  # as the run had it ((e): after its switch)
+        kept=kept_sites,
+    )
+    if which == "a":
+        return breakdown(inp, sites(inp), gates_train=False).total
+    if which == "b":
+        return plan(inp).before.total
+    if which == "d":
+        return breakdown(inp, list(kept_sites), gates_train=False).total
+    return plan(inp).after.total
+
+
+def run_worker(mode_name: str, which: str, keep: list[str] | None, timeout: int, timed: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--mode", mode_name, "--worker", which]
+    if timed is not None:
+        cmd += ["--timed", str(timed)]
+    if keep is not None:
+        cmd += ["--keep", json.dumps(keep)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"configuration ({which}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SHORT = {"a": "plain, n", "b": "selection, n", "c": "pruned, K", "d": "plain, K", "e": "pruned, re-planned"}
+LABELS = {
+    "a": "(a) plain peft LoRA, all n",
+    "b": "(b) wlora_dist, selection (n + gates)",
+    "c": "(c) wlora_dist after prune (K)",
+    "d": "(d) plain peft LoRA on the same K",
+    "e": "(e) (c) + re-plan at prune",
+}
+
+
+def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None) -> dict:
+    mode = MODES[mode_name]
+    if timed is not None:
+        mode = replace(mode, timed=timed)
+    results = {}
+    results["b"] = run_worker(mode_name, "b", None, timeout, timed)
+    kept = results["b"]["kept"]
+    results["c"] = run_worker(mode_name, "c", None, timeout, timed)
+    results["a"] = run_worker(mode_name, "a", None, timeout, timed)
+    results["d"] = run_worker(mode_name, "d", kept, timeout, timed)
+    if mode.checkpointing and mode.budget_gib:
+        results["e"] = run_worker(mode_name, "e", None, timeout, timed)
+    base = results["a"]["tokens_per_s"]
+    for which, r in results.items():
+        r["label"] = LABELS[which]
+        r["ratio_to_a"] = r["tokens_per_s"] / base
+        r["planned_peak_bytes"] = planned(mode, which, kept, r["activation_checkpointing"])
+    summary = {
+        "mode": mode_name,
+        "settings": {k: v for k, v in asdict(mode).items() if k != "shape"},
+        "shape": asdict(mode.shape),
+        "results": [results[w] for w in sorted(results)],
+        "selection_overhead": results["a"]["tokens_per_s"] / results["b"]["tokens_per_s"] - 1,
+        "c_over_a": results["c"]["tokens_per_s"] / base,
+        "c_vs_d": results["c"]["tokens_per_s"] / results["d"]["tokens_per_s"] - 1,
+        "prune_seconds": results["c"]["prune_seconds"],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if "e" in results:
+        summary["e_over_c"] = results["e"]["tokens_per_s"] / results["c"]["tokens_per_s"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(markdown(summary))
+    chart(summary, out / "results.png")
+    return summary
+
+
+def markdown(s: dict) -> str:
+    mib = 2**20
+    lines = [
+        f"# {s['mode']}: {s['results'][0]['device']}, micro-batch {s['settings']['micro_batch']} x "
+        f"{s['settings']['seq_len']}, LoRA r={s['settings']['rank']}, K={s['settings']['k']}, "
+        f"backend {s['settings']['backend']} (world size {s['settings']['world_size']})",
+        "",
+        "| configuration | adapters | act. ckpt | tokens/s | vs (a) | peak GiB | planned GiB | "
+        "params MiB | grads MiB | optimizer MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in s["results"]:
+        b = r["per_rank_bytes"]
+        lines.append(
+            f"| {r['label']} | {r['adapters']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
+            f"{r['tokens_per_s']:,.0f} | {r['ratio_to_a']:.2f}x | {r['peak_bytes'] / GiB:.3g} | "
+            f"{r['planned_peak_bytes'] / GiB:.3g} | {b['trainable_param_bytes'] / mib:.2f} | "
+            f"{b['grad_bytes'] / mib:.2f} | {b['optimizer_state_bytes'] / mib:.2f} |"
+        )
+    lines += [
+        "",
+        f"- selection overhead, (a) over (b): {s['selection_overhead']:+.1%}",
+        f"- after the prune event, (c) / (a): {s['c_over_a']:.2f}x; (c) vs (d): {s['c_vs_d']:+.1%}",
+        f"- prune event: {s['prune_seconds']:.3f} s",
+    ]
+    if "e_over_c" in s:
+        lines.append(f"- re-planning at the prune event, (e) / (c): {s['e_over_c']:.2f}x")
+    lines += [f"- {n}" for n in s["settings"]["notes"]]
+    lines.append(f"- per-rank bytes: counted from the tensors while the gradients exist; {s['time']}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(s: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = s["results"]
+    names = [f"({r['config']}) {SHORT[r['config']]}" for r in rs]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax1.bar(names, [r["ratio_to_a"] for r in rs], color="tab:blue")
+    ax1.axhline(1.0, color="gray", lw=0.8)
+    ax1.set_title("tokens/s relative to (a) plain peft LoRA, all n")
+    ax1.tick_params(axis="x", labelsize=7)
+    x = range(len(rs))
+    ax2.bar([i - 0.2 for i in x], [r["peak_bytes"] / GiB for r in rs], width=0.4, label="measured")
+    ax2.bar([i + 0.2 for i in x], [r["planned_peak_bytes"] / GiB for r in rs], width=0.4, label="planned")
+    ax2.set_xticks(list(x), names, fontsize=7)
+    ax2.set_title("peak memory per rank, GiB")
+    ax2.legend()
+    st = s["settings"]
+    fig.suptitle(
+        f"{s['mode']} ({rs[0]['device']}): micro-batch {st['micro_batch']} x {st['seq_len']}, r={st['rank']}, "
+        f"K={st['k']}, {st['backend']} world size {st['world_size']}",
+        size=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=sorted(MODES), default="tiny-cpu")
+    ap.add_argument("--out", help="folder for results.json / .md / .png (default benchmarks/results/<mode>)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
+    ap.add_argument("--timed", type=int, help="timed steps per configuration (default: the mode's)")
+    ap.add_argument("--worker", choices=list(LABELS), help=argparse.SUPPRESS)
+    ap.add_argument("--keep", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        keep = json.loads(args.keep) if args.keep else None
+        mode = MODES[args.mode] if args.timed is None else replace(MODES[args.mode], timed=args.timed)
+        print(json.dumps(run_config(mode, args.worker, keep)))
+        return 0
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / args.mode
+    s = compare(args.mode, out, args.timeout, args.timed)
+    print(markdown(s))
+    print(f"-> {out}/results.json, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
