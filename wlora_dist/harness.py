@@ -170,23 +170,20 @@ class Harness:
         return metrics
 
     def timed_steps(self, n: int) -> dict:
-        """``n`` steps; tokens/s over all of them (synchronised on a GPU)."""
+        """``n`` steps (synchronised on a GPU); tokens/s of the median step, which one slow
+        step (a page fault, another process) does not move."""
         device = self.trainer.env.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        tokens = 0
-        seconds = []
+        steps = []
         for _ in range(n):
+            sync()
             s0 = time.perf_counter()
             m = self.run_step()
             sync()
-            seconds.append(time.perf_counter() - s0)
-            tokens += m["tokens_per_s"] * m["step_seconds"]
-        sync()
-        elapsed = time.perf_counter() - t0
-        seconds.sort()
-        return {"tokens_per_s": tokens / elapsed, "median_step_s": seconds[len(seconds) // 2], "steps": n}
+            steps.append((time.perf_counter() - s0, m["tokens_per_s"] * m["step_seconds"]))
+        steps.sort()
+        seconds, tokens = steps[len(steps) // 2]
+        return {"tokens_per_s": tokens / seconds, "median_step_s": seconds, "steps": n}
 
     def measured_step(self) -> dict:
         """One step with its peak memory: resident bytes before it plus the most it

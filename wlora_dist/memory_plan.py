@@ -373,7 +373,8 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
                         )
                         p = plan(cand)
                         if p.fits_before and p.fits_after:
-                            cost = (offload, base == "int8", ckpt, -mb, backend != "fsdp2", p.before.total)
+                            order = backends.index((backend, stage))
+                            cost = (offload, base == "int8", ckpt, -mb, order, p.before.total)
                             found.append((cost, describe_settings(cand), p))
                             break
                         mb //= 2
@@ -402,6 +403,10 @@ def replan_after_prune(inp: PlanInput) -> PlanInput | None:
     cand = replace(inp, activation_checkpointing=False)
     p = plan(cand)
     return cand if p.fits_after else None
+
+
+def human(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def format_plan(p: Plan) -> str:

@@ -95,6 +95,7 @@ class Trainer:
         self.backend: Backend = make_backend(cfg, env)
         self.setup_model(self.backend.load_base(cfg.model))
         self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
+        self._log_plan()
         self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
         self.start_step = 0
         resume = checkpoint.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
@@ -362,6 +363,36 @@ class Trainer:
         if self.env.device.type == "cuda":
             return torch.cuda.get_device_properties(self.env.device).total_memory / 2**30
         return 0.0
+
+    def _log_plan(self) -> None:
+        """The planner's per-rank peak for this run, against the budget (the GPU's memory or
+        memory.budget_gib), before the first step: an OOM foretold is cheaper than one met."""
+        budget = self._memory_budget_gib()
+        if not budget:
+            return
+        from dataclasses import replace
+
+        from .memory_plan import ModelShape, human, plan, recommend, run_plan_input
+
+        try:
+            shape = ModelShape.from_hf_config(self.wl.base_model.config.to_dict())
+        except (KeyError, TypeError):  # not a Llama-like config: nothing to say
+            return
+        inp = run_plan_input(
+            self.cfg, shape, self.env.world_size, self.env.device.type == "cuda", None, self.backend.name
+        )
+        p = plan(replace(inp, gpu_gib=budget))
+        self.logger.info(
+            "memory plan per rank: %s in the selection phase, %s after the prune event, of %s "
+            "(wlora-dist plan --config ... for the breakdown)",
+            human(p.before.total),
+            human(p.after.total),
+            human(p.budget),
+        )
+        if not (p.fits_before and p.fits_after):
+            recs = recommend(p.inp)
+            hint = f"; settings that fit: {recs[0][0]}" if recs else ""
+            log.warning("the memory plan says this run does not fit %s per rank%s", human(p.budget), hint)
 
     def _replan(self) -> None:
         """memory.replan_at_prune: with K adapters left, switch activation checkpointing
