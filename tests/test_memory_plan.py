@@ -129,6 +129,8 @@ CASES = [
     {"world_size": 4, "backend": "fsdp2", "checkpointing": True},
     {"world_size": 8, "backend": "fsdp2", "targets": ["q_proj", "v_proj"]},
     {"world_size": 2, "backend": "fsdp2", "int8": True},
+    {"world_size": 2, "backend": "fsdp2", "loss_shards": 4, "checkpointing": True},
+    {"loss_shards": 8},
 ]
 
 
