@@ -112,7 +112,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model = model or cfg.model.path
         base = run_plan_input(cfg, shape_from(model), args.world_size)
         keys = ("backend", "zero_stage", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
-        keys += ("micro_batch", "seq_len", "activation_checkpointing", "loss_shards", "offload")
+        keys += ("micro_batch", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards", "offload")
         kw = {k: getattr(base, k) for k in keys}
     if not model:
         raise UserError("wlora-dist plan: give --model (a preset, config.json or model folder) or --config")
@@ -126,6 +126,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "micro_batch": args.micro_batch,
         "seq_len": args.seq_len,
         "activation_checkpointing": args.activation_checkpointing,
+        "checkpoint_every": args.checkpoint_every,
         "loss_shards": args.loss_shards,
         "offload": args.offload,
     }
@@ -238,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt = pl.add_mutually_exclusive_group()
     ckpt.add_argument("--activation-checkpointing", action="store_true", default=None)
     ckpt.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    pl.add_argument("--checkpoint-every", type=int, help="checkpoint decoder layers 0, N, 2N, ... only (default 1)")
     pl.add_argument("--loss-shards", type=int, help="train.loss_shards: the cross-entropy in N tiles (default 0)")
     pl.add_argument("--offload", action="store_true", default=None, help="FSDP2 cpu_offload / ZeRO offload")
     pl.add_argument("--recommend", action="store_true", help="also list settings that fit (always when it does not)")

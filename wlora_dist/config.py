@@ -49,6 +49,11 @@ class ModelConfig:
     )
     trust_remote_code: bool = _f(False, "Allow code from the model folder/hub to run. Off by default.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+    checkpoint_every_n_layers: int = _f(
+        1,
+        "With gradient_checkpointing: checkpoint decoder layers 0, N, 2N, ... only; the others keep their "
+        "activations (transformers' every_n_layers). 1 = every layer.",
+    )
     sharded_loading: bool = _f(
         True, "fsdp2 / zero stage 3: never a full model per rank (meta init + own rows / partitioned init)."
     )
@@ -201,7 +206,8 @@ class MemoryConfig:
     replan_at_prune: bool = _f(
         False,
         "At the prune event, when model.gradient_checkpointing is on and the memory plan (wlora-dist plan) says "
-        "the K kept adapters fit memory.budget_gib without it, switch it off: the same math, a faster step.",
+        "the K kept adapters fit memory.budget_gib without it, switch it off, else checkpoint the fewest layers "
+        "that fit (model.checkpoint_every_n_layers): the same math, a faster step.",
     )
     budget_gib: float = _f(0.0, "Memory per rank the plan may use; 0 = the GPU's total memory (CPU runs: set it).")
     reserve_gib: float = _f(2.0, "Left out of the budget: CUDA context, NCCL buffers, allocator fragmentation.")
@@ -398,6 +404,8 @@ def validate(cfg: RunConfig) -> list[str]:
     p: list[str] = []
     if not cfg.model.path:
         p.append("model.path: empty; set it to an HF model folder or hub id")
+    if cfg.model.checkpoint_every_n_layers < 1:
+        p.append(f"model.checkpoint_every_n_layers: {cfg.model.checkpoint_every_n_layers} must be >= 1")
     if cfg.model.int8_threshold < 0:
         p.append(f"model.int8_threshold: {cfg.model.int8_threshold} must be >= 0")
     a, s, o, t, d = cfg.adapter, cfg.selection, cfg.optim, cfg.train, cfg.data

@@ -24,6 +24,7 @@ from .backends import make_backend
 from .config import RunConfig, config_from_dict
 from .distributed import DistEnv
 from .memory_plan import ModelShape
+from .modeling import enable_checkpointing
 from .trainer import Trainer
 
 
@@ -142,7 +143,7 @@ class Harness:
         tr.backend = make_backend(cfg, env)
         tr.backend.weights_reader = RandomWeights  # type: ignore[assignment]  # for models built on meta
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model, cfg.model.checkpoint_every_n_layers)
         strip = (lambda wl: _strip(wl, keep, plain_lora)) if keep is not None or plain_lora else None
         tr.setup_model(model, strip)
         tr.logger = _QuietLogger()  # type: ignore[assignment]

@@ -91,6 +91,7 @@ class PlanInput:
     micro_batch: int = 1
     seq_len: int = 2048
     activation_checkpointing: bool = False
+    checkpoint_every: int = 1  # with checkpointing: layers 0, N, 2N, ... (model.checkpoint_every_n_layers)
     loss_shards: int = 0  # train.loss_shards: the cross-entropy in tiles (wlora_dist/loss.py)
     offload: bool = False  # FSDP2 cpu_offload / ZeRO offload_optimizer (+ params at stage 3)
     gpu_gib: float = 80.0
@@ -248,14 +249,19 @@ def activation_bytes(inp: PlanInput, chosen: list[tuple[int, str]], gates_train:
     by_layer: dict[int, set[str]] = {}
     for i, t in chosen:
         by_layer.setdefault(i, set()).add(t)
-    first = min(by_layer, default=s.layers)  # layers before the first adapter save nothing
+    # Layers before the first adapter save nothing, except under activation checkpointing:
+    # transformers then makes the embedding output require grad (enable_input_require_grads).
+    first = 0 if inp.activation_checkpointing else min(by_layer, default=s.layers)
     per_layer = [
         layer_activation_bytes(inp, by_layer.get(i, set()), gates_train, grad_in=i > first) for i in range(s.layers)
     ]
     final = 4 * s.hidden + 4 + 2 * c * s.d  # final norm; cos / sin (shared by all layers)
     if inp.activation_checkpointing:
-        saved = (s.layers - first) * c * s.hidden + final  # each layer keeps its input only
-        recompute = max(per_layer) + 2 * c * s.hidden
+        # A checkpointed layer keeps its input only and is recomputed in backward (one at a
+        # time); the others (checkpoint_every > 1) keep their activations.
+        ckpt = [i % inp.checkpoint_every == 0 for i in range(s.layers)]
+        saved = sum(c * s.hidden if ck else a for ck, a in zip(ckpt, per_layer, strict=True)) + final
+        recompute = max(a for ck, a in zip(ckpt, per_layer, strict=True) if ck) + 2 * c * s.hidden
     else:
         saved, recompute = sum(per_layer) + final, 0
     if inp.loss_shards:
@@ -382,13 +388,21 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     return [(d, p) for _, d, p in found]
 
 
+def _ckpt_words(inp: PlanInput) -> str:
+    if not inp.activation_checkpointing:
+        return "no activation checkpointing"
+    if inp.checkpoint_every == 1:
+        return "activation checkpointing"
+    return f"activation checkpointing every {inp.checkpoint_every} layers"
+
+
 def describe_settings(inp: PlanInput) -> str:
     backend = inp.backend if inp.backend != "zero" else f"zero stage {inp.zero_stage}"
     bits = [
         backend,
         f"{inp.base} base",
         f"micro_batch {inp.micro_batch}",
-        "activation checkpointing" if inp.activation_checkpointing else "no activation checkpointing",
+        _ckpt_words(inp),
     ]
     if inp.offload:
         bits.append("CPU offload")
@@ -396,13 +410,19 @@ def describe_settings(inp: PlanInput) -> str:
 
 
 def replan_after_prune(inp: PlanInput) -> PlanInput | None:
-    """At the prune event: the kept set may fit without activation checkpointing. Returns
-    the settings to switch to (checkpointing off), or None to keep the current ones."""
+    """At the prune event the kept set may need less activation checkpointing: off if the
+    plan fits without it, else the fewest checkpointed layers (the largest N of
+    checkpoint_every) that fit. None when nothing fewer than the current setting fits."""
     if not inp.activation_checkpointing:
         return None
-    cand = replace(inp, activation_checkpointing=False)
-    p = plan(cand)
-    return cand if p.fits_after else None
+    off = replace(inp, activation_checkpointing=False)
+    if plan(off).fits_after:
+        return off
+    for n in range(inp.shape.layers, inp.checkpoint_every, -1):
+        cand = replace(inp, checkpoint_every=n)
+        if plan(cand).fits_after:
+            return cand
+    return None
 
 
 def human(nbytes: float) -> str:
@@ -467,6 +487,7 @@ def run_plan_input(
         micro_batch=cfg.train.micro_batch_size,
         seq_len=cfg.data.seq_len,
         activation_checkpointing=cfg.model.gradient_checkpointing,
+        checkpoint_every=cfg.model.checkpoint_every_n_layers,
         loss_shards=cfg.train.loss_shards,
         offload=cfg.distributed.fsdp.cpu_offload or zero.offload_optimizer,
         gpu_gib=cfg.memory.budget_gib or 80.0,

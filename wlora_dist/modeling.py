@@ -63,6 +63,13 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     )
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.checkpoint_every_n_layers)
     model.config.use_cache = False
     return model
+
+
+def enable_checkpointing(model: PreTrainedModel, every_n_layers: int = 1) -> None:
+    """Activation checkpointing of decoder layers 0, N, 2N, ... (transformers' own)."""
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
+    )

@@ -38,6 +38,8 @@ def run_case(case: dict) -> dict:
     ckpt = bool(case.get("checkpointing", False))
     int8 = bool(case.get("int8", False))
     loss_shards = int(case.get("loss_shards", 0))
+    layers = case.get("layers")  # decoder layers with adapters (None = all)
+    every = int(case.get("checkpoint_every", 1))
     rank, k, steps = int(case.get("rank", 8)), int(case.get("k", 4)), int(case.get("selection_steps", 2))
     if ws > 1:
         from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -49,12 +51,14 @@ def run_case(case: dict) -> dict:
             {
                 "adapter.lora_rank": rank,
                 "adapter.target_modules": targets,
+                "adapter.layers": layers,
                 "selection.k": k,
                 "selection.steps": steps,
                 "train.max_steps": steps + 4,
                 "train.micro_batch_size": mb,
                 "data.seq_len": seq,
                 "model.gradient_checkpointing": ckpt,
+                "model.checkpoint_every_n_layers": every,
                 "train.loss_shards": loss_shards,
                 "distributed.backend": backend,
             }
@@ -80,10 +84,12 @@ def run_case(case: dict) -> dict:
             compute="fp32",
             lora_rank=rank,
             targets=tuple(targets),
+            lora_layers=tuple(layers) if layers is not None else None,
             k=k,
             micro_batch=mb,
             seq_len=seq,
             activation_checkpointing=ckpt,
+            checkpoint_every=every,
             loss_shards=loss_shards,
             kept=kept,
         )

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from .config import ModelConfig
 from .errors import UserError
 from .int8 import Int8Linear, check_checkpoint_quantization, quantize_rows, scb_bits, to_int8_linears
-from .modeling import check_model_path, resolve_dtype
+from .modeling import check_model_path, enable_checkpointing, resolve_dtype
 from .weight_lora import ADAPTER, WeightLoRA, initial_adapter_weights
 
 
@@ -49,7 +49,7 @@ def _hf_config(cfg: ModelConfig):
 def _finish(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, cfg.checkpoint_every_n_layers)
     model.config.use_cache = False
     return model
 

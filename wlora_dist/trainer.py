@@ -396,13 +396,15 @@ class Trainer:
 
     def _replan(self) -> None:
         """memory.replan_at_prune: with K adapters left, switch activation checkpointing
-        off when the plan says the rest of the run fits the budget without it. The same
-        math (checkpointing only recomputes), a faster step; the global batch unchanged."""
+        off when the plan says the rest of the run fits the budget without it, else keep
+        it on the fewest layers that fit. The same math (checkpointing only recomputes), a
+        faster step; the global batch unchanged."""
         if not self.cfg.model.gradient_checkpointing:
             return
         from dataclasses import replace
 
-        from .memory_plan import GiB, ModelShape, plan, replan_after_prune, run_plan_input
+        from .memory_plan import GiB, ModelShape, human, plan, replan_after_prune, run_plan_input
+        from .modeling import enable_checkpointing
 
         shape = ModelShape.from_hf_config(self.wl.base_model.config.to_dict())
         kept = [(s.layer, s.kind) for s in self.wl.kept_sites() if s.layer is not None]
@@ -411,25 +413,38 @@ class Trainer:
         )
         inp = replace(inp, gpu_gib=self._memory_budget_gib())
         switched = replan_after_prune(inp)
-        without = plan(replace(inp, activation_checkpointing=False)).after.total / GiB
         budget = inp.gpu_gib - inp.reserve_gib
         if switched is None:
             self.logger.info(
-                "re-plan at the prune event: %d adapters need %.1f GiB per rank without activation checkpointing, "
-                "over the %.1f GiB budget: checkpointing stays on",
+                "re-plan at the prune event: %d adapters need %s per rank without activation checkpointing, and "
+                "checkpointing fewer layers does not fit the %.1f GiB budget either: it stays as it is",
                 len(kept),
-                without,
+                human(plan(replace(inp, activation_checkpointing=False)).after.total),
                 budget,
             )
             return
-        self.wl.base_model.activation_checkpointing_disable()
-        self.replanned = {"activation_checkpointing": False, "planned_gib": without, "budget_gib": budget}
+        planned = human(plan(switched).after.total)
+        if not switched.activation_checkpointing:
+            self.wl.base_model.activation_checkpointing_disable()
+            # transformers made the embedding output require grad for checkpointing, so every
+            # layer upstream of the first adapter built a graph; without checkpointing none is needed.
+            self.wl.base_model.disable_input_require_grads()
+            what = "activation checkpointing switched off"
+        else:
+            enable_checkpointing(self.wl.base_model, switched.checkpoint_every)
+            what = f"activation checkpointing of every {switched.checkpoint_every}th layer only"
+        self.replanned = {
+            "activation_checkpointing": switched.activation_checkpointing,
+            "checkpoint_every_n_layers": switched.checkpoint_every,
+            "planned_gib": plan(switched).after.total / GiB,
+            "budget_gib": budget,
+        }
         self.logger.info(
-            "re-plan at the prune event: %d adapters fit without activation checkpointing (%.1f of %.1f GiB per "
-            "rank planned): checkpointing switched off for the rest of the run",
+            "re-plan at the prune event: %d adapters fit %s per rank (of %.1f GiB) with %s for the rest of the run",
             len(kept),
-            without,
+            planned,
             budget,
+            what,
         )
 
     # ------------------------------------------------------------------ WeightLoRA+ rounds
