@@ -71,6 +71,19 @@ class Mode:
     notes: list[str] = field(default_factory=list)
 
 
+_70B_WS8 = Mode(
+    PRESETS["llama3-70b"],
+    micro_batch=1,
+    seq_len=2048,
+    k=32,
+    world_size=8,
+    backend="fsdp2",
+    checkpointing=True,
+    warmup=1,
+    timed=2,
+    notes=["rank 0 of 8 via the fake process group: communication left out of tokens/s"],
+)
+
 MODES: dict[str, Mode] = {
     "tiny-cpu": Mode(
         ModelShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=4096),
@@ -108,31 +121,8 @@ MODES: dict[str, Mode] = {
         int8=True,
         notes=["8-bit base (Int8Linear, bitsandbytes kernels) vs FINDINGS.md's bf16 numbers at 1B"],
     ),
-    "70b-int8-ws8": Mode(
-        PRESETS["llama3-70b"],
-        micro_batch=1,
-        seq_len=2048,
-        k=32,
-        world_size=8,
-        backend="fsdp2",
-        int8=True,
-        checkpointing=True,
-        warmup=1,
-        timed=2,
-        notes=["rank 0 of 8 via the fake process group: communication left out of tokens/s"],
-    ),
-    "70b-bf16-ws8": Mode(
-        PRESETS["llama3-70b"],
-        micro_batch=1,
-        seq_len=2048,
-        k=32,
-        world_size=8,
-        backend="fsdp2",
-        checkpointing=True,
-        warmup=1,
-        timed=2,
-        notes=["rank 0 of 8 via the fake process group: communication left out of tokens/s"],
-    ),
+    "70b-bf16-ws8": _70B_WS8,
+    "70b-int8-ws8": replace(_70B_WS8, int8=True),
 }
 
 
