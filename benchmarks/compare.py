@@ -131,18 +131,21 @@ MODES: dict[str, Mode] = {
 
 def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
     import torch
-    import torch.distributed as dist
+
+    from wlora_dist.harness import fake_world
+
+    if mode.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("this mode needs a GPU; none here (try --mode tiny-cpu)")
+    with fake_world(mode.world_size):
+        return _run_config(mode, which, keep, torch.device(mode.device))
+
+
+def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
+    import torch
 
     from wlora_dist.distributed import DistEnv
-    from wlora_dist.harness import Harness, bench_config, random_llama
+    from wlora_dist.harness import Harness, bench_config, kept_layer_kinds, random_llama
 
-    device = torch.device(mode.device if mode.device != "cuda" or torch.cuda.is_available() else "cpu")
-    if mode.device == "cuda" and device.type != "cuda":
-        raise SystemExit("this mode needs a GPU; none here (try --mode tiny-cpu)")
-    if mode.world_size > 1:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=mode.world_size)
     env = DistEnv(0, 0, mode.world_size, device)
     wlora = which in ("b", "c", "e")
     # (b) is timed inside the selection phase, (c) / (e) after the prune event at step T.
@@ -194,12 +197,11 @@ def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
     measured = h.measured_step()
     if which == "b":
         assert h.step < steps_t, "(b) must be measured inside the selection phase"
-    kept = [s.name for s in h.trainer.wl.kept_sites()]
-    adapters = len(kept)
+    adapters = len(h.trainer.wl.kept_sites())
     if which == "b":  # the selection this run would make: go on to the prune event
         while h.step < steps_t:
             h.run_step()
-        kept = [s.name for s in h.trainer.wl.kept_sites()]
+    kept = [s.name for s in h.trainer.wl.kept_sites()]
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in h.trainer.wl.base_model.modules())
     out = {
         "config": which,
@@ -209,25 +211,22 @@ def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
         "per_rank_bytes": bytes_at["last"],
         "adapters": adapters,
         "kept": kept,
+        "kept_sites": kept_layer_kinds(h),
         "prune_seconds": prune_s,
         "setup_seconds": setup_s,
         "activation_checkpointing": checkpointing,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
-    if mode.world_size > 1:
-        dist.destroy_process_group()
     return out
 
 
 # ---------------------------------------------------------------- the comparison (driver)
 
 
-def planned(mode: Mode, which: str, kept: list[str], checkpointing: bool) -> int:
-    """The planner's peak for configuration ``which`` (plain peft: no gate products)."""
-    import re
-
-    site_re = re.compile(r"layers\.(\d+)\.\w+\.(\w+)$")
-    kept_sites = tuple((int(m.group(1)), m.group(2)) for s in kept if (m := site_re.search(s)))
+def planned(mode: Mode, which: str, kept: list[list], checkpointing: bool) -> int:
+    """The planner's peak for configuration ``which`` (plain peft: no gate products);
+    ``kept``: (layer, module) of the K adapters (c) kept."""
+    kept_sites = tuple((int(layer), str(kind)) for layer, kind in kept)
     on_gpu = mode.device == "cuda"
     inp = PlanInput(
         mode.shape,
@@ -282,6 +281,7 @@ def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None) -
     results = {}
     results["b"] = run_worker(mode_name, "b", None, timeout, timed)
     kept = results["b"]["kept"]
+    kept_sites = results["b"]["kept_sites"]
     results["c"] = run_worker(mode_name, "c", None, timeout, timed)
     results["a"] = run_worker(mode_name, "a", None, timeout, timed)
     results["d"] = run_worker(mode_name, "d", kept, timeout, timed)
@@ -291,7 +291,7 @@ def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None) -
     for which, r in results.items():
         r["label"] = LABELS[which]
         r["ratio_to_a"] = r["tokens_per_s"] / base
-        r["planned_peak_bytes"] = planned(mode, which, kept, r["activation_checkpointing"])
+        r["planned_peak_bytes"] = planned(mode, which, kept_sites, r["activation_checkpointing"])
     summary = {
         "mode": mode_name,
         "settings": {k: v for k, v in asdict(mode).items() if k != "shape"},

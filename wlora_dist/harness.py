@@ -10,11 +10,11 @@ statistics on a GPU; on CPU, the allocation events torch's profiler records
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -132,7 +132,6 @@ class Harness:
         cfg: RunConfig,
         env: DistEnv,
         model: nn.Module,
-        report_dir: Path | None = None,
         plain_lora: bool = False,
         keep: list[str] | None = None,
     ) -> Harness:
@@ -147,10 +146,7 @@ class Harness:
         strip = (lambda wl: _strip(wl, keep, plain_lora)) if keep is not None or plain_lora else None
         tr.setup_model(model, strip)
         tr.logger = _QuietLogger()  # type: ignore[assignment]
-        if report_dir is None:
-            tr.write_reports = False
-        else:
-            tr.report_dir = report_dir
+        tr.write_reports = False  # no selection report files from benchmark runs
         tr.train_iter = random_batches(
             model.config.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed + env.global_rank
         )
@@ -200,10 +196,29 @@ def _strip(wl, keep: list[str] | None, plain: bool) -> None:
         keep_set = set(keep)
         wl.remove([s.index for s in wl.sites if s.name not in keep_set])
     if plain:
-        for h in wl._hooks.values():
-            h.remove()
-        wl._hooks.clear()
-        wl.freeze_gates()
+        wl.remove_gates()
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int) -> Iterator[None]:
+    """Rank 0 of ``world_size`` alone in this process (torch's fake process group: every
+    shard, buffer and activation has its real size, collectives do nothing)."""
+    if world_size == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def kept_layer_kinds(h: Harness) -> list[tuple[int, str]]:
+    """(decoder layer, module kind) of the adapters a run keeps, as the planner names them."""
+    return [(s.layer, s.kind) for s in h.trainer.wl.kept_sites() if s.layer is not None]
 
 
 def _json_safe(d: dict) -> dict:

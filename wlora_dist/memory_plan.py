@@ -162,6 +162,11 @@ def adapter_numel(inp: PlanInput, chosen: list[tuple[int, str]]) -> int:
     return sum(inp.lora_rank * sum(dims[t]) for _, t in chosen)
 
 
+def _compute_bytes(inp: PlanInput) -> int:
+    """Bytes per element of activations (bf16 autocast / FSDP2 param_dtype, else fp32)."""
+    return 2 if inp.compute == "bf16" else 4
+
+
 def _float_bytes(inp: PlanInput) -> int:
     return 4 if inp.base == "fp32" or (inp.base == "int8" and inp.compute == "fp32") else 2
 
@@ -204,7 +209,7 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
     - each adapter: A's output (r); during selection the gate's product on it one more;
     - nothing is saved upstream of the first adapter of the model (no input requires grad).
     """
-    s, c = inp.shape, (2 if inp.compute == "bf16" else 4)
+    s, c = inp.shape, _compute_bytes(inp)
     h, f, q, kv = s.hidden, s.intermediate, s.heads * s.d, s.kv_heads * s.d
     dims = s.linear_dims()
     norm = 4 * h + 4  # fp32 input + rsqrt
@@ -245,7 +250,7 @@ def activation_bytes(inp: PlanInput, chosen: list[tuple[int, str]], gates_train:
     log-softmax's input gradient: three fp32 copies of the logits), ``head`` (then the
     logits' gradient, fp32 and compute dtype, while the lm_head runs backward)."""
     s, tokens = inp.shape, inp.micro_batch * inp.seq_len
-    c = 2 if inp.compute == "bf16" else 4
+    c = _compute_bytes(inp)
     by_layer: dict[int, set[str]] = {}
     for i, t in chosen:
         by_layer.setdefault(i, set()).add(t)
@@ -288,7 +293,7 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
     base = layers_b + root_b
     sharded = _shards_base(inp)
     base_rank = math.ceil(base / ws) if sharded else base
-    if inp.offload and (inp.backend == "fsdp2" or (inp.backend == "zero" and inp.zero_stage == 3)):
+    if inp.offload and sharded:
         base_rank = 0
     numel = adapter_numel(inp, chosen)
     n = len(sites(inp))
@@ -296,7 +301,7 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         adapters, grads, optim = 4 * numel / ws, 4 * numel / ws, 8 * numel / ws
     elif inp.backend == "zero":
         # DeepSpeed: model-dtype params (partitioned at stage 3) + fp32 master partition.
-        model_b = 2 if inp.compute == "bf16" else 4
+        model_b = _compute_bytes(inp)
         adapters = model_b * numel / (ws if inp.zero_stage == 3 else 1) + 4 * numel / ws
         grads = model_b * numel / (ws if inp.zero_stage >= 2 else 1)
         optim = 8 * numel / ws
@@ -311,7 +316,7 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         grads += 4 * n
     acts = activation_bytes(inp, chosen, gates_train)
     gathered_root = gathered_head = gathered_layer = 0
-    if _shards_base(inp) and ws > 1:
+    if sharded and ws > 1:
         fb = _float_bytes(inp)
         cast = (2 if inp.compute == "bf16" else fb) / fb  # FSDP2 gathers bf16 copies under mixed precision
         head = inp.shape.vocab * inp.shape.hidden * fb

@@ -11,19 +11,16 @@ has its real size): what one rank of an N-rank FSDP2 job allocates.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from .distributed import DistEnv
-from .harness import Harness, bench_config, random_llama
+from .harness import Harness, bench_config, fake_world, kept_layer_kinds, random_llama
 from .memory_plan import LINEARS, ModelShape, PlanInput, plan
 
 CHECK_SHAPE = ModelShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=4096)
-_SITE = re.compile(r"layers\.(\d+)\.\w+\.(\w+)$")
 
 
 def run_case(case: dict) -> dict:
@@ -41,11 +38,7 @@ def run_case(case: dict) -> dict:
     layers = case.get("layers")  # decoder layers with adapters (None = all)
     every = int(case.get("checkpoint_every", 1))
     rank, k, steps = int(case.get("rank", 8)), int(case.get("k", 4)), int(case.get("selection_steps", 2))
-    if ws > 1:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=ws)
-    try:
+    with fake_world(ws):
         env = DistEnv(0, 0, ws, torch.device("cpu"))
         cfg = bench_config(
             {
@@ -70,11 +63,8 @@ def run_case(case: dict) -> dict:
         before = h.measured_step()  # step T - 1 < T: selection
         h.run_step()  # step T: the prune event
         after = h.measured_step()
-        kept = tuple((int(m.group(1)), m.group(2)) for s in h.trainer.wl.kept_sites() if (m := _SITE.search(s.name)))
+        kept = tuple(kept_layer_kinds(h))
         del h
-    finally:
-        if ws > 1:
-            dist.destroy_process_group()
     p = plan(
         PlanInput(
             shape,

@@ -364,24 +364,33 @@ class Trainer:
             return torch.cuda.get_device_properties(self.env.device).total_memory / 2**30
         return 0.0
 
-    def _log_plan(self) -> None:
-        """The planner's per-rank peak for this run, against the budget (the GPU's memory or
-        memory.budget_gib), before the first step: an OOM foretold is cheaper than one met."""
-        budget = self._memory_budget_gib()
-        if not budget:
-            return
+    def _plan_input(self, kept: list[tuple[int, str]] | None):
+        """This run's memory-plan input at the budget (None: no budget on a CPU run, or a
+        model config the planner does not know)."""
         from dataclasses import replace
 
-        from .memory_plan import ModelShape, human, plan, recommend, run_plan_input
+        from .memory_plan import ModelShape, run_plan_input
 
+        budget = self._memory_budget_gib()
+        if not budget:
+            return None
         try:
             shape = ModelShape.from_hf_config(self.wl.base_model.config.to_dict())
         except (KeyError, TypeError):  # not a Llama-like config: nothing to say
+            return None
+        on_gpu = self.env.device.type == "cuda"
+        inp = run_plan_input(self.cfg, shape, self.env.world_size, on_gpu, kept, self.backend.name)
+        return replace(inp, gpu_gib=budget)
+
+    def _log_plan(self) -> None:
+        """The planner's per-rank peak for this run, against the budget (the GPU's memory or
+        memory.budget_gib), before the first step: an OOM foretold is cheaper than one met."""
+        from .memory_plan import human, plan, recommend
+
+        inp = self._plan_input(None)
+        if inp is None:
             return
-        inp = run_plan_input(
-            self.cfg, shape, self.env.world_size, self.env.device.type == "cuda", None, self.backend.name
-        )
-        p = plan(replace(inp, gpu_gib=budget))
+        p = plan(inp)
         self.logger.info(
             "memory plan per rank: %s in the selection phase, %s after the prune event, of %s "
             "(wlora-dist plan --config ... for the breakdown)",
@@ -403,15 +412,14 @@ class Trainer:
             return
         from dataclasses import replace
 
-        from .memory_plan import GiB, ModelShape, human, plan, replan_after_prune, run_plan_input
+        from .memory_plan import GiB, human, plan, replan_after_prune
         from .modeling import enable_checkpointing
 
-        shape = ModelShape.from_hf_config(self.wl.base_model.config.to_dict())
         kept = [(s.layer, s.kind) for s in self.wl.kept_sites() if s.layer is not None]
-        inp = run_plan_input(
-            self.cfg, shape, self.env.world_size, self.env.device.type == "cuda", kept, self.backend.name
-        )
-        inp = replace(inp, gpu_gib=self._memory_budget_gib())
+        inp = self._plan_input(kept)
+        if inp is None:
+            self.logger.info("re-plan at the prune event: the planner does not know this model; nothing changed")
+            return
         switched = replan_after_prune(inp)
         budget = inp.gpu_gib - inp.reserve_gib
         if switched is None:
@@ -423,7 +431,7 @@ class Trainer:
                 budget,
             )
             return
-        planned = human(plan(switched).after.total)
+        planned = plan(switched).after.total
         if not switched.activation_checkpointing:
             self.wl.base_model.activation_checkpointing_disable()
             # transformers made the embedding output require grad for checkpointing, so every
@@ -436,13 +444,13 @@ class Trainer:
         self.replanned = {
             "activation_checkpointing": switched.activation_checkpointing,
             "checkpoint_every_n_layers": switched.checkpoint_every,
-            "planned_gib": plan(switched).after.total / GiB,
+            "planned_gib": planned / GiB,
             "budget_gib": budget,
         }
         self.logger.info(
             "re-plan at the prune event: %d adapters fit %s per rank (of %.1f GiB) with %s for the rest of the run",
             len(kept),
-            planned,
+            human(planned),
             budget,
             what,
         )

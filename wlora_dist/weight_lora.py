@@ -193,6 +193,14 @@ class WeightLoRA:
 
     # -- the prune event --------------------------------------------------------------
 
+    def remove_gates(self) -> None:
+        """Plain peft LoRA from here on: the gate hooks are removed and w frozen (the
+        benchmarks' baselines)."""
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self.freeze_gates()
+
     def freeze_gates(self) -> None:
         self.gates.requires_grad_(False)
         self.gates.grad = None
