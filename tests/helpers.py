@@ -1,0 +1,79 @@
+"""Helpers the test modules share (no test module imports another's private helpers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT, tiny_config_dict
+
+WORKER = ROOT / "tests" / "dist_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(cfg: dict, nproc: int, tmp: Path | None = None) -> list[dict]:
+    """Run tests/dist_worker.py on ``cfg`` in ``nproc`` gloo processes (1: plain python);
+    returns each rank's record (rank order)."""
+    out = Path(cfg["output"]["dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), str(cfg_path)]
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(k, None)
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            str(WORKER),
+            str(cfg_path),
+        ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def zero3_partitioned_config(out: Path, stage: int = 3) -> dict:
+    """distributed.* for ZeRO stage ``stage``; at stage 3 with DeepSpeed's persistence
+    threshold 0, so the tiny model's parameters (all under its default 1e5 elements, kept
+    whole on every rank) are really partitioned, as a real model's are."""
+    dist: dict = {"backend": "zero", "zero": {"stage": stage}}
+    if stage == 3:
+        ds_json = Path(out).parent / "ds_zero3.json"
+        ds_json.parent.mkdir(parents=True, exist_ok=True)
+        ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+        dist["zero"]["config_file"] = str(ds_json)
+    return dist
+
+
+K = 5  # adapters kept by dist_config's runs
+
+
+def dist_config(tiny_dir: Path, out: Path, backend: str, micro_batch: int, quantization: str = "none") -> dict:
+    """The distributed tests' run: global batch 8 rows x 2 micro-steps for every world
+    size, K = 5 of 14, prune after step 5 of 9. ``backend``: replicated, fsdp2, zero1/2/3."""
+    cfg = tiny_config_dict(
+        tiny_dir,
+        out,
+        selection={"steps": 5, "k": K, "project_every": 5},
+        train={"max_steps": 9, "grad_accum_steps": 2, "micro_batch_size": micro_batch},
+    )
+    cfg["model"]["quantization"] = quantization
+    cfg["distributed"] = {"backend": backend}
+    if backend.startswith("zero"):
+        cfg["distributed"] = zero3_partitioned_config(out, int(backend[-1]))
+    return cfg
