@@ -38,8 +38,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not dist and not e2e and not slow"
 
 lint: setup
-	$(BIN)/ruff check wlora_dist tests train.py
-	$(BIN)/ruff format --check wlora_dist tests train.py
+	$(BIN)/ruff check wlora_dist tests benchmarks train.py
+	$(BIN)/ruff format --check wlora_dist tests benchmarks train.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wlora_dist.memory_plan import (  # noqa: E402
+from wlora_dist.distributed.spec import BackendSpec  # noqa: E402
+from wlora_dist.planning.memory_plan import (  # noqa: E402
     LINEARS,
     PRESETS,
     GiB,
@@ -110,7 +111,7 @@ MODES: dict[str, Mode] = {
         budget_gib=48.0,
         notes=[
             "a 48 GB card (A6000 / L40S) simulated by the plan's budget: all 224 adapters need activation "
-            "checkpointing there, 32 kept ones do not (FINDINGS.md: 48.0 vs 39.0 GiB without it)"
+            "checkpointing there, 32 kept ones do not (docs/measurements.md: 48.0 vs 39.0 GiB without it)"
         ],
     ),
     "1b-int8": Mode(
@@ -119,7 +120,7 @@ MODES: dict[str, Mode] = {
         seq_len=2048,
         k=16,
         int8=True,
-        notes=["8-bit base (Int8Linear, bitsandbytes kernels) vs FINDINGS.md's bf16 numbers at 1B"],
+        notes=["8-bit base (Int8Linear, bitsandbytes kernels) vs docs/measurements.md's bf16 numbers at 1B"],
     ),
     "70b-bf16-ws8": _70B_WS8,
     "70b-int8-ws8": replace(_70B_WS8, int8=True),
@@ -132,7 +133,7 @@ MODES: dict[str, Mode] = {
 def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
     import torch
 
-    from wlora_dist.harness import fake_world
+    from benchmarks.harness import fake_world
 
     if mode.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this mode needs a GPU; none here (try --mode tiny-cpu)")
@@ -143,8 +144,8 @@ def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
 def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
     import torch
 
-    from wlora_dist.distributed import DistEnv
-    from wlora_dist.harness import Harness, bench_config, kept_layer_kinds, random_llama
+    from benchmarks.harness import Harness, bench_config, kept_layer_kinds, random_llama
+    from wlora_dist.distributed.env import DistEnv
 
     env = DistEnv(0, 0, mode.world_size, device)
     wlora = which in ("b", "c", "e")
@@ -178,14 +179,6 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
     t0 = time.perf_counter()
     h = Harness.build(cfg, env, model, plain_lora=not wlora, keep=keep if which == "d" else None)
     setup_s = time.perf_counter() - t0
-    bytes_at: dict[str, dict] = {}
-    original_zero_grad = h.trainer.backend.zero_grad
-
-    def zero_grad_counting() -> None:  # per-rank bytes while the gradients exist
-        bytes_at["last"] = h.trainer.backend.memory_report(h.trainer.params)
-        original_zero_grad()
-
-    h.trainer.backend.zero_grad = zero_grad_counting  # type: ignore[method-assign]
     prune_s = None
     if which in ("c", "e"):
         for _ in range(steps_t):
@@ -208,7 +201,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         **timing,
         "peak_bytes": measured["peak_bytes"],
         "resident_bytes": measured["resident_bytes"],
-        "per_rank_bytes": bytes_at["last"],
+        "per_rank_bytes": h.step_bytes.last,
         "adapters": adapters,
         "kept": kept,
         "kept_sites": kept_layer_kinds(h),
@@ -231,7 +224,7 @@ def planned(mode: Mode, which: str, kept: list[list], checkpointing: bool) -> in
     inp = PlanInput(
         mode.shape,
         mode.world_size,
-        mode.backend,  # type: ignore[arg-type]
+        BackendSpec.parse(mode.backend),
         base="int8" if mode.int8 else ("bf16" if on_gpu else "fp32"),
         compute="bf16" if on_gpu else "fp32",
         lora_rank=mode.rank,

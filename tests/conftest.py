@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from wlora_dist.tiny import make_model, make_tokenizer, write_default  # noqa: E402
+from wlora_dist.model.tiny import make_model, make_tokenizer, write_default  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wlora_dist.config import config_from_dict
-from wlora_dist.distributed import init_distributed, shutdown
-from wlora_dist.tracking import setup_logging
-from wlora_dist.trainer import Trainer
+from wlora_dist.distributed.env import init_distributed, shutdown
+from wlora_dist.training.tracking import setup_logging
+from wlora_dist.training.trainer import Trainer
 
 
 def full(t):
@@ -46,7 +46,7 @@ def resident_bytes(t):
 
 def watch_int8_forward(model):
     """What the first Int8Linear holds while its forward runs (gathered under FSDP2 / ZeRO-3)."""
-    from wlora_dist.int8 import Int8Linear
+    from wlora_dist.model.int8 import Int8Linear
 
     seen = {}
     for m in model.modules():
@@ -68,7 +68,7 @@ def watch_int8_forward(model):
 def int8_info(trainer):
     """Every Int8Linear's int8 weight and scales: names, this rank's bytes, total bytes and a
     digest of the full (gathered) values."""
-    from wlora_dist.int8 import Int8Linear
+    from wlora_dist.model.int8 import Int8Linear
 
     mods = [(n, m) for n, m in trainer.wl.peft_model.named_modules() if isinstance(m, Int8Linear)]
     if not mods:
@@ -105,25 +105,28 @@ def main() -> None:
     import gc
 
     gc.collect()
+    last = trainer.layout_events[-1] if trainer.layout_events else None
+    removed = last.removed if last is not None else []  # the last change's removed A / B tensors
+    prune = [e for e in trainer.layout_events if e.change.kind == "prune"]
     out = {
         "world_size": env.world_size,
         "global_rank": env.global_rank,
         "torch_dist_world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "losses": [h["loss"] for h in result.history],
-        "local_losses": trainer.local_losses,
+        "local_losses": [h["local_loss"] for h in result.history],
         "kept": result.kept,
         "site_names": [s.name for s in trainer.wl.sites],
         "gates": trainer.wl.gates.tolist(),
         "gates_digest": digest([trainer.wl.gates]),
         "params_digest": digest(trainer.backend.gather_full(trainer.wl.trainable_parameters())),
         "n_trainable": len(trainer.wl.trainable_parameters()),
-        "removed_alive": sum(r() is not None for r in trainer.removed_refs),
-        "n_removed": len(trainer.removed_refs),
+        "removed_alive": sum(r() is not None for r in removed),
+        "n_removed": len(removed),
         "memory": result.memory,
-        "loaded_partitioned": getattr(trainer.backend, "loaded_partitioned", None),
+        "loaded_partitioned": trainer.backend.loaded_partitioned,
         "max_same_hooks": max_hooks_of_one_kind(trainer.wl.peft_model),
-        "load_bytes_read": getattr(getattr(trainer.backend, "load_stats", None), "bytes_read", None),
-        "prune_losses": trainer.prune_losses,
+        "load_bytes_read": getattr(trainer.backend.load_stats, "bytes_read", None),
+        "prune_losses": prune[-1].probe_losses if prune else None,
         "rounds_log": trainer.rounds_log,
         "adam_steps": sorted(
             {float(st["step"]) for st in getattr(trainer.backend.optimizer, "state", {}).values() if "step" in st}

@@ -77,3 +77,20 @@ def dist_config(tiny_dir: Path, out: Path, backend: str, micro_batch: int, quant
     if backend.startswith("zero"):
         cfg["distributed"] = zero3_partitioned_config(out, int(backend[-1]))
     return cfg
+
+
+def train_in_process(tiny_dir: Path, tmp_path: Path, **sections):
+    """A 1-process run of ``tiny_config_dict`` (with ``sections``) in this process:
+    (trainer, result)."""
+    from wlora_dist.config import config_from_dict
+    from wlora_dist.distributed.env import init_distributed
+    from wlora_dist.training.trainer import Trainer
+
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", **sections))
+    trainer = Trainer(cfg, init_distributed())
+    trainer.setup()
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer, result

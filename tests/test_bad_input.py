@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from wlora_dist.cli import main
-from wlora_dist.tiny import write_default
+from wlora_dist.model.tiny import write_default
 
 from .conftest import tiny_config_dict
 

@@ -18,13 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .test_distributed import WORKER, _cfg, _free_port, run_worker
+from .helpers import WORKER, dist_config, free_port, run_worker
 
 pytestmark = pytest.mark.dist
 
 
 def _ckpt_cfg(tiny_dir, out, backend, nproc, **checkpoint):
-    cfg = _cfg(tiny_dir, out, backend, 8 // nproc)
+    cfg = dist_config(tiny_dir, out, backend, 8 // nproc)
     cfg["checkpoint"] = checkpoint
     return cfg
 
@@ -64,7 +64,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(backend, step, full_runs, tiny_
 
 def test_checkpointing_does_not_change_the_run(full_runs, tiny_dir, tmp_path):
     full, ckpts = full_runs("replicated")
-    plain = run_worker(_cfg(tiny_dir, tmp_path / "plain", "replicated", 4), 2, tmp_path)[0]
+    plain = run_worker(dist_config(tiny_dir, tmp_path / "plain", "replicated", 4), 2, tmp_path)[0]
     assert plain["params_digest"] == full["params_digest"] and plain["losses"] == full["losses"]
     # keep_last: 20 > 8 steps, all kept; every folder complete, no .tmp left.
     assert [p.name for p in sorted(ckpts.iterdir())] == [f"step-{s:08d}" for s in range(1, 9)]
@@ -155,7 +155,7 @@ def _start(cfg: dict, log: Path) -> subprocess.Popen:
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(WORKER),
         str(out / "cfg.json"),
     ]
@@ -188,7 +188,7 @@ def _children(pid: int) -> list[int]:
 
 def test_sigusr1_and_sigterm_request_a_stop():
     """SLURM's --signal=USR1@T reaches the ranks as SIGUSR1: the same stop as SIGTERM."""
-    from wlora_dist.checkpoint import StopOnSignal
+    from wlora_dist.training.checkpoint import StopOnSignal
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         stopper = StopOnSignal()

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from wlora_dist.config import DataConfig
-from wlora_dist.data import IGNORE, DataError, collate, load_rows, make_loader, tokenize, train_eval_split
-from wlora_dist.tiny import make_tokenizer
+from wlora_dist.data.pipeline import IGNORE, DataError, collate, load_rows, make_loader, tokenize, train_eval_split
+from wlora_dist.model.tiny import make_tokenizer
 
 TOK = make_tokenizer()
 

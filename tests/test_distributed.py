@@ -6,21 +6,14 @@ adapters and gates end bitwise equal and match the 1-process run on the same glo
 batch. Under FSDP2 the base is shown to be sharded (per-rank bytes = total / world size).
 """
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, tiny_config_dict
+from .helpers import K, dist_config, run_worker
 
-WORKER = ROOT / "tests" / "dist_worker.py"
 pytestmark = pytest.mark.dist
 N = 14  # adapters of the 2-layer tiny Llama
-K = 5
 # Tiny Llama: hidden 32, MLP 64, 4 heads of 8, 2 kv heads; r = 4; params per adapter.
 PARAMS_OF = {
     "q_proj": 4 * (32 + 32),
@@ -50,59 +43,6 @@ CASES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_worker(cfg: dict, nproc: int, tmp: Path) -> list[dict]:
-    out = Path(cfg["output"]["dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(cfg_path)]
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-            env.pop(k, None)
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}",
-            str(WORKER),
-            str(cfg_path),
-        ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
-
-
-def _cfg(tiny_dir, out, backend, micro_batch, quantization="none"):
-    # Global batch 8 rows x 2 micro-steps for every world size.
-    cfg = tiny_config_dict(
-        tiny_dir,
-        out,
-        selection={"steps": 5, "k": K, "project_every": 5},
-        train={"max_steps": 9, "grad_accum_steps": 2, "micro_batch_size": micro_batch},
-    )
-    cfg["model"]["quantization"] = quantization
-    cfg["distributed"] = {"backend": backend}
-    if backend.startswith("zero"):
-        cfg["distributed"] = {"backend": "zero", "zero": {"stage": int(backend[-1])}}
-    if backend == "zero3":
-        # DeepSpeed keeps parameters under 1e5 elements (all of the tiny model's) whole on
-        # every rank by default; 0 makes stage 3 partition them, as it does a real model's.
-        ds_json = Path(out).parent / "ds_zero3.json"
-        ds_json.parent.mkdir(parents=True, exist_ok=True)
-        ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
-        cfg["distributed"]["zero"]["config_file"] = str(ds_json)
-    return cfg
-
-
 @pytest.fixture(scope="module")
 def references(tiny_dir, tmp_path_factory):
     """The 1-process run of the float and of the 8-bit base, made when first asked for."""
@@ -111,7 +51,9 @@ def references(tiny_dir, tmp_path_factory):
     def get(quantization: str) -> dict:
         if quantization not in runs:
             tmp = tmp_path_factory.mktemp(f"ref-{quantization}")
-            runs[quantization] = run_worker(_cfg(tiny_dir, tmp / "one", "replicated", 8, quantization), 1, tmp)[0]
+            runs[quantization] = run_worker(dist_config(tiny_dir, tmp / "one", "replicated", 8, quantization), 1, tmp)[
+                0
+            ]
         return runs[quantization]
 
     return get
@@ -126,7 +68,7 @@ def reference(ranks, references):
 def ranks(request, tiny_dir, tmp_path_factory):
     backend, nproc, quantization = request.param
     tmp = tmp_path_factory.mktemp(f"{backend}{nproc}{quantization}")
-    return run_worker(_cfg(tiny_dir, tmp / "run", backend, 8 // nproc, quantization), nproc, tmp)
+    return run_worker(dist_config(tiny_dir, tmp / "run", backend, 8 // nproc, quantization), nproc, tmp)
 
 
 def test_really_distributed_on_different_data(ranks):
@@ -195,7 +137,7 @@ def test_int8_base_what_each_rank_holds(ranks, tiny_dir):
     import torch
     from safetensors.torch import load_file
 
-    from wlora_dist.int8 import quantize_rows, scb_bits
+    from wlora_dist.model.int8 import quantize_rows, scb_bits
 
     n, info = len(ranks), ranks[0]["int8"]
     assert len(info["names"]) == N  # every linear of the decoder layers; lm_head kept float
@@ -274,9 +216,9 @@ def test_reinit_kept_gives_the_same_fresh_adapters_on_every_rank(backend, nproc,
     import torch
     from safetensors.torch import load_file
 
-    from wlora_dist.weight_lora import AdapterSite, initial_adapter_weights
+    from wlora_dist.method.init import initial_adapter_weights
 
-    cfg = _cfg(tiny_dir, tmp_path / "run", backend, 8 // nproc)
+    cfg = dist_config(tiny_dir, tmp_path / "run", backend, 8 // nproc)
     cfg["selection"]["reinit_kept"] = True
     cfg["train"]["max_steps"] = cfg["selection"]["steps"]
     ranks = run_worker(cfg, nproc, tmp_path)
@@ -288,6 +230,6 @@ def test_reinit_kept_gives_the_same_fresh_adapters_on_every_rank(backend, nproc,
         index = ranks[0]["site_names"].index(name)
         a = state[f"base_model.model.{name}.lora_A.weight"]
         b = state[f"base_model.model.{name}.lora_B.weight"]
-        want_a, _ = initial_adapter_weights(AdapterSite(index, name, None, ""), a.shape, b.shape, seed=0 + 1)
+        want_a, _ = initial_adapter_weights(index, a.shape, b.shape, seed=0 + 1)
         torch.testing.assert_close(a, want_a, rtol=0, atol=0)
         assert torch.all(b == 0)

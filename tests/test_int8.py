@@ -10,12 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from wlora_dist.config import AdapterConfig, ModelConfig
 from wlora_dist.errors import UserError
-from wlora_dist.int8 import Int8Linear, dequantize, quantize_rows, scb_bits
-from wlora_dist.sharded_loading import build_on_meta, materialize_sharded
-from wlora_dist.weight_lora import ADAPTER, WeightLoRA
+from wlora_dist.method.weight_lora import ADAPTER, WeightLoRA
+from wlora_dist.model.int8 import Int8Linear, dequantize, quantize_rows, scb_bits
+from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
 
 from .conftest import tiny_config_dict
-from .test_distributed import _cfg, run_worker
+from .helpers import dist_config, run_worker
 
 CPU = torch.device("cpu")
 
@@ -142,6 +142,7 @@ def test_storage_survives_mixed_precision_casts():
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_training_on_int8_equals_training_on_its_dequantised_weights(tiny_dir, tmp_path):
     """A whole run (selection, prune event, LoRA on K) on the 8-bit base and on a float
     checkpoint of its dequantised weights: same kept adapters, same training losses.
@@ -154,8 +155,8 @@ def test_training_on_int8_equals_training_on_its_dequantised_weights(tiny_dir, t
     for name in names:
         state[name + ".weight"] = dequantize(*quantize_rows(state[name + ".weight"]))
     save_file(state, str(deq / "model.safetensors"), metadata={"format": "pt"})
-    int8_run = run_worker(_cfg(tiny_dir, tmp_path / "int8", "replicated", 8, "int8"), 1, tmp_path)[0]
-    float_cfg = _cfg(tiny_dir, tmp_path / "deq", "replicated", 8)
+    int8_run = run_worker(dist_config(tiny_dir, tmp_path / "int8", "replicated", 8, "int8"), 1, tmp_path)[0]
+    float_cfg = dist_config(tiny_dir, tmp_path / "deq", "replicated", 8)
     float_cfg["model"]["path"] = str(deq)
     float_run = run_worker(float_cfg, 1, tmp_path)[0]
     assert int8_run["kept"] == float_run["kept"]
@@ -180,35 +181,7 @@ def test_config_knows_the_int8_fields(tiny_dir, tmp_path):
             config_from_dict(bad)
 
 
-FSDP2_MP_SCRIPT = r"""
-import os, sys, json, torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-sys.path.insert(0, sys.argv[1])
-from wlora_dist.int8 import Int8Linear, quantize_rows, scb_bits, dequantize
-
-dist.init_process_group("gloo", rank=0, world_size=1)
-torch.manual_seed(0)
-w = torch.randn(16, 32)
-cb, scb = quantize_rows(w)
-lin = Int8Linear(32, 16)
-with torch.no_grad():
-    lin.weight.copy_(cb); lin.SCB.copy_(scb_bits(scb))
-model = torch.nn.Sequential(lin)
-fully_shard(model, mesh=init_device_mesh("cpu", (1,)),
-            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
-seen = {}
-lin.register_forward_pre_hook(lambda m, a: seen.update(w=str(m.weight.dtype), scb=str(m.SCB.dtype), x=str(a[0].dtype)))
-stored = str(lin.weight.to_local().dtype)  # the DTensor shard, between steps
-x = torch.randn(4, 32)
-y = model(x)
-ref = x.to(torch.bfloat16).float() @ dequantize(cb, scb).T
-print(json.dumps({**seen, "y": str(y.dtype), "err": float((y.float() - ref).abs().max()),
-                  "scale": float(ref.abs().max()), "stored": stored}))
-dist.destroy_process_group()
-"""
-
-
+@pytest.mark.dist
 def test_fsdp2_bf16_mixed_precision_leaves_int8_and_scales_uncast(tmp_path):
     """FSDP2's MixedPrecisionPolicy(param_dtype=bf16), as the fsdp2 backend uses it on GPU:
     the int8 weight and the int32-stored scales reach the forward uncast (a bf16 scale
@@ -218,12 +191,11 @@ def test_fsdp2_bf16_mixed_precision_leaves_int8_and_scales_uncast(tmp_path):
     import sys
 
     from .conftest import ROOT
-    from .test_distributed import _free_port
+    from .helpers import free_port
 
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", FSDP2_MP_SCRIPT, str(ROOT)], env=env, capture_output=True, text=True, timeout=300
-    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    worker = ROOT / "tests" / "int8_fsdp2_mp_worker.py"
+    proc = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (out["w"], out["scb"], out["stored"]) == ("torch.int8", "torch.int32", "torch.int8")

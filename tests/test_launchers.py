@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from wlora_dist.config import ConfigError, load_config
-from wlora_dist.launchers import accelerate_overrides
+from wlora_dist.distributed.launchers import accelerate_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny_cpu.yaml"
@@ -72,8 +72,8 @@ def test_users_deepspeed_json_wins_except_auto(tmp_path):
     import json
 
     from wlora_dist.config import OptimConfig, TrainConfig, ZeROConfig
+    from wlora_dist.distributed.zero import deepspeed_config
     from wlora_dist.errors import UserError
-    from wlora_dist.zero_backend import deepspeed_config
 
     user = tmp_path / "ds.json"
     user.write_text(
@@ -102,10 +102,13 @@ def test_users_deepspeed_json_wins_except_auto(tmp_path):
 def test_fsdp_cpu_offload_without_gpu_is_a_clear_error():
     import torch
 
-    from wlora_dist.config import FSDPConfig, OptimConfig
-    from wlora_dist.distributed import DistEnv
+    from wlora_dist.config import RunConfig
+    from wlora_dist.distributed.env import DistEnv
+    from wlora_dist.distributed.fsdp2 import FSDP2Backend
+    from wlora_dist.distributed.spec import BackendSpec
     from wlora_dist.errors import UserError
-    from wlora_dist.fsdp2_backend import FSDP2Backend
 
     with pytest.raises(UserError, match=r"cpu_offload: true needs a GPU"):
-        FSDP2Backend(DistEnv(0, 0, 2, torch.device("cpu")), OptimConfig(), FSDPConfig(cpu_offload=True), seed=0)
+        cfg = RunConfig()
+        cfg.distributed.fsdp.cpu_offload = True
+        FSDP2Backend(BackendSpec("fsdp2", 0, True), DistEnv(0, 0, 2, torch.device("cpu")), cfg)

@@ -14,5 +14,7 @@ RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.whi
 @pytest.mark.skipif(RUFF is None, reason="ruff not installed (pip install -e .[dev])")
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]], ids=["check", "format"])
 def test_ruff_clean(args):
-    proc = subprocess.run([RUFF, *args, "wlora_dist", "tests", "train.py"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [RUFF, *args, "wlora_dist", "tests", "benchmarks", "train.py"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,8 +8,8 @@ import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from wlora_dist.config import AdapterConfig
-from wlora_dist.loss import tiled_causal_lm_loss
-from wlora_dist.weight_lora import WeightLoRA
+from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.loss import tiled_causal_lm_loss
 
 
 @pytest.mark.parametrize("shards,num_items", [(1, None), (4, None), (7, 61)])

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from wlora_dist.projections import project, project_simplex, project_topk, topk_mask
+from wlora_dist.method.projections import project, project_simplex, project_topk, topk_mask
 
 
 def test_topk_signed_keeps_largest_values_and_zeroes_rest():

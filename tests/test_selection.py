@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
+from benchmarks.synthetic import selection_recovery
 from wlora_dist.config import OptimConfig, SelectionConfig
-from wlora_dist.selection import gate_step, in_selection, is_projection_step, is_prune_step, lr_multiplier
-from wlora_dist.synthetic import selection_recovery
+from wlora_dist.method.gates import gate_step
+from wlora_dist.method.schedule import in_selection, is_projection_step, is_prune_step, lr_multiplier
 
 
 def test_lr_multiplier_warmup_then_cosine_and_linear():
@@ -53,7 +54,7 @@ def test_gate_step_skips_projection_at_zero_grad_unless_forced():
 def test_selection_recovers_known_subset():
     """Teacher = base + rank-2 deltas on 4 of 14 linears; keep K=4. Recall over 3 seeds.
 
-    Measured (python -m wlora_dist.synthetic --seeds 5 --project-every 1 5 40):
+    Measured (python -m benchmarks.synthetic --seeds 5 --project-every 1 5 40):
     P=40 (select once at T) recall 1.00 on every seed; P=5: 0.70; P=1 (authors'): 0.50;
     chance 0.29. Projecting every step locks in a set chosen from first-order noise.
     """

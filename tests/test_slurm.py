@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from .conftest import ROOT, tiny_config_dict
-from .test_distributed import _free_port
+from .helpers import free_port
 
 pytestmark = pytest.mark.e2e
 SHIMS = ROOT / "tests" / "slurm_shims"
@@ -44,7 +44,7 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
         "PATH": f"{SHIMS}:{os.environ['PATH']}",
         "SHIM_STATE": str(tmp / "shim"),
         "WLORA_PYTHON": sys.executable,
-        "WLORA_MASTER_PORT": str(_free_port()),
+        "WLORA_MASTER_PORT": str(free_port()),
         "OMP_NUM_THREADS": "1",
         **extra,
     }
@@ -129,7 +129,7 @@ def test_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(tin
     step = json.loads((ckpts[0] / "meta.json").read_text())["step"]
     # SLURM runs the requeued job: same script, same id, restart count 1.
     env["SHIM_RESTART_COUNT"] = "1"
-    env["WLORA_MASTER_PORT"] = str(_free_port())
+    env["WLORA_MASTER_PORT"] = str(free_port())
     proc = _sbatch("single_node.sbatch", tmp_path, env, str(cfg))
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]

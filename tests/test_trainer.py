@@ -5,21 +5,12 @@ import torch
 from safetensors.torch import load_file
 
 from wlora_dist.config import ConfigError, config_from_dict
-from wlora_dist.distributed import init_distributed
-from wlora_dist.trainer import Trainer, TrainingError
+from wlora_dist.distributed.env import init_distributed
+from wlora_dist.training.results import TrainingError
+from wlora_dist.training.trainer import Trainer
 
 from .conftest import tiny_config_dict
-
-
-def _train(tiny_dir, tmp_path, **sections):
-    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", **sections))
-    trainer = Trainer(cfg, init_distributed())
-    trainer.setup()
-    try:
-        result = trainer.train()
-    finally:
-        trainer.cleanup()
-    return trainer, result
+from .helpers import train_in_process as _train
 
 
 def test_simplex_selection_keeps_the_support(tiny_dir, tmp_path):
@@ -34,7 +25,7 @@ def test_simplex_selection_keeps_the_support(tiny_dir, tmp_path):
 def test_method_none_is_plain_lora_on_all_adapters(tiny_dir, tmp_path):
     trainer, result = _train(tiny_dir, tmp_path, selection={"method": "none"})
     assert len(result.kept) == 14 and torch.all(trainer.wl.gates == 1)
-    assert trainer.removed_refs == [] and not (tmp_path / "run/report/selection-prune.json").exists()
+    assert trainer.layout_events == [] and not (tmp_path / "run/report/selection-prune.json").exists()
 
 
 def test_reinit_kept_restarts_the_kept_adapters(tiny_dir, tmp_path):

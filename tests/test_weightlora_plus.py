@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from wlora_dist.config import ConfigError, config_from_dict
-from wlora_dist.distributed import init_distributed
-from wlora_dist.extension import double_rank
-from wlora_dist.trainer import Trainer
+from wlora_dist.distributed.env import init_distributed
+from wlora_dist.method.extension import double_rank
+from wlora_dist.training.trainer import Trainer
 
 from .conftest import tiny_config_dict
-from .test_distributed import _cfg, run_worker
-from .test_trainer import _train
+from .helpers import dist_config, run_worker
+from .helpers import train_in_process as _train
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -104,7 +104,7 @@ PLUS_CASES = [("fsdp2", 2), ("fsdp2", 4), ("zero3", 2)]
 
 
 def _plus_cfg(tiny_dir, out, backend, nproc):
-    cfg = _cfg(tiny_dir, out, backend, 8 // nproc)
+    cfg = dist_config(tiny_dir, out, backend, 8 // nproc)
     cfg["selection"].update(steps=4, rounds=2)
     return cfg
 

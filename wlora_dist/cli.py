@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, describe, load_config
-from .errors import UserError
+from wlora_dist.config import ConfigError, describe, load_config
+from wlora_dist.errors import UserError
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,14 +32,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .launchers import accelerate_overrides
+    from wlora_dist.distributed.launchers import accelerate_overrides
 
     # Before any process group: fail fast. The accelerate config's choices come in first.
     cfg = load_config(args.config, args.overrides, accelerate_overrides(os.environ))
     # Imported here so `--help` and config errors answer in a fraction of a second.
-    from .distributed import init_distributed, shutdown
-    from .tracking import setup_logging
-    from .trainer import Trainer
+    from wlora_dist.distributed.env import init_distributed, shutdown
+    from wlora_dist.training.tracking import setup_logging
+    from wlora_dist.training.trainer import Trainer
 
     env = init_distributed(cfg.distributed.timeout_minutes)
     setup_logging(env.is_main)
@@ -62,8 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, list_checkpoints
-    from .export import export_checkpoint
+    from wlora_dist.training.checkpoint import CheckpointError, list_checkpoints
+    from wlora_dist.training.export import export_checkpoint
 
     ckpt = Path(args.checkpoint)
     if not (ckpt / "meta.json").is_file():
@@ -83,7 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
-    from .tiny import write_default
+    from wlora_dist.model.tiny import write_default
 
     out = write_default(Path(args.out), args.rows, args.hidden, args.layers)
     print(f"tiny Llama -> {out / 'model'} ; data -> {out / 'data'}")
@@ -91,7 +91,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import plot_gates
+    from wlora_dist.training.report import plot_gates
 
     summary = json.loads(Path(args.selection_json).read_text())
     out = Path(args.out or Path(args.selection_json).with_suffix(".png"))
@@ -103,22 +103,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
-    from .memory_plan import LINEARS, PlanInput, format_plan, plan, recommend, run_plan_input, shape_from
+    from wlora_dist.distributed.spec import BackendSpec, resolve_backend
+    from wlora_dist.planning.memory_plan import (
+        LINEARS,
+        PlanInput,
+        format_plan,
+        plan,
+        recommend,
+        run_plan_input,
+        shape_from,
+    )
 
     kw: dict = {}
     model = args.model
-    if args.config:  # the run config's choices first; flags given explicitly win
-        cfg = load_config(args.config, args.overrides)
+    if args.config:  # the run config's choices first (with the launcher's); flags given explicitly win
+        from wlora_dist.distributed.launchers import accelerate_config_env, accelerate_overrides
+
+        launcher = accelerate_overrides(accelerate_config_env(args.accelerate_config)) if args.accelerate_config else []
+        cfg = load_config(args.config, args.overrides, launcher)
         model = model or cfg.model.path
-        base = run_plan_input(cfg, shape_from(model), args.world_size)
-        keys = ("backend", "zero_stage", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
-        keys += ("micro_batch", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards", "offload")
+        base = run_plan_input(cfg, shape_from(model), args.world_size, resolve_backend(cfg.distributed))
+        keys = ("backend", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
+        keys += ("micro_batch", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
         kw = {k: getattr(base, k) for k in keys}
+    elif args.accelerate_config:
+        raise UserError("--accelerate-config needs --config (the run config it launches)")
     if not model:
         raise UserError("wlora-dist plan: give --model (a preset, config.json or model folder) or --config")
+    if args.backend or args.zero_stage or args.offload is not None:
+        given: BackendSpec = kw.get("backend", BackendSpec("fsdp2"))
+        kind = args.backend or given.kind
+        stage = (args.zero_stage or given.zero_stage or 3) if kind == "zero" else 0
+        kw["backend"] = BackendSpec(kind, stage, given.offload if args.offload is None else args.offload)
     flags = {
-        "backend": args.backend,
-        "zero_stage": args.zero_stage,
         "base": args.base,
         "lora_rank": args.rank,
         "targets": tuple(args.targets.split(",")) if args.targets else None,
@@ -128,7 +145,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "activation_checkpointing": args.activation_checkpointing,
         "checkpoint_every": args.checkpoint_every,
         "loss_shards": args.loss_shards,
-        "offload": args.offload,
     }
     kw.update({k: v for k, v in flags.items() if v is not None})
     bad = [t for t in kw.get("targets", LINEARS) if t not in LINEARS]
@@ -218,17 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
         "whether it fits the GPU. Counts are checked against measured peaks (tests/test_memory_plan.py).",
         epilog="examples:\n  wlora-dist plan --model llama3-70b --world-size 8 --gpu-gib 24 --base int8 "
         "--activation-checkpointing\n  wlora-dist plan --config configs/llama3_8b_instruct.yaml --world-size 8 "
-        "--gpu-gib 80\n  wlora-dist plan --model llama3-8b --gpu-gib 40 --recommend",
+        "--gpu-gib 80\n  wlora-dist plan --config configs/llama3_8b_instruct.yaml --accelerate-config "
+        "launch/accelerate/zero3.yaml --world-size 8\n  wlora-dist plan --model llama3-8b --gpu-gib 40 --recommend",
     )
     pl.add_argument("--model", help="preset (llama3.2-1b, llama3.2-3b, llama3-8b, llama3-70b), config.json or folder")
     pl.add_argument("--config", "-c", help="a run config YAML: its model, adapter, batch and backend settings")
+    pl.add_argument(
+        "--accelerate-config",
+        help="with --config: the accelerate config you launch with (its backend, as accelerate launch passes it)",
+    )
     pl.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
     pl.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job (default 1)")
     pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
     pl.add_argument(
         "--reserve-gib", type=float, default=2.0, help="left out of the budget: CUDA context, NCCL, fragmentation"
     )
-    pl.add_argument("--backend", choices=["fsdp2", "zero", "replicated"], help="default fsdp2")
+    pl.add_argument(
+        "--backend", choices=["fsdp2", "zero", "replicated"], help="default fsdp2, or what --config resolves to"
+    )
     pl.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="with --backend zero (default 3)")
     pl.add_argument("--base", choices=["bf16", "int8"], help="frozen base dtype (default bf16)")
     pl.add_argument("--rank", type=int, help="LoRA rank (default 16)")

@@ -18,9 +18,11 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import UserError
+from wlora_dist.errors import UserError
 
-LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The linears of a Llama decoder layer, in layer order: the adapter sites of the method and
+# the planner's module kinds (one list for the whole project).
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class ConfigError(UserError):
@@ -73,7 +75,7 @@ class AdapterConfig:
     lora_rank: int = _f(8, "LoRA rank r of every adapter.")
     lora_alpha: float = _f(32.0, "LoRA alpha; the adapter output is scaled by alpha / r.")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input (peft's lora_dropout).")
-    target_modules: list[str] = _f(LLAMA_LINEARS, "Linear module names that get an adapter.")
+    target_modules: list[str] = _f(list(LLAMA_LINEARS), "Linear module names that get an adapter.")
     layers: list[int] | None = _f(None, "Decoder layer indices that get adapters; null = all layers.")
 
 
@@ -217,6 +219,9 @@ class MemoryConfig:
 class OutputConfig:
     dir: str = _f("runs/default", "Run folder: adapter/, report/, logs/.")
     overwrite: bool = _f(False, "Allow replacing an existing adapter in output.dir.")
+    reports: bool = _f(
+        True, "Write the selection report (JSON + gate heatmap) at the prune event and each WeightLoRA+ round."
+    )
 
 
 @dataclass
@@ -324,7 +329,7 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for p in parents:
@@ -395,7 +400,7 @@ def load_config(
             source,
         )
     for key, value in [*launcher, *parse_overrides(overrides or [])]:
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return config_from_dict(data, source)
 
 

@@ -1,0 +1,277 @@
+"""In-process runs of the real training step on a random-init Llama of any shape, for
+benchmarks and for checking the memory planner against measurement.
+
+The trainer's own setup and ``train_step`` (the prune event included) run here, through
+its public API and callbacks, on random token batches (all-ones attention masks, as packed text gives), so what is timed
+and measured is what ``wlora-dist train`` runs. Peak memory: ``torch.cuda`` allocator
+statistics on a GPU; on CPU, the allocation events torch's profiler records
+(``profile_memory``), summed in time order — the CPU allocator has no peak counter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from wlora_dist.config import RunConfig, config_from_dict, set_dotted
+from wlora_dist.distributed.env import DistEnv
+from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.loading import enable_checkpointing
+from wlora_dist.planning.memory_plan import ModelShape
+from wlora_dist.training.callbacks import Callback
+from wlora_dist.training.trainer import Trainer
+
+
+def llama_config(shape: ModelShape) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.d,
+        tie_word_embeddings=shape.tied,
+        max_position_embeddings=8192,
+        attn_implementation="sdpa",
+    )
+
+
+def random_llama(
+    shape: ModelShape, device: torch.device, dtype: torch.dtype, seed: int = 0, int8: bool = False, meta: bool = False
+) -> LlamaForCausalLM:
+    """A random-init Llama built directly on ``device`` in ``dtype`` (no float32 detour).
+    ``meta`` (or ``int8``: linears as Int8Linear): structure only, for a backend to
+    materialise with ``RandomWeights`` (each rank fills its own shard)."""
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta" if meta or int8 else device):
+            model = LlamaForCausalLM(llama_config(shape))
+    finally:
+        torch.set_default_dtype(default)
+    if int8:
+        from wlora_dist.model.int8 import to_int8_linears
+
+        to_int8_linears(model, ["lm_head"], 6.0)
+    model.config.use_cache = False
+    return model.requires_grad_(False)
+
+
+class RandomWeights:
+    """CheckpointReader's ``rows`` for a checkpoint that does not exist: random rows of
+    the right dtype (float: N(0, 0.02); int8 weight: uniform int8; SCB: row absmax ~ 0.1),
+    the same rows for the same (name, start) on every rank."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
+        self.bytes_read = 0
+        self.tensors = 0
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        p = self.params[name]
+        shape = (stop - start, *p.shape[1:])
+        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted per process
+        if p.dtype == torch.int8:
+            return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+        if name.endswith(".SCB"):
+            return (0.05 + 0.1 * torch.rand(shape, generator=gen)).view(torch.int32)
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=p.dtype)
+        return (0.02 * torch.randn(shape, generator=gen)).to(p.dtype)
+
+    def close(self) -> None:
+        pass
+
+
+def random_batches(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=gen)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def bench_config(overrides: dict) -> RunConfig:
+    """A run config for an in-process run: no data files, no model folder (the model is
+    passed in), no logs or reports unless asked."""
+    base = {
+        "model": {"path": "<random-init>"},
+        "data": {"train": ["<random tokens>"]},
+        "log": {"trackers": [], "progress_bar": False},
+        "output": {"reports": False},
+        "checkpoint": {"save_on_signal": False},
+    }
+    for dotted, value in overrides.items():
+        set_dotted(base, dotted, value)
+    return config_from_dict(base, "benchmark")
+
+
+class _Strip(Callback):
+    """Before wrapping: keep only the adapters named ``keep`` (plain peft on that set) and,
+    for ``plain``, remove the gates (exactly peft LoRA)."""
+
+    def __init__(self, keep: list[str] | None, plain: bool) -> None:
+        self.keep, self.plain = keep, plain
+
+    def on_adapters_attached(self, trainer: Trainer, wl: WeightLoRA) -> None:
+        if self.keep is not None:
+            keep = set(self.keep)
+            wl.remove([s.index for s in wl.sites if s.name not in keep])
+        if self.plain:
+            wl.remove_gates()
+
+
+class _BytesAtStepEnd(Callback):
+    """Per-rank bytes of trainable parameters, gradients and optimizer state while the
+    gradients exist (at the end of every optimizer step)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def on_optimizer_step_end(self, trainer: Trainer, optimizer_step: int) -> None:
+        self.last = trainer.backend.memory_report(trainer.params)
+
+
+@dataclass
+class Harness:
+    trainer: Trainer
+    step_bytes: _BytesAtStepEnd
+    step: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        env: DistEnv,
+        model: nn.Module,
+        plain_lora: bool = False,
+        keep: list[str] | None = None,
+    ) -> Harness:
+        """``plain_lora``: peft LoRA exactly, no gates (our forward hooks removed);
+        ``keep``: attach adapters to these module names only (the others removed before
+        wrapping, so the model is plain peft on that set)."""
+        if cfg.model.gradient_checkpointing:
+            enable_checkpointing(model, cfg.model.checkpoint_every_n_layers)
+        step_bytes = _BytesAtStepEnd()
+        tr = Trainer(cfg, env, [_Strip(keep, plain_lora), step_bytes])
+        batches = random_batches(
+            model.config.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed + env.global_rank
+        )
+        tr.setup(model, weights=RandomWeights, batches=batches)  # RandomWeights fill models built on meta
+        tr.backend.module.train()
+        return cls(tr, step_bytes)
+
+    def run_step(self) -> dict:
+        """One optimizer step as the trainer runs it, prune event (or round) included."""
+        self.step += 1
+        return self.trainer.train_step(self.step)
+
+    def timed_steps(self, n: int) -> dict:
+        """``n`` steps (synchronised on a GPU); tokens/s of the median step, which one slow
+        step (a page fault, another process) does not move."""
+        device = self.trainer.env.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        steps = []
+        for _ in range(n):
+            sync()
+            s0 = time.perf_counter()
+            m = self.run_step()
+            sync()
+            steps.append((time.perf_counter() - s0, m["tokens_per_s"] * m["step_seconds"]))
+        steps.sort()
+        seconds, tokens = steps[len(steps) // 2]
+        return {"tokens_per_s": tokens / seconds, "median_step_s": seconds, "steps": n}
+
+    def measured_step(self) -> dict:
+        """One step with its peak memory: resident bytes before it plus the most it
+        allocated on top (see module docstring)."""
+        device = self.trainer.env.device
+        resident = resident_bytes(self.trainer) if device.type != "cuda" else torch.cuda.memory_allocated(device)
+        peak_extra, metrics = peak_during(self.run_step, device)
+        return {"resident_bytes": resident, "peak_bytes": resident + peak_extra, **_json_safe(metrics)}
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int) -> Iterator[None]:
+    """Rank 0 of ``world_size`` alone in this process (torch's fake process group: every
+    shard, buffer and activation has its real size, collectives do nothing)."""
+    if world_size == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def kept_layer_kinds(h: Harness) -> list[tuple[int, str]]:
+    """(decoder layer, module kind) of the adapters a run keeps, as the planner names them."""
+    return [(s.layer, s.kind) for s in h.trainer.wl.kept_sites() if s.layer is not None]
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str))}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def resident_bytes(tr: Trainer) -> int:
+    """Bytes this rank holds between steps: model parameters (local shards) and buffers,
+    optimizer state, the gates; each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor | None) -> None:
+        if t is None or t.device.type == "meta":
+            return
+        t = _local(t)
+        st = t.untyped_storage()
+        if st.nbytes():
+            seen[st.data_ptr()] = st.nbytes()
+
+    module = tr.wl.peft_model
+    for p in module.parameters():
+        add(p)
+        add(p.grad)
+    for b in module.buffers():
+        add(b)
+    for v in tr.backend.optimizer_state_tensors():
+        add(v)
+    add(tr.wl.gates)
+    return sum(seen.values())
+
+
+def peak_during(fn: Callable[[], dict], device: torch.device) -> tuple[int, dict]:
+    """(the most bytes allocated on top of what was allocated before ``fn``, its result)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, out
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    run = peak = 0
+    for e in events:
+        if str(e.device_type()).endswith("CPU"):
+            run += e.nbytes()
+            peak = max(peak, run)
+    return peak, out

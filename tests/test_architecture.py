@@ -1,0 +1,146 @@
+"""The shape of the code, checked: the method and the planner stay pure (no collectives),
+and the backend a run uses is decided in one place, which the planner then plans."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from wlora_dist.config import load_config
+from wlora_dist.distributed.env import DistEnv
+from wlora_dist.distributed.launchers import accelerate_config_env, accelerate_overrides
+from wlora_dist.distributed.spec import BackendSpec, resolve_backend
+from wlora_dist.planning.memory_plan import PRESETS, plan, run_plan_input
+
+from .conftest import ROOT
+
+PKG = ROOT / "wlora_dist"
+PURE = ["method", "planning"]  # never torch.distributed, never the distributed plumbing
+PURE_MAY_IMPORT = {"wlora_dist.distributed.spec"}  # a frozen dataclass, no collectives
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", [p for d in PURE for p in sorted((PKG / d).glob("*.py"))], ids=lambda p: p.name)
+def test_method_and_planner_never_import_torch_distributed(path):
+    bad = {
+        name
+        for name in _imports(path)
+        if name.startswith("torch.distributed")
+        or (name.startswith("wlora_dist.distributed") and not any(name.startswith(m) for m in PURE_MAY_IMPORT))
+    }
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_base_backend_does_not_know_its_children():
+    """No import cycle: the interface never imports the backends; the registry does."""
+    imports = _imports(PKG / "distributed" / "base.py")
+    assert not {n for n in imports if n.split(".")[:3] in (["wlora_dist", "distributed", k] for k in
+                ("replicated", "fsdp2", "zero", "registry"))}  # fmt: skip
+
+
+def test_no_file_points_outside_the_repository():
+    needles = ("../shared", "FINDINGS.md", "METHOD.md", "shared/design")
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    offenders = []
+    for name in files:
+        path = ROOT / name
+        if path == Path(__file__) or not path.is_file():
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        offenders += [f"{name}: {n}" for n in needles if n in text]
+    assert not offenders, offenders
+
+
+ACCELERATE_CONFIGS = sorted((ROOT / "launch/accelerate").glob("*.yaml"))
+WANT = {  # what each shipped accelerate config launches
+    "cpu_2proc.yaml": BackendSpec("replicated"),
+    "fsdp2.yaml": BackendSpec("fsdp2"),
+    "multinode_fsdp2.yaml": BackendSpec("fsdp2"),
+    "zero1.yaml": BackendSpec("zero", 1),
+    "zero2.yaml": BackendSpec("zero", 2),
+    "zero3.yaml": BackendSpec("zero", 3),
+    "zero3_offload.yaml": BackendSpec("zero", 3, offload=True),
+}
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_plan_describes_the_backend_that_runs(path, tiny_dir):
+    """For every shipped accelerate config: the environment accelerate launch gives the
+    processes (accelerate's own code) -> the run config -> the backend the trainer builds
+    (its spec) equals the planner's input, for the run and for `wlora-dist plan --config`."""
+    from wlora_dist.distributed.registry import make_backend
+
+    overrides = [f"model.path={tiny_dir / 'model'}", f"data.train=[{tiny_dir / 'data/train.jsonl'}]"]
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", overrides, accelerate_overrides(accelerate_config_env(str(path))))
+    spec = resolve_backend(cfg.distributed)
+    assert spec == WANT[path.name]
+    import torch
+
+    backend = make_backend(spec, cfg, DistEnv(0, 0, 8, torch.device("cpu"))) if spec.kind != "fsdp2" else None
+    assert backend is None or backend.spec == spec
+    inp = run_plan_input(cfg, PRESETS["llama3-8b"], 8, spec)
+    assert inp.backend == spec
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"backend": "auto"}, {"backend": "replicated"}, {"backend": "fsdp2"}]
+    + [{"backend": "zero", "zero": {"stage": s}} for s in (1, 2, 3)]
+    + [{"backend": "zero", "zero": {"stage": 3, "offload_optimizer": True}}],
+    ids=lambda s: str(s),
+)
+def test_trainer_and_planner_share_the_resolved_backend(setting, tiny_dir, tmp_path):
+    from wlora_dist.training.trainer import Trainer
+
+    from .conftest import tiny_config_dict
+
+    cfg_dict = tiny_config_dict(tiny_dir, tmp_path / "run", distributed=setting)
+    from wlora_dist.config import config_from_dict
+
+    cfg = config_from_dict(cfg_dict)
+    import torch
+
+    trainer = Trainer(cfg, DistEnv(0, 0, 1, torch.device("cpu")))
+    assert trainer.spec == resolve_backend(cfg.distributed)
+    kind = {"auto": "replicated"}.get(setting["backend"], setting["backend"])
+    assert trainer.spec.kind == kind and trainer.spec.zero_stage == setting.get("zero", {}).get("stage", 0)
+
+
+def test_zero3_plan_at_8b_on_8_ranks_shards_the_base(tmp_path):
+    """The bug this layout fixed: a ZeRO-3 run was planned with a replicated base."""
+    cfg = load_config(
+        ROOT / "configs/llama3_8b_instruct.yaml", ["distributed.backend=zero", "distributed.zero.stage=3"]
+    )
+    spec = resolve_backend(cfg.distributed)
+    assert spec == BackendSpec("zero", 3) and spec.shards_base
+    zero3 = plan(run_plan_input(cfg, PRESETS["llama3-8b"], 8, spec))
+    replicated = plan(run_plan_input(cfg, PRESETS["llama3-8b"], 8, BackendSpec("replicated")))
+    assert abs(zero3.before.base - replicated.before.base / 8) <= 0.01 * replicated.before.base / 8
+    assert zero3.before.base / 2**30 < 2.0 < 14.0 < replicated.before.base / 2**30  # 1.87 vs 14.96 GiB
+
+
+def test_a_users_deepspeed_json_decides_the_stage(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}')
+    cfg = load_config(
+        ROOT / "configs/tiny_cpu.yaml", ["distributed.backend=zero", f"distributed.zero.config_file={ds}"]
+    )
+    assert cfg.distributed.zero.stage == 2  # the config's default ...
+    assert resolve_backend(cfg.distributed) == BackendSpec("zero", 3, offload=True)  # ... the JSON wins

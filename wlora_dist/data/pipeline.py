@@ -1,0 +1,269 @@
+"""Data: local files, saved dataset folders or hub ids through HF ``datasets``, tokenised
+into one of three formats, and sharded so each data-parallel rank reads its own rows.
+
+- text:        causal LM, rows joined with EOS and packed into seq_len blocks
+- instruction: prompt + response, loss only on the response tokens
+- chat:        a list of {role, content} messages through the tokenizer's chat template,
+               loss only on the assistant turns
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from wlora_dist.config import DataConfig
+from wlora_dist.errors import UserError
+from wlora_dist.paths import looks_local
+
+log = logging.getLogger("wlora_dist")
+
+IGNORE = -100  # label of tokens that carry no loss (transformers' convention)
+_EXT_BUILDER = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(UserError):
+    """A problem with the user's data: says which file / column / row and what to do."""
+
+
+def load_rows(sources: list[str], split: str = "train") -> datasets.Dataset:
+    """Read every source (file, saved dataset folder or hub id) into one Dataset."""
+    parts = [_load_one(s, split) for s in sources]
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(ds) == 0:
+        raise DataError(f"data {sources}: no rows; check the files are not empty")
+    return ds
+
+
+def _load_one(source: str, split: str) -> datasets.Dataset:
+    path = Path(os.path.expanduser(source))
+    if not looks_local(source):
+        return datasets.load_dataset(source, split=split)  # a hub id (needs internet)
+    if not path.exists():
+        raise DataError(f"data file {source} does not exist; fix the path in data.train / data.eval")
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(f"{source}: a folder, but not one saved by datasets.save_to_disk ({e})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{source}: no split {split!r} (has {list(loaded)}); set data.split")
+            loaded = loaded[split]
+        return loaded
+    builder = _EXT_BUILDER.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{source}: unknown file type {path.suffix!r}; use one of {sorted(_EXT_BUILDER)}")
+    if builder != "parquet":
+        _check_utf8(path)
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps parse errors in several types
+        cause = e.__cause__ or e
+        raise DataError(f"{source}: could not be read as {builder}: {cause}") from None
+
+
+def _check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Reject invalid UTF-8 up front: pyarrow's JSON reader would load it silently."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = offset + e.start
+                line += block[: e.start].count(b"\n")
+                raise DataError(
+                    f"{path}: not valid UTF-8 at byte {at} (line {line}); re-encode the file as UTF-8"
+                ) from None
+            offset += len(block)
+            line += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: ends inside a UTF-8 character; the file is truncated or not UTF-8") from None
+
+
+def _require_columns(ds: datasets.Dataset, needed: list[str], cfg_fields: list[str]) -> None:
+    for column, field in zip(needed, cfg_fields, strict=True):
+        if column not in ds.column_names:
+            raise DataError(
+                f"column {column!r} (data.{field}) not in the data; its columns are {ds.column_names}. "
+                f"Set data.{field} to one of them or change data.format"
+            )
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
+    """Rows -> {input_ids, labels} lists, per cfg.format."""
+    fn = {"text": _pack_text, "instruction": _instruction, "chat": _chat}[cfg.format]
+    fields = {"text": ["text_field"], "instruction": ["prompt_field", "response_field"], "chat": ["messages_field"]}
+    _require_columns(ds, [getattr(cfg, f) for f in fields[cfg.format]], fields[cfg.format])
+    out = ds.map(
+        lambda batch, idx: fn(batch, idx, tokenizer, cfg),
+        batched=True,
+        with_indices=True,
+        remove_columns=ds.column_names,
+        desc=f"tokenising ({cfg.format})",
+    )
+    if len(out) == 0:
+        raise DataError(f"no training rows after tokenising: fewer than data.seq_len={cfg.seq_len} tokens in all")
+    return out
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _pack_text(batch: dict, idx: list[int], tokenizer: Any, cfg: DataConfig) -> dict:
+    texts = batch[cfg.text_field]
+    for i, t in zip(idx, texts, strict=True):
+        if not isinstance(t, str):
+            raise DataError(f"row {i}: data.text_field {cfg.text_field!r} is {type(t).__name__}, not text")
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += ids + _eos(tokenizer)
+    n = len(stream) // cfg.seq_len
+    blocks = [stream[i * cfg.seq_len : (i + 1) * cfg.seq_len] for i in range(n)]
+    # Remainder tokens of a batch are dropped (at most seq_len - 1 per 1000 rows).
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+def _fit(ids: list[int], labels: list[int], row: int, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    if len(ids) > cfg.seq_len:
+        if not cfg.truncate:
+            raise DataError(
+                f"row {row}: {len(ids)} tokens > data.seq_len={cfg.seq_len}; raise seq_len or set data.truncate=true"
+            )
+        ids, labels = ids[: cfg.seq_len], labels[: cfg.seq_len]
+    return ids, labels
+
+
+def _instruction(batch: dict, idx: list[int], tokenizer: Any, cfg: DataConfig) -> dict:
+    out: dict[str, list] = {"input_ids": [], "labels": []}
+    for i, prompt, response in zip(idx, batch[cfg.prompt_field], batch[cfg.response_field], strict=True):
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            kinds = f"{type(prompt).__name__}/{type(response).__name__}"
+            raise DataError(f"row {i}: prompt/response must be text, got {kinds}")
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        r = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+        ids, labels = _fit(p + r, [IGNORE] * len(p) + r, i, cfg)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return out
+
+
+def _template(tokenizer: Any, messages: list[dict], gen: bool = False) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
+    return list(ids)
+
+
+def _chat(batch: dict, idx: list[int], tokenizer: Any, cfg: DataConfig) -> dict:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("data.format=chat needs a tokenizer with a chat template; this model's has none")
+    out: dict[str, list] = {"input_ids": [], "labels": []}
+    for i, messages in zip(idx, batch[cfg.messages_field], strict=True):
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise DataError(f"row {i}: {cfg.messages_field!r} must be a list of {{role, content}} messages")
+        ids = _template(tokenizer, messages)
+        labels = [IGNORE] * len(ids)
+        for t, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            # The assistant turn is what the template adds between the prompt for turn t and
+            # the conversation up to turn t (templates render prefixes consistently).
+            start = len(_template(tokenizer, messages[:t], gen=True))
+            end = len(_template(tokenizer, messages[: t + 1]))
+            labels[start:end] = ids[start:end]
+        ids, labels = _fit(ids, labels, i, cfg)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+    return out
+
+
+def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row; padding has attention 0 and label IGNORE."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}  # each (B, T)
+
+
+def make_loader(
+    ds: datasets.Dataset, batch_size: int, pad_id: int, rank: int, world_size: int, seed: int, shuffle: bool
+) -> DataLoader:
+    """One rank's shard of ``ds``: DistributedSampler gives every rank disjoint rows."""
+    if len(ds) < world_size * batch_size:
+        raise DataError(
+            f"{len(ds)} rows cannot fill one micro-batch of {batch_size} on each of {world_size} ranks; "
+            "add data, lower data.seq_len or train.micro_batch_size"
+        )
+    sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=lambda rows: collate(rows, pad_id)
+    )
+
+
+def forever(loader: DataLoader, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Cycle through epochs; each epoch reshuffles deterministically (sampler.set_epoch).
+    ``start``: micro-batches already consumed (a resumed run); they are skipped by index,
+    without reading or collating their rows."""
+    epoch, skip = divmod(start, len(loader))
+    while True:
+        loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        if skip:
+            indices = list(loader.sampler)[skip * loader.batch_size :]  # type: ignore[operator]
+            rest = DataLoader(
+                loader.dataset,
+                batch_size=loader.batch_size,
+                sampler=indices,
+                drop_last=True,
+                collate_fn=loader.collate_fn,
+            )
+            yield from rest
+            skip = 0
+        else:
+            yield from loader
+        epoch += 1
+
+
+def train_eval_split(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Raw train rows and eval rows (given, or split off before packing so nothing leaks)."""
+    train = load_rows(cfg.train, cfg.split)
+    if cfg.eval:
+        return train, load_rows(cfg.eval, cfg.split)
+    if cfg.eval_fraction <= 0 or len(train) < 2:
+        return train, None
+    parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def build_loaders(
+    cfg: DataConfig, micro_batch: int, seed: int, tokenizer, rank: int, world_size: int
+) -> tuple[DataLoader, DataLoader | None]:
+    """This rank's training loader and its eval loader (None without eval data, or with
+    fewer eval rows than one micro-batch per rank)."""
+    train_rows, eval_rows = train_eval_split(cfg, seed)
+    pad = tokenizer.pad_token_id
+    train = make_loader(tokenize(train_rows, tokenizer, cfg), micro_batch, pad, rank, world_size, seed, True)
+    if eval_rows is None:
+        return train, None
+    eval_ds = tokenize(eval_rows, tokenizer, cfg)
+    if len(eval_ds) < world_size * micro_batch:
+        log.warning("eval data has %d rows, fewer than one batch per rank: no eval", len(eval_ds))
+        return train, None
+    return train, make_loader(eval_ds, micro_batch, pad, rank, world_size, 0, False)

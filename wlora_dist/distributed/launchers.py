@@ -1,0 +1,67 @@
+"""Honour the launcher's word: what an accelerate config chose at `accelerate launch`.
+
+accelerate launch exports its config as environment variables (ACCELERATE_USE_FSDP,
+FSDP_*, ACCELERATE_USE_DEEPSPEED, ACCELERATE_DEEPSPEED_*, ACCELERATE_MIXED_PRECISION).
+We read them into config overrides and apply FSDP2 / ZeRO ourselves: accelerate's own
+FSDP plugin is never enabled without a GPU (docs/measurements.md), so it could not be tested here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def _true(value: str | None) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
+def accelerate_overrides(env: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """Config overrides (dotted key, value) implied by an accelerate launch config."""
+    out: list[tuple[str, Any]] = []
+    if _true(env.get("ACCELERATE_USE_FSDP")):
+        out.append(("distributed.backend", "fsdp2"))
+        if "FSDP_RESHARD_AFTER_FORWARD" in env:
+            # FSDP2 configs say true/false; FSDP1-style configs name a strategy.
+            value = env["FSDP_RESHARD_AFTER_FORWARD"].lower()
+            out.append(("distributed.fsdp.reshard_after_forward", value in ("true", "1", "full_shard")))
+        if "FSDP_OFFLOAD_PARAMS" in env:
+            out.append(("distributed.fsdp.cpu_offload", _true(env["FSDP_OFFLOAD_PARAMS"])))
+        if _true(env.get("FSDP_ACTIVATION_CHECKPOINTING")):
+            out.append(("model.gradient_checkpointing", True))
+    if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
+        out.append(("distributed.backend", "zero"))
+        if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+            out.append(("distributed.zero.stage", int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])))
+        for var, key in (
+            ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "distributed.zero.offload_optimizer"),
+            ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "distributed.zero.offload_params"),
+        ):
+            if var in env:
+                out.append((key, env[var].lower() not in ("none", "", "false")))
+        if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") not in (None, "", "None"):
+            out.append(("distributed.zero.config_file", env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]))
+    precision = env.get("ACCELERATE_MIXED_PRECISION")
+    if precision in ("bf16", "no", "fp16"):
+        out.append(("train.mixed_precision", precision))
+    return out
+
+
+def accelerate_config_env(config_file: str) -> dict[str, str]:
+    """The environment ``accelerate launch --config_file config_file`` gives its processes
+    (the variables above), computed by accelerate's own launch code: what ``wlora-dist plan
+    --accelerate-config`` and the tests use to see the run a shipped config starts."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", config_file, "train.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command sets it before its deepspeed launcher
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        args.deepspeed_fields_from_accelerate_config = ",".join(
+            fields + (["mixed_precision"] if mp_from_config else [])
+        )
+        _, env = prepare_deepspeed_cmd_env(args)
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}

@@ -1,0 +1,116 @@
+"""What backend a run uses, typed and resolved in one place.
+
+``BackendSpec`` is the backend's identity: its kind, the ZeRO stage and whether it offloads
+to CPU memory. ``resolve_backend`` is the only function that turns the run config (with
+the launcher's choices already applied, see launchers.py) into one; the trainer builds its
+backend from it, the memory planner plans it, ``wlora-dist plan --config`` shows it and the
+logs and checkpoints name it. So the plan always describes the run that will happen.
+
+Pure: no torch.distributed, no DeepSpeed import (a user's DeepSpeed JSON is read as JSON).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from wlora_dist.config import DistributedConfig
+from wlora_dist.errors import UserError
+
+BackendKind = Literal["replicated", "fsdp2", "zero"]
+KINDS: tuple[BackendKind, ...] = ("replicated", "fsdp2", "zero")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    kind: BackendKind = "fsdp2"
+    zero_stage: int = 0  # 1, 2 or 3 for kind "zero"; 0 otherwise
+    offload: bool = False  # FSDP2 cpu_offload / ZeRO offload_optimizer (+ offload_param)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"backend kind {self.kind!r}: one of {KINDS}")
+        if (self.kind == "zero") != (self.zero_stage in (1, 2, 3)):
+            raise ValueError(f"backend {self.kind!r} with zero_stage {self.zero_stage}: stages 1-3 are for zero only")
+
+    @property
+    def name(self) -> str:
+        """replicated, fsdp2, zero1, zero2 or zero3: what logs and checkpoints say."""
+        return f"zero{self.zero_stage}" if self.kind == "zero" else self.kind
+
+    @property
+    def shards_base(self) -> bool:
+        """Whether each rank holds only its shard of the frozen base."""
+        return self.kind == "fsdp2" or self.zero_stage == 3
+
+    def describe(self) -> str:
+        words = f"zero stage {self.zero_stage}" if self.kind == "zero" else self.kind
+        return words + (" + CPU offload" if self.offload else "")
+
+    @classmethod
+    def parse(cls, name: str, offload: bool = False) -> BackendSpec:
+        """From a name as ``name`` gives it (zero alone means stage 3)."""
+        if name.startswith("zero"):
+            return cls("zero", int(name[4:] or 3), offload)
+        return cls(name, 0, offload)  # type: ignore[arg-type]
+
+
+def resolve_backend(cfg: DistributedConfig) -> BackendSpec:
+    """The backend a run with ``cfg`` uses. ``auto`` is replicated unless a launcher chose
+    otherwise (its choice is in ``cfg`` already); ZeRO's stage and offload are those of
+    the merged DeepSpeed config (a user JSON may set them)."""
+    if cfg.backend in ("auto", "replicated"):
+        return BackendSpec("replicated")
+    if cfg.backend == "fsdp2":
+        return BackendSpec("fsdp2", 0, cfg.fsdp.cpu_offload)
+    zero = deepspeed_zero_section(cfg)
+    offload = any(_offloaded(zero.get(key)) for key in ("offload_optimizer", "offload_param"))
+    return BackendSpec("zero", int(zero["stage"]), offload)
+
+
+def _offloaded(section: Any) -> bool:
+    return isinstance(section, dict) and str(section.get("device", "none")).lower() not in ("none", "")
+
+
+def deepspeed_zero_section(cfg: DistributedConfig) -> dict[str, Any]:
+    """The ``zero_optimization`` section of the DeepSpeed config the run uses."""
+    z = cfg.zero
+    ours: dict[str, Any] = {"stage": z.stage}
+    if z.offload_optimizer:
+        ours["offload_optimizer"] = {"device": "cpu"}
+    if z.offload_params:
+        ours["offload_param"] = {"device": "cpu"}
+    user = read_user_deepspeed_json(z.config_file)
+    return merge_deepspeed(ours, user.get("zero_optimization") or {})
+
+
+def read_user_deepspeed_json(path: str) -> dict[str, Any]:
+    """A user's DeepSpeed JSON (distributed.zero.config_file), or {} when none is set."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"distributed.zero.config_file={path!r}: no such file")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"distributed.zero.config_file={path!r}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"distributed.zero.config_file={path!r}: expected a JSON object")
+    return data
+
+
+def merge_deepspeed(ours: dict, user: dict) -> dict:
+    """``user`` over ``ours``, except where the user says "auto" (the HF convention)."""
+    out = copy.deepcopy(ours)
+    for key, value in user.items():
+        if value == "auto":
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_deepspeed(out[key], value)
+        else:
+            out[key] = value
+    return out

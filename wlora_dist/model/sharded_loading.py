@@ -1,0 +1,247 @@
+"""Loading a model too large for one rank: build it on the meta device, shard it with
+FSDP2, then let each rank read only its own rows of every weight from the safetensors
+files. No rank ever holds a full copy of the model, in CPU or accelerator memory.
+
+This is written by hand because transformers' loader materialises each full tensor on
+every rank before FSDP2 could shard it; torchtune does the same by hand for the same
+reason (``load_from_full_model_state_dict``). The same reader fills ZeRO-3 partitions
+and quantises an 8-bit base row by row as it loads (int8.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from wlora_dist.config import ModelConfig
+from wlora_dist.errors import UserError
+from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.int8 import Int8Linear, check_checkpoint_quantization, quantize_rows, scb_bits, to_int8_linears
+from wlora_dist.model.loading import check_model_path, enable_checkpointing, resolve_dtype
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    bytes_read: int  # bytes this rank read from the checkpoint (its share of the base)
+    tensors: int
+
+
+def _hf_config(cfg: ModelConfig):
+    check_model_path(cfg.path)
+    check_checkpoint_quantization(cfg.path, cfg.quantization)
+    config = AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        # A folder saved in bnb 8-bit: we build plain linears and make them Int8Linear ourselves.
+        del config.quantization_config
+    return config
+
+
+def _finish(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
+    model.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg.checkpoint_every_n_layers)
+    model.config.use_cache = False
+    return model
+
+
+def build_on_meta(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
+    """The model's structure with no storage: parameters on the meta device (under int8,
+    the quantised linears already Int8Linear)."""
+    config = _hf_config(cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
+        )
+    if cfg.quantization == "int8":
+        to_int8_linears(model, cfg.int8_skip_modules, cfg.int8_threshold)
+    return _finish(model, cfg)
+
+
+def build_zero3_partitioned(cfg: ModelConfig, device: torch.device, ds_config: dict) -> PreTrainedModel:
+    """ZeRO-3 without transformers' loader (which cannot make our Int8Linear): build inside
+    deepspeed.zero.Init, so every parameter is partitioned as its module is created, swap
+    the linears for Int8Linear inside it too, then fill each rank's partitions from the
+    checkpoint (``fill_zero3_partitions``). Weight init is skipped: everything is loaded."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    config = _hf_config(cfg)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
+        )
+        if cfg.quantization == "int8":
+            to_int8_linears(model, cfg.int8_skip_modules, cfg.int8_threshold)
+    return _finish(model, cfg)
+
+
+def is_on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the one file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise UserError(
+            f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints "
+            "are loaded: pickled .bin files can run code)"
+        )
+    with safe_open(str(single), "pt", device="cpu") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+class CheckpointReader:
+    """Rows of the base model's tensors, read from its safetensors files and named as our
+    model names its parameters. For an Int8Linear, ``weight`` / ``SCB`` rows come as saved
+    in a bnb 8-bit folder, or quantised (bnb's quantisation) from the float rows just read:
+    a rank reads and quantises only its own rows, never a whole float tensor."""
+
+    def __init__(self, model_path: str, model: nn.Module) -> None:
+        self.path = model_path
+        self.files = _checkpoint_files(Path(os.path.expanduser(model_path)))
+        self.int8 = {name.replace(".base_layer", "") for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+        self.handles: dict[Path, object] = {}
+        self.bytes_read = 0
+        self.tensors = 0
+        self._last: tuple[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def close(self) -> None:
+        self.handles.clear()
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) (dim 0) of parameter ``name`` (peft's ``.base_layer.`` removed)."""
+        module, _, leaf = name.rpartition(".")
+        if module not in self.int8:
+            return self._read(name, start, stop)
+        if module + ".SCB" in self.files:  # saved in bnb 8-bit: read as it is
+            t = self._read(f"{module}.{leaf}", start, stop)
+            return scb_bits(t) if leaf == "SCB" else self._expect_int8(name, t)
+        cb, scb = self._quantized(module, start, stop)
+        return scb_bits(scb) if leaf == "SCB" else cb
+
+    def flat(self, name: str, start: int, stop: int, shape: torch.Size) -> torch.Tensor:
+        """Elements [start, stop) of the flattened parameter (a ZeRO-3 partition)."""
+        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        r0, r1 = start // cols, -(-stop // cols)
+        return self.rows(name, r0, r1).reshape(-1)[start - r0 * cols : stop - r0 * cols]
+
+    def _quantized(self, module: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (module, start, stop)
+        if self._last is None or self._last[0] != key:  # weight and SCB of the same rows: one read
+            self._last = (key, quantize_rows(self._read(module + ".weight", start, stop)))
+        return self._last[1]
+
+    def _expect_int8(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype != torch.int8:
+            raise UserError(f"{self.path}: {name} is {t.dtype} next to an SCB; not a bitsandbytes 8-bit checkpoint")
+        return t
+
+    def _read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        if key not in self.files:
+            raise UserError(f"model.path={self.path!r}: the checkpoint has no tensor {key!r}; is it this model's?")
+        file = self.files[key]
+        if file not in self.handles:
+            self.handles[file] = safe_open(str(file), "pt", device="cpu")
+        rows = self.handles[file].get_slice(key)[start:stop]  # type: ignore[attr-defined]
+        self.bytes_read += rows.numel() * rows.element_size()
+        self.tensors += 1
+        return rows
+
+
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's storage of ``param`` and the global index of its first row (dim 0)."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.to_local(), int(offset[0]) if offset else 0
+
+
+@torch.no_grad()
+def assign_local_rows(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full ``value`` into ``param``: all of it, or this rank's rows of a
+    dim-0-sharded DTensor (FSDP2)."""
+    local, start = local_rows(param)
+    local.copy_(value[start : start + local.shape[0]])
+
+
+def _base_params(model: nn.Module):
+    for name, param in model.named_parameters():
+        if ".lora_" not in name:
+            yield name.replace(".base_layer.", "."), param
+
+
+def materialize_sharded(
+    wl: WeightLoRA, model_path: str, device: torch.device, seed: int, reader: CheckpointReader | None = None
+) -> LoadStats:
+    """Allocate this rank's storage (``to_empty``) and fill it tensor by tensor: base rows
+    from the checkpoint (its own rows of DTensors under FSDP2, all rows otherwise; int8
+    weights quantised as read), adapters with their deterministic init, rotary buffers
+    recomputed. At no point is more than one float tensor (or a shard of it) held beyond
+    the model's own storage. ``reader``: anything with CheckpointReader's ``rows`` (the
+    benchmarks' random weights); default: the checkpoint at ``model_path``."""
+    wl.peft_model.to_empty(device=device)
+    reader = reader or CheckpointReader(model_path, wl.base_model)
+    try:
+        with torch.no_grad():
+            for name, param in _base_params(wl.base_model):
+                local, start = local_rows(param)
+                if local.numel() == 0:
+                    continue
+                local.copy_(reader.rows(name, start, start + local.shape[0]))
+        wl.init_adapters(seed, assign_local_rows)
+    finally:
+        reader.close()
+    _recompute_rotary(wl.base_model, device)
+    return LoadStats(reader.bytes_read, reader.tensors)
+
+
+def fill_zero3_partitions(model: nn.Module, model_path: str) -> LoadStats:
+    """Write into every ZeRO-3 partitioned base parameter this rank's flat partition
+    (elements [rank * size, (rank + 1) * size) of the flattened tensor), read from the
+    checkpoint: each rank reads about 1 / world size of it."""
+    import torch.distributed as dist
+
+    reader = CheckpointReader(model_path, model)
+    try:
+        with torch.no_grad():
+            for name, param in _base_params(model):
+                part = param.ds_tensor
+                size = part.ds_numel
+                start = size * dist.get_rank(group=param.ds_process_group)
+                stop = min(start + size, param.ds_numel)
+                if stop > start:
+                    part.data[: stop - start].copy_(reader.flat(name, start, stop, param.ds_shape))
+                if param.data.numel() == param.ds_numel:  # a persisted (never partitioned) small param
+                    param.data.copy_(reader.rows(name, 0, param.ds_shape[0]).view(param.ds_shape))
+    finally:
+        reader.close()
+    return LoadStats(reader.bytes_read, reader.tensors)
+
+
+def _recompute_rotary(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are not in checkpoints; after to_empty they are garbage.
+    Llama's only ones are the rotary frequencies: rebuild them from the config."""
+    for name, module in model.named_modules():
+        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
+        if not non_persistent:
+            continue
+        if "rotary" not in type(module).__name__.lower():
+            raise NotImplementedError(f"{name} ({type(module).__name__}) has non-persistent buffers {non_persistent}")
+        fresh = type(module)(config=module.config).to(device)
+        for buf in non_persistent:
+            setattr(module, buf, getattr(fresh, buf))

@@ -1,0 +1,536 @@
+"""Per-rank memory of a run, before and after the prune event, from shapes alone.
+
+Pure arithmetic (no torch): what one rank holds at its peak (the start of backward, when
+every saved activation and the loss's vocabulary-sized buffers are alive), split into
+base weights, adapters, gradients, optimizer state, activations and buffers (FSDP2 / ZeRO-3
+all-gathered units, the root's unsharded embedding and lm_head).
+
+Activations are counted tensor by tensor as autograd saves them in transformers' Llama
+decoder layer with sdpa attention and peft LoRA (see ``layer_activation_bytes``); the
+counts are checked against measured peaks in tests/test_memory_plan.py (CPU) and
+benchmarks/ (GPU). No library computes this: accelerate's ``estimate-memory`` counts
+weights only, DeepSpeed's ``estimate_zero*_model_states_mem_needs`` model states only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Literal
+
+from wlora_dist.config import LLAMA_LINEARS
+from wlora_dist.distributed.spec import BackendSpec
+
+if TYPE_CHECKING:
+    from wlora_dist.config import RunConfig
+
+GiB = 2**30
+LINEARS = LLAMA_LINEARS  # the module kinds of a decoder layer the planner counts
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int = 0  # 0 = hidden // heads
+    tied: bool = False
+
+    @property
+    def d(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each Llama linear of one decoder layer."""
+        h, f, q, kv = self.hidden, self.intermediate, self.heads * self.d, self.kv_heads * self.d
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, f),
+            "up_proj": (h, f),
+            "down_proj": (f, h),
+        }
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> ModelShape:
+        return cls(
+            hidden=int(cfg["hidden_size"]),
+            intermediate=int(cfg["intermediate_size"]),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=int(cfg["num_attention_heads"]),
+            kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+            vocab=int(cfg["vocab_size"]),
+            head_dim=int(cfg.get("head_dim") or 0),
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+
+PRESETS: dict[str, ModelShape] = {
+    "llama3.2-1b": ModelShape(2048, 8192, 16, 32, 8, 128256, 64, tied=True),
+    "llama3.2-3b": ModelShape(3072, 8192, 28, 24, 8, 128256, 128, tied=True),
+    "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128256),
+    "llama3-70b": ModelShape(8192, 28672, 80, 64, 8, 128256),
+}
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    shape: ModelShape
+    world_size: int = 1
+    backend: BackendSpec = BackendSpec("fsdp2")  # noqa: RUF009 (frozen: a shared default is safe)
+    base: Literal["bf16", "fp32", "int8"] = "bf16"
+    compute: Literal["bf16", "fp32"] = "bf16"  # activations (autocast / FSDP2 param_dtype)
+    lora_rank: int = 16
+    targets: tuple[str, ...] = LINEARS
+    lora_layers: tuple[int, ...] | None = None  # None = every layer
+    lora_dropout: float = 0.0
+    k: int = 32  # adapters kept after the prune event
+    micro_batch: int = 1
+    seq_len: int = 2048
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 1  # with checkpointing: layers 0, N, 2N, ... (model.checkpoint_every_n_layers)
+    loss_shards: int = 0  # train.loss_shards: the cross-entropy in tiles (wlora_dist/loss.py)
+    gpu_gib: float = 80.0
+    reserve_gib: float = 2.0  # CUDA context, allocator fragmentation, NCCL buffers: not counted below
+    int8_skip: tuple[str, ...] = ("lm_head",)
+    kept: tuple[tuple[int, str], ...] | None = None  # the K kept (layer, module); None = the K largest
+
+
+@dataclass
+class Breakdown:
+    """Bytes on one rank at its peak moment (``peak_at``)."""
+
+    base: int
+    adapters: int
+    grads: int
+    optimizer: int
+    activations: int
+    loss: int
+    buffers: int
+    n_adapters: int
+    detail: dict[str, int] = field(default_factory=dict)
+    peak_at: str = "loss"  # the moment of the step these bytes are alive together
+
+    @property
+    def total(self) -> int:
+        return self.base + self.adapters + self.grads + self.optimizer + self.activations + self.loss + self.buffers
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+@dataclass
+class Plan:
+    inp: PlanInput
+    before: Breakdown  # selection phase: n adapters, gates training
+    after: Breakdown  # after the prune event: K adapters, gates frozen
+    budget: int  # bytes usable per rank (gpu_gib - reserve_gib)
+
+    @property
+    def fits_before(self) -> bool:
+        return self.before.total <= self.budget
+
+    @property
+    def fits_after(self) -> bool:
+        return self.after.total <= self.budget
+
+
+# ---------------------------------------------------------------- sites and sizes
+
+
+def sites(inp: PlanInput) -> list[tuple[int, str]]:
+    layers = range(inp.shape.layers) if inp.lora_layers is None else inp.lora_layers
+    return [(i, t) for i in layers for t in LINEARS if t in inp.targets]
+
+
+def kept_sites(inp: PlanInput) -> list[tuple[int, str]]:
+    """Which K adapters a run keeps is known only after selection; for memory, any K of
+    the same kind cost the same. Unless given, we take the K largest (a bound)."""
+    if inp.kept is not None:
+        return list(inp.kept)
+    dims = inp.shape.linear_dims()
+    ranked = sorted(sites(inp), key=lambda s: -sum(dims[s[1]]))
+    return ranked[: min(inp.k, len(ranked))]
+
+
+def adapter_numel(inp: PlanInput, chosen: list[tuple[int, str]]) -> int:
+    dims = inp.shape.linear_dims()
+    return sum(inp.lora_rank * sum(dims[t]) for _, t in chosen)
+
+
+def _compute_bytes(inp: PlanInput) -> int:
+    """Bytes per element of activations (bf16 autocast / FSDP2 param_dtype, else fp32)."""
+    return 2 if inp.compute == "bf16" else 4
+
+
+def _float_bytes(inp: PlanInput) -> int:
+    return 4 if inp.base == "fp32" or (inp.base == "int8" and inp.compute == "fp32") else 2
+
+
+def base_param_bytes(inp: PlanInput) -> tuple[int, int, int]:
+    """(decoder layers, root modules: embedding + final norm + lm_head, one layer) bytes
+    of the frozen base, whole model."""
+    s, fb = inp.shape, _float_bytes(inp)
+    per_layer = 0
+    for _, (i, o) in s.linear_dims().items():
+        per_layer += i * o + 4 * o if inp.base == "int8" else i * o * fb  # int8 + fp32 row scales
+    per_layer += 2 * s.hidden * fb  # two RMSNorm weights
+    lm_head = s.vocab * s.hidden
+    lm_bytes = lm_head * (fb if inp.base != "int8" or "lm_head" in inp.int8_skip else 1)
+    root = s.vocab * s.hidden * fb + s.hidden * fb + (0 if s.tied else lm_bytes)
+    return per_layer * s.layers, root, per_layer
+
+
+def _shards_base(inp: PlanInput) -> bool:
+    return inp.backend.shards_base
+
+
+# ---------------------------------------------------------------- activations
+
+
+def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: bool, grad_in: bool = True) -> float:
+    """Bytes per token autograd keeps for backward in one Llama decoder layer (sdpa,
+    frozen base linears, peft LoRA on ``layer_sites``; ``grad_in``: the layer's input
+    requires grad, i.e. an earlier layer has an adapter):
+
+    - each RMSNorm: its fp32 input (a frozen weight saves nothing else) and the rsqrt;
+    - sdpa (flash / memory-efficient / CPU flash): q, k, v after RoPE, output, logsumexp;
+      RoPE's multiplications save cos/sin only (shared by all layers);
+    - MLP: SiLU's input, SiLU's output and up_proj's output (their product saves both);
+    - a frozen linear saves its weight only, so a linear's input is kept only when it has
+      an adapter: the norm outputs (shared by q/k/v and by gate/up), attention output
+      (o_proj), the MLP product (down_proj); peft casts x to the adapter's dtype first,
+      so where that differs (fp32 adapters under bf16 autocast, replicated backend) every
+      adapter keeps its own copy;
+    - each adapter: A's output (r); during selection the gate's product on it one more;
+    - nothing is saved upstream of the first adapter of the model (no input requires grad).
+    """
+    s, c = inp.shape, _compute_bytes(inp)
+    h, f, q, kv = s.hidden, s.intermediate, s.heads * s.d, s.kv_heads * s.d
+    dims = s.linear_dims()
+    norm = 4 * h + 4  # fp32 input + rsqrt
+    attn_live = grad_in or bool(layer_sites & {"q_proj", "k_proj", "v_proj"})
+    resid_live = attn_live or "o_proj" in layer_sites  # the residual after attention
+    mlp_live = resid_live or bool(layer_sites & {"gate_proj", "up_proj"})
+    total = 0.0
+    if grad_in:
+        total += norm
+    if attn_live:
+        total += c * (q + 2 * kv + q) + 4 * s.heads  # sdpa: q, k, v, out, logsumexp
+    if resid_live:
+        total += norm
+    if mlp_live:
+        total += 3 * c * f  # silu in, silu out, up out
+    per_site_copy = inp.compute == "bf16" and inp.backend.kind == "replicated"  # fp32 adapters, bf16 x
+    dropout = inp.lora_dropout > 0
+    shared_inputs = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "gate_proj": "n2", "up_proj": "n2"}
+    inputs_kept: set[str] = set()
+    for t in layer_sites:
+        i = dims[t][0]
+        if per_site_copy or dropout:
+            total += c * i + (i if dropout else 0)  # own (cast / dropped-out) copy; dropout's bool mask
+        else:
+            inputs_kept.add(shared_inputs.get(t, t))
+        total += c * inp.lora_rank
+        if gates_train:
+            total += c * inp.lora_rank  # the gate's product keeps A's output (weight_lora.py)
+    for name in inputs_kept:
+        total += c * {"n1": h, "n2": h, "o_proj": q, "down_proj": f}[name]
+    return total
+
+
+def activation_bytes(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) -> dict[str, int]:
+    """Bytes alive in backward, by moment: ``saved`` (what the layers keep at the loss),
+    ``recompute`` (activation checkpointing: one layer recomputed, its gradients in and
+    out), ``loss`` (the fp32 log-softmax output it saves, nll's dense gradient and
+    log-softmax's input gradient: three fp32 copies of the logits), ``head`` (then the
+    logits' gradient, fp32 and compute dtype, while the lm_head runs backward)."""
+    s, tokens = inp.shape, inp.micro_batch * inp.seq_len
+    c = _compute_bytes(inp)
+    by_layer: dict[int, set[str]] = {}
+    for i, t in chosen:
+        by_layer.setdefault(i, set()).add(t)
+    # Layers before the first adapter save nothing, except under activation checkpointing:
+    # transformers then makes the embedding output require grad (enable_input_require_grads).
+    first = 0 if inp.activation_checkpointing else min(by_layer, default=s.layers)
+    per_layer = [
+        layer_activation_bytes(inp, by_layer.get(i, set()), gates_train, grad_in=i > first) for i in range(s.layers)
+    ]
+    final = 4 * s.hidden + 4 + 2 * c * s.d  # final norm; cos / sin (shared by all layers)
+    if inp.activation_checkpointing:
+        # A checkpointed layer keeps its input only and is recomputed in backward (one at a
+        # time); the others (checkpoint_every > 1) keep their activations.
+        ckpt = [i % inp.checkpoint_every == 0 for i in range(s.layers)]
+        saved = sum(c * s.hidden if ck else a for ck, a in zip(ckpt, per_layer, strict=True)) + final
+        recompute = max(a for ck, a in zip(ckpt, per_layer, strict=True) if ck) + 2 * c * s.hidden
+    else:
+        saved, recompute = sum(per_layer) + final, 0
+    if inp.loss_shards:
+        # Tiled (loss.py): the logits, their gradient buffer, and one tile's fp32 log-softmax
+        # output, nll gradient, log-softmax gradient and compute-dtype gradient.
+        loss = 2 * c * s.vocab + (12 + c) * s.vocab / min(inp.loss_shards, tokens)
+        head = c * s.vocab  # the logits' gradient, computed in the forward
+    else:
+        loss, head = 3 * 4 * s.vocab, (4 + c) * s.vocab
+    return {
+        "saved": int(saved * tokens),
+        "recompute": int(recompute * tokens),
+        "loss": int(loss * tokens),
+        "head": int(head * tokens),
+    }
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) -> Breakdown:
+    ws = inp.world_size
+    layers_b, root_b, one_layer = base_param_bytes(inp)
+    base = layers_b + root_b
+    sharded = _shards_base(inp)
+    base_rank = math.ceil(base / ws) if sharded else base
+    offload = inp.backend.offload
+    if offload and sharded:
+        base_rank = 0
+    numel = adapter_numel(inp, chosen)
+    n = len(sites(inp))
+    if inp.backend.kind == "fsdp2":
+        adapters, grads, optim = 4 * numel / ws, 4 * numel / ws, 8 * numel / ws
+    elif inp.backend.kind == "zero":
+        # DeepSpeed: model-dtype params (partitioned at stage 3) + fp32 master partition.
+        model_b = _compute_bytes(inp)
+        adapters = model_b * numel / (ws if inp.backend.zero_stage == 3 else 1) + 4 * numel / ws
+        grads = model_b * numel / (ws if inp.backend.zero_stage >= 2 else 1)
+        optim = 8 * numel / ws
+    else:
+        adapters, grads, optim = 4 * numel, 4 * numel, 8 * numel
+    if offload:
+        optim = 0
+        if inp.backend.kind == "zero":
+            adapters -= 4 * numel / ws  # fp32 master partition lives with the optimizer on CPU
+    adapters += 4 * n  # the gate vector (replicated)
+    if gates_train:
+        grads += 4 * n
+    acts = activation_bytes(inp, chosen, gates_train)
+    gathered_root = gathered_head = gathered_layer = 0
+    if sharded and ws > 1:
+        fb = _float_bytes(inp)
+        cast = (2 if inp.compute == "bf16" else fb) / fb  # FSDP2 gathers bf16 copies under mixed precision
+        head = inp.shape.vocab * inp.shape.hidden * fb
+        # The root unit stays gathered from forward to backward: tied embeddings live
+        # there. Untied, FSDP2 makes the embedding and lm_head units of their own, and
+        # the lm_head is gathered again for its backward. Decoder layers are
+        # gathered one at a time, the next one prefetched. ZeRO-3 gathers by module too.
+        gathered_root = int((root_b if inp.shape.tied else root_b - 2 * head) * cast)
+        gathered_head = 0 if inp.shape.tied else int(head * cast)
+        gathered_layer = int(one_layer * (1.0 if inp.base == "int8" else cast))
+    moments = {
+        # Measured (plan_check, FSDP2): the lm_head is gathered by the time the loss's
+        # buffers peak, its backward being next.
+        "loss": (acts["saved"], acts["loss"], gathered_root + gathered_head),
+        "lm_head backward": (acts["saved"], acts["head"], gathered_root + gathered_head + gathered_layer),
+    }
+    if inp.activation_checkpointing:
+        moments["layer recompute"] = (acts["saved"] + acts["recompute"], 0, gathered_root + 2 * gathered_layer)
+    peak_at = max(moments, key=lambda m: sum(moments[m]))
+    act, loss, buffers = moments[peak_at]
+    detail = {"gathered_root": gathered_root, "gathered_lm_head": gathered_head, "gathered_layer": gathered_layer}
+    return Breakdown(
+        base=int(base_rank),
+        adapters=int(adapters),
+        grads=int(grads),
+        optimizer=int(optim),
+        activations=act,
+        loss=loss,
+        buffers=buffers,
+        n_adapters=len(chosen),
+        detail=detail,
+        peak_at=peak_at,
+    )
+
+
+def plan(inp: PlanInput) -> Plan:
+    before = breakdown(inp, sites(inp), gates_train=True)
+    after = breakdown(inp, kept_sites(inp), gates_train=False)
+    return Plan(inp, before, after, int((inp.gpu_gib - inp.reserve_gib) * GiB))
+
+
+def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
+    """Settings that fit ``inp.gpu_gib`` for the whole run, fastest first by rule of thumb:
+    no offload (it moves every shard over PCIe each step) over offload, a bf16 base over
+    int8 (~2x per token at 1B, docs/measurements.md), no activation checkpointing over
+    checkpointing, a larger micro-batch (up to the one asked for) over a smaller one."""
+    found: list[tuple[tuple, str, Plan]] = []
+    kinds = [BackendSpec("fsdp2"), BackendSpec("zero", 3), BackendSpec("zero", 2)]
+    if inp.world_size == 1:
+        kinds = [BackendSpec("replicated"), *kinds]
+    for order, spec in enumerate(kinds):
+        for base in ("bf16", "int8"):
+            for offload in (False, True):
+                for ckpt in (False, True):
+                    mb = inp.micro_batch
+                    while mb >= 1:
+                        cand = replace(
+                            inp,
+                            backend=replace(spec, offload=offload),
+                            base=base,  # type: ignore[arg-type]
+                            activation_checkpointing=ckpt,
+                            micro_batch=mb,
+                        )
+                        p = plan(cand)
+                        if p.fits_before and p.fits_after:
+                            cost = (offload, base == "int8", ckpt, -mb, order, p.before.total)
+                            found.append((cost, describe_settings(cand), p))
+                            break
+                        mb //= 2
+    found.sort(key=lambda x: x[0])
+    return [(d, p) for _, d, p in found]
+
+
+def _ckpt_words(inp: PlanInput) -> str:
+    if not inp.activation_checkpointing:
+        return "no activation checkpointing"
+    if inp.checkpoint_every == 1:
+        return "activation checkpointing"
+    return f"activation checkpointing every {inp.checkpoint_every} layers"
+
+
+def describe_settings(inp: PlanInput) -> str:
+    bits = [
+        inp.backend.describe(),
+        f"{inp.base} base",
+        f"micro_batch {inp.micro_batch}",
+        _ckpt_words(inp),
+    ]
+    return ", ".join(bits)
+
+
+def replan_after_prune(inp: PlanInput) -> PlanInput | None:
+    """At the prune event the kept set may need less activation checkpointing: off if the
+    plan fits without it, else the fewest checkpointed layers (the largest N of
+    checkpoint_every) that fit. None when nothing fewer than the current setting fits."""
+    if not inp.activation_checkpointing:
+        return None
+    off = replace(inp, activation_checkpointing=False)
+    if plan(off).fits_after:
+        return off
+    for n in range(inp.shape.layers, inp.checkpoint_every, -1):
+        cand = replace(inp, checkpoint_every=n)
+        if plan(cand).fits_after:
+            return cand
+    return None
+
+
+def human(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def format_plan(p: Plan) -> str:
+    inp = p.inp
+    rows = [
+        ("base weights", "base"),
+        ("adapters (+ fp32 masters)", "adapters"),
+        ("gradients", "grads"),
+        ("optimizer state", "optimizer"),
+        ("activations", "activations"),
+        ("logits / loss", "loss"),
+        ("gathered units (FSDP2 / ZeRO-3)", "buffers"),
+    ]
+    b, a = p.before, p.after
+    out = [
+        f"{describe_settings(inp)}; world size {inp.world_size}; LoRA r={inp.lora_rank}; "
+        f"sequence {inp.seq_len}; n={b.n_adapters} -> K={a.n_adapters}",
+        f"{'per rank, GiB':34s}{'selection (n)':>15s}{'after prune (K)':>17s}",
+    ]
+    for label, key in rows:
+        out.append(f"{label:34s}{getattr(b, key) / GiB:15.2f}{getattr(a, key) / GiB:17.2f}")
+    out.append(f"{'total':34s}{b.total / GiB:15.2f}{a.total / GiB:17.2f}")
+    budget = p.budget / GiB
+    out.append(
+        f"budget {budget:.1f} GiB ({inp.gpu_gib:g} GiB minus {inp.reserve_gib:g} reserved): "
+        f"selection {'fits' if p.fits_before else 'does NOT fit'}, after prune "
+        f"{'fits' if p.fits_after else 'does NOT fit'}"
+    )
+    return "\n".join(out)
+
+
+def run_plan_input(
+    cfg: RunConfig,
+    shape: ModelShape,
+    world_size: int,
+    backend: BackendSpec,
+    on_gpu: bool = True,
+    kept: list[tuple[int, str]] | None = None,
+) -> PlanInput:
+    """The plan of a run config (its adapter, selection, batch and base settings) on
+    ``backend``, the spec ``resolve_backend`` gave the run."""
+    float_base = "bf16" if on_gpu and cfg.model.dtype in ("auto", "bfloat16", "float16") else "fp32"
+    return PlanInput(
+        shape,
+        world_size=world_size,
+        backend=backend,
+        base="int8" if cfg.model.quantization == "int8" else float_base,  # type: ignore[arg-type]
+        compute="bf16" if on_gpu and cfg.train.mixed_precision in ("auto", "bf16") else "fp32",
+        lora_rank=cfg.adapter.lora_rank << cfg.selection.rounds,  # WeightLoRA+: the final rank
+        targets=tuple(cfg.adapter.target_modules),
+        lora_layers=tuple(cfg.adapter.layers) if cfg.adapter.layers is not None else None,
+        lora_dropout=cfg.adapter.lora_dropout,
+        k=cfg.selection.k,
+        micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        checkpoint_every=cfg.model.checkpoint_every_n_layers,
+        loss_shards=cfg.train.loss_shards,
+        gpu_gib=cfg.memory.budget_gib or 80.0,
+        reserve_gib=cfg.memory.reserve_gib,
+        kept=tuple(kept) if kept is not None else None,
+    )
+
+
+def shape_from(model: str) -> ModelShape:
+    """A preset name, an HF config.json, or a model folder holding one."""
+    import json
+    import os
+
+    if model in PRESETS:
+        return PRESETS[model]
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path) and "/" in model and not os.path.exists(os.path.expanduser(model)):
+        # A hub id: its config.json from the local HF cache (never downloaded here), else
+        # the Llama 3 preset its name says.
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json", local_files_only=True)
+        except Exception:  # not cached: fall back on the name
+            name = model.lower().replace("_", "-")
+            for size, preset in (
+                ("70b", "llama3-70b"),
+                ("8b", "llama3-8b"),
+                ("3b", "llama3.2-3b"),
+                ("1b", "llama3.2-1b"),
+            ):
+                if "llama-3" in name and f"-{size}" in name:
+                    return PRESETS[preset]
+    if not os.path.isfile(path):
+        from wlora_dist.errors import UserError
+
+        raise UserError(
+            f"--model {model!r}: not a preset ({', '.join(PRESETS)}), a config.json or a model folder with one"
+        )
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg = cfg.get("text_config", cfg)
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size") if k not in cfg]
+    if missing:
+        from wlora_dist.errors import UserError
+
+        raise UserError(f"{path}: no {', '.join(missing)}; the planner knows Llama-like decoder configs")
+    return ModelShape.from_hf_config(cfg)

@@ -1,0 +1,256 @@
+"""Checkpoints: atomic, sharded as the backend shards, resumable exactly or on another
+world size, and never unpickled.
+
+One checkpoint is a folder ``<checkpoint dir>/step-00000120/``::
+
+    meta.json               step, phase (selection / pruned), kept adapters, data position,
+                            world size, what the run was (for the compatibility check), and
+                            the peft adapter config (``wlora-dist export`` needs nothing else)
+    state/*.safetensors     adapters, their AdamW state, the gates: written by
+                            torch.distributed.checkpoint (DCP), every rank its own shards
+                            (FSDP2 DTensors; replicated / gathered tensors once); loading
+                            reshards to any world size and any backend
+    rng/rank-00000.safetensors  each rank's torch RNG states (dropout)
+
+DCP's default storage pickles its metadata; we use its HuggingFace safetensors storage,
+which keeps the sharding offsets in the safetensors headers, so loading a checkpoint runs
+no pickle. The folder is written as ``step-00000120.tmp`` and renamed once every rank has
+finished: a crash leaves at worst a ``.tmp`` folder, never a half-written checkpoint under
+a good name. The newest ``keep_last`` are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+
+from wlora_dist.distributed.env import DistEnv, all_reduce_max_, barrier
+from wlora_dist.errors import UserError
+
+_STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete or written by a different run."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (``.tmp`` folders are not)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_RE.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_resume(resume_from: str, root: Path) -> Path | None:
+    """The checkpoint to resume from: '' none, 'auto' newest if any, 'latest' newest (an
+    error if none), or a checkpoint folder."""
+    if not resume_from:
+        return None
+    if resume_from in ("auto", "latest"):
+        ckpts = list_checkpoints(root)
+        if ckpts:
+            return ckpts[-1]
+        if resume_from == "auto":
+            return None
+        raise CheckpointError(
+            f"checkpoint.resume_from=latest: no checkpoint in {root}; start without it (resume_from='') "
+            "or use resume_from=auto, which starts fresh when there is none"
+        )
+    path = Path(resume_from).expanduser()
+    if not (path / "meta.json").is_file():
+        hint = f"; complete ones in {path}: {[p.name for p in list_checkpoints(path)]}" if path.is_dir() else ""
+        raise CheckpointError(f"checkpoint.resume_from={resume_from!r}: not a checkpoint folder (no meta.json){hint}")
+    return path
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json of a checkpoint: what training, resume and ``wlora-dist export`` share.
+
+    Versioned by ``FORMAT`` (written as "format"); a checkpoint of another format is
+    refused with a clear message rather than misread."""
+
+    step: int  # the optimizer step it was written after
+    pruned: bool  # after the prune event (the gates frozen)
+    kept: list[str]  # adapter names present, in site order
+    ranks: dict[str, int]  # LoRA rank of each kept adapter (WeightLoRA+ doubles them)
+    rounds_log: list[dict[str, Any]]  # WeightLoRA+ rounds done so far
+    rows_consumed: int  # training rows of the global batch consumed (data position)
+    world_size: int
+    backend: str  # BackendSpec.name of the run that wrote it
+    identity: dict[str, Any]  # what a resuming run must share with it (run_identity)
+    adapter_config: dict[str, Any]  # the peft LoraConfig of the kept adapters, as JSON
+    time: float = 0.0  # wall clock at writing
+
+    FORMAT: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], path: Path) -> CheckpointMeta:
+        if data.get("format") != cls.FORMAT:
+            raise CheckpointError(f"{path}: checkpoint format {data.get('format')!r}, this version reads {cls.FORMAT}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data and n != "time"]
+        if missing:
+            raise CheckpointError(f"{path}: meta.json lacks {missing}; the checkpoint is damaged")
+        return cls(**{n: data[n] for n in names if n in data})
+
+    @property
+    def sites(self) -> list[str]:
+        """Every adapter site of the run (index i <-> gate w[i])."""
+        return list(self.identity["sites"])
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    try:
+        data = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read meta.json ({e}); the checkpoint is damaged") from None
+    return CheckpointMeta.from_dict(data, path)
+
+
+def check_compatible(meta: CheckpointMeta, identity: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint of another model / adapter layout / selection, naming the field."""
+    problems = []
+    for key, ours in identity.items():
+        theirs = meta.identity.get(key)
+        if theirs != ours:
+            shown_t = theirs if len(repr(theirs)) < 120 else f"{len(theirs)} entries"
+            shown_o = ours if len(repr(ours)) < 120 else f"{len(ours)} entries"
+            problems.append(f"{key}: checkpoint {shown_t!r}, this run {shown_o!r}")
+    if problems:
+        raise CheckpointError(
+            f"{path} was written by a different run:\n  - "
+            + "\n  - ".join(problems)
+            + "\nresume with the config it was written with (saved as config.json next to meta.json) "
+            "or use a new output.dir / checkpoint.dir"
+        )
+
+
+def save(
+    root: Path,
+    step: int,
+    tensors: dict[str, torch.Tensor],
+    meta: CheckpointMeta,
+    config: dict[str, Any],
+    env: DistEnv,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it with its own tensors; returns the final folder."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if env.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash: never complete, never read
+        (tmp / "rng").mkdir(parents=True)
+    barrier()
+    writer = HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=env.distributed)
+    dcp.save(tensors, storage_writer=writer, no_dist=not env.distributed)
+    save_file(_rng_state(), str(tmp / "rng" / f"rank-{env.global_rank:05d}.safetensors"))
+    barrier()  # every rank's shards are on disk
+    if env.is_main:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "meta.json").write_text(json.dumps(meta.to_dict(), indent=2))  # written last
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_tensors(path: Path, tensors: dict[str, torch.Tensor], distributed: bool) -> None:
+    """Fill ``tensors`` in place from the checkpoint (resharded to their layout)."""
+    stored = _stored_shapes(path)  # reads every shard's header: once, not once per key
+    missing = [k for k in tensors if k not in stored]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "state")), no_dist=not distributed)
+
+
+def stored_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every stored tensor whose key starts with ``prefix``, assembled whole (one process;
+    for ``wlora-dist export``)."""
+    shapes = _stored_shapes(path)
+    out = {k: torch.zeros(s, dtype=d) for k, (s, d) in shapes.items() if k.startswith(prefix)}
+    dcp.load(out, storage_reader=HuggingFaceStorageReader(str(path / "state")), no_dist=True)
+    return out
+
+
+def _stored_shapes(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    md = HuggingFaceStorageReader(str(path / "state")).read_metadata()
+    return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()}  # type: ignore[union-attr]
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(path: Path, rank: int, fallback_seed: int) -> bool:
+    """This rank's saved RNG state; on a world size the checkpoint did not have, a seed
+    derived from (seed, rank, step) instead. Returns whether the saved state was used."""
+    file = path / "rng" / f"rank-{rank:05d}.safetensors"
+    if not file.is_file():
+        torch.manual_seed(fallback_seed)
+        return False
+    state = load_file(str(file))
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    return True
+
+
+class StopOnSignal:
+    """SIGTERM / SIGUSR1 (what SLURM and torchrun send before preemption) only set a flag;
+    the trainer checks it between optimizer steps on every rank (``requested``, one tiny
+    all-reduce, so a signal that reached one rank stops all), saves a checkpoint and exits."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.at: float | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        self.at = time.time()
+
+    def requested(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            all_reduce_max_(flag)
+        return bool(flag.item() > 0)

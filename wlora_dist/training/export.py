@@ -1,0 +1,123 @@
+"""Export the kept adapters as a standard peft LoRA adapter folder, atomically.
+
+The folder (adapter_config.json + adapter_model.safetensors) loads with
+``PeftModel.from_pretrained(base, folder)`` and in serving engines, without this project.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import save_file
+
+from wlora_dist.method.weight_lora import WeightLoRA
+
+
+def replace_dir_atomically(tmp: Path, final: Path) -> None:
+    """Move a fully written ``tmp`` folder to ``final``; an old ``final`` survives any crash
+    before the last rename (it is moved aside first, removed only after)."""
+    old = None
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_dir_atomically(out_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """``fill`` writes a folder's files into a fresh folder beside ``out_dir``, which then
+    replaces ``out_dir`` (``replace_dir_atomically``); on any error the partial folder is
+    removed and an existing ``out_dir`` is left as it was."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        replace_dir_atomically(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_peft_adapter(
+    state: dict[str, torch.Tensor], wl: WeightLoRA, out_dir: Path, base_model_name_or_path: str
+) -> Path:
+    """Write ``state`` (from ``wl.export_state()`` or a gathered copy) as a peft adapter."""
+    return write_peft_adapter(state, wl.export_config(base_model_name_or_path), out_dir)
+
+
+def write_peft_adapter(state: dict[str, torch.Tensor], lora_config: LoraConfig, out_dir: Path) -> Path:
+    """adapter_model.safetensors + adapter_config.json, written aside and moved into place."""
+
+    def fill(tmp: Path) -> None:
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        lora_config.save_pretrained(str(tmp))
+
+    return write_dir_atomically(out_dir, fill)
+
+
+def lora_config_to_json(config: LoraConfig) -> dict[str, Any]:
+    """A LoraConfig as plain JSON (sets as sorted lists), for checkpoint metadata."""
+    return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+def export_checkpoint(ckpt: Path, out_dir: Path, merged_out: Path | None = None, model_path: str = "") -> Path:
+    """A checkpoint (any backend, any world size: it stores full tensors or all shards) as
+    a peft adapter, gates folded into B exactly as the trainer's final export does; with
+    ``merged_out``, also the base with the adapter merged in (needs the float base)."""
+    from wlora_dist.training.checkpoint import read_meta, stored_tensors
+
+    meta = read_meta(ckpt)
+    tensors = stored_tensors(ckpt, "adapter.")
+    gates = stored_tensors(ckpt, "wlora.gates")["wlora.gates"]
+    state = {}
+    for name in meta.kept:
+        w = gates[meta.sites.index(name)].float()
+        state[f"base_model.model.{name}.lora_A.weight"] = tensors[f"adapter.{name}.lora_A"].float().contiguous()
+        state[f"base_model.model.{name}.lora_B.weight"] = (tensors[f"adapter.{name}.lora_B"].float() * w).contiguous()
+    config = LoraConfig(**{k: v for k, v in meta.adapter_config.items() if k in _LORA_FIELDS})
+    write_peft_adapter(state, config, out_dir)
+    if merged_out is not None:
+        write_merged(out_dir, model_path or config.base_model_name_or_path or "", merged_out)
+    return out_dir
+
+
+_LORA_FIELDS = set(LoraConfig.__dataclass_fields__)
+
+
+def write_merged(adapter_dir: Path, model_path: str, out_dir: Path) -> Path:
+    """Base + adapter merged (W + scaling * B A) as a full HF model folder, atomically."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wlora_dist.errors import UserError
+    from wlora_dist.model.int8 import checkpoint_quantization
+    from wlora_dist.model.loading import check_model_path
+
+    check_model_path(model_path)
+    if checkpoint_quantization(model_path) != "none":
+        raise UserError(
+            f"--merged: {model_path} is saved quantised; merging into int8 weights would lose the adapter. "
+            "Pass --model with the bf16/fp16 base folder"
+        )
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype="auto", use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        with contextlib.suppress(OSError, ValueError):  # a model folder without a tokenizer: weights only
+            AutoTokenizer.from_pretrained(model_path).save_pretrained(str(tmp))
+
+    return write_dir_atomically(out_dir, fill)

@@ -1,0 +1,58 @@
+"""What a finished run leaves: the selection report, every rank's bytes in the log, and
+the peft adapter (rank 0 writes; every rank takes part in gathering sharded adapters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wlora_dist.distributed.base import Backend, base_bytes_by_dtype
+from wlora_dist.distributed.env import DistEnv, barrier, gather_objects
+from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.training.export import save_peft_adapter
+from wlora_dist.training.report import write_report
+from wlora_dist.training.tracking import RunLogger
+
+
+def save_outputs(
+    wl: WeightLoRA,
+    backend: Backend,
+    env: DistEnv,
+    logger: RunLogger,
+    adapter_dir: Path,
+    report_dir: Path,
+    model_path: str,
+    optimizer_step: int,
+    per_rank: dict[str, Any],
+    report_extra: dict[str, Any],
+) -> None:
+    """Collective. ``per_rank``: this rank's figures for the final report (its bytes
+    before / after the prune event, the prune seconds)."""
+    state = wl.export_state(backend.gather_full)
+    ranks = gather_objects(
+        {"global_rank": env.global_rank, **per_rank, "base_bytes": base_bytes_by_dtype(wl.peft_model)}
+    )
+    if env.is_main:
+        extra = {"backend": backend.name, "world_size": env.world_size, "memory_per_rank": ranks, **report_extra}
+        write_report(wl, report_dir, optimizer_step, "final", extra)
+        for r in ranks:
+            logger.info(
+                "rank %d: frozen base %s",
+                r["global_rank"],
+                ", ".join(f"{v / 2**20:.2f} MiB {k}" for k, v in sorted(r["base_bytes"].items())),
+            )
+            if "before" in r and "after" in r:
+                logger.info(
+                    "rank %d: trainable/optimizer bytes %s -> %s, prune %.3f s",
+                    r["global_rank"],
+                    _bytes_summary(r["before"]),
+                    _bytes_summary(r["after"]),
+                    r["prune_seconds"],
+                )
+        save_peft_adapter(state, wl, adapter_dir, model_path)
+        logger.info("adapter (peft format) -> %s ; selection report -> %s", adapter_dir, report_dir)
+    barrier()
+
+
+def _bytes_summary(mem: dict[str, int]) -> str:
+    return f"{mem.get('trainable_param_bytes', 0)}/{mem.get('optimizer_state_bytes', 0)}"

@@ -1,0 +1,299 @@
+"""The training loop: setup -> train (selection phase -> prune event -> LoRA on K) -> export
+-> cleanup. The method lives in method/ (the ``Selector``), the distribution in
+distributed/ (a ``Backend``); this module only runs them in order.
+
+    torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml
+    accelerate launch --config_file launch/accelerate/cpu_2proc.yaml train.py --config configs/tiny_cpu.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import set_seed
+
+from wlora_dist.config import ConfigError, RunConfig
+from wlora_dist.data import pipeline as data_mod
+from wlora_dist.distributed.base import WeightsSource
+from wlora_dist.distributed.env import REPLICA_SYNC, DistEnv, all_reduce_mean_
+from wlora_dist.distributed.registry import make_backend
+from wlora_dist.distributed.spec import resolve_backend
+from wlora_dist.method.init import derive_seed
+from wlora_dist.method.schedule import lr_multiplier
+from wlora_dist.method.selector import LayoutChange, LayoutEvent, Selector, fit_problems
+from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.loading import load_tokenizer
+from wlora_dist.training import checkpoint, evaluation, replan, run_checkpoint
+from wlora_dist.training.callbacks import Callback
+from wlora_dist.training.outputs import save_outputs
+from wlora_dist.training.report import report_layout_change, round_record
+from wlora_dist.training.results import TrainingError, TrainResult
+from wlora_dist.training.tracking import RunLogger
+
+Batch = dict[str, torch.Tensor]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, env: DistEnv, callbacks: Sequence[Callback] = ()) -> None:
+        self.cfg, self.env, self.callbacks = cfg, env, list(callbacks)
+        self.spec = resolve_backend(cfg.distributed)  # the one place the backend is decided
+        self.out_dir = Path(cfg.output.dir)
+        self.adapter_dir, self.report_dir = self.out_dir / "adapter", self.out_dir / "report"
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        self.memory: dict[str, dict[str, int]] = {}  # trainable / optimizer bytes before / after the prune
+        self.layout_events: list[LayoutEvent] = []  # rounds, the prune event, a resume
+        self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round
+        self.replanned: replan.Replan | None = None  # memory.replan_at_prune's switch, if it made one
+        self.prune_seconds: float | None = None
+        self.start_step = 0
+        self.eval_loader = None
+        self.stopper = checkpoint.StopOnSignal()
+        self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, False, {})  # silent until setup
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(
+        self,
+        model: nn.Module | None = None,
+        weights: WeightsSource | None = None,
+        batches: Iterator[Batch] | None = None,
+    ) -> None:
+        """Data, model, adapters, backend, logger, resume. ``model``: a base model to train
+        instead of loading model.path (built on meta: filled from ``weights``); ``batches``:
+        training micro-batches instead of data.* (no eval)."""
+        cfg, env = self.cfg, self.env
+        if self.adapter_dir.exists() and not cfg.output.overwrite:
+            raise TrainingError(
+                f"{self.adapter_dir} already holds an adapter; choose another output.dir or set "
+                "output.overwrite=true (the old one is replaced only after the new one is complete)"
+            )
+        set_seed(cfg.train.seed)  # the same on every rank: identical adapter init
+        loader = self._setup_data() if batches is None else None  # before the model load: bad data fails fast
+        self.backend = make_backend(self.spec, cfg, env, weights)
+        self._setup_model(model if model is not None else self.backend.load_base(cfg.model))
+        self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
+        replan.log_plan(replan.plan_input(cfg, env, self.spec, self.wl.base_model, None), self.logger)
+        resume = checkpoint.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
+        if resume is not None:
+            self._resume(resume)
+        # Data position: rows of the global batch already consumed -> this rank's micro-batches.
+        start = self.start_step * cfg.train.grad_accum_steps
+        self.train_iter = data_mod.forever(loader, start) if loader is not None else batches
+        if cfg.checkpoint.save_on_signal:
+            self.stopper.install()
+        sel, n_params = cfg.selection, sum(self.backend.numel(p) for p in self.params)
+        self.logger.info(
+            f"world_size={env.world_size} backend={self.spec.name} adapters n={self.wl.n} "
+            f"({','.join(cfg.adapter.target_modules)}) trainable={n_params} params selection={sel.method} "
+            f"K={sel.k if sel.method == 'topk' else '-'} T={sel.steps}"
+        )
+
+    def _setup_model(self, base: nn.Module) -> None:
+        cfg, env = self.cfg, self.env
+        self.wl = wl = WeightLoRA.attach(base, cfg.adapter)
+        if cfg.train.loss_shards:
+            from wlora_dist.model.loss import tiled_causal_lm_loss
+
+            wl.base_model.loss_function = tiled_causal_lm_loss(cfg.train.loss_shards)
+        if not any(p.is_meta for p in wl.trainable_parameters()):
+            wl.init_adapters(cfg.train.seed)  # models on meta get the same values as they are filled
+        problems = fit_problems(wl, cfg.selection, cfg.adapter.lora_rank)
+        if problems:
+            raise ConfigError(problems, "selection")
+        if cfg.memory.replan_at_prune and not replan.memory_budget_gib(cfg, env):
+            raise ConfigError(
+                ["memory.replan_at_prune: true needs memory.budget_gib on a machine without a GPU (GiB per rank)"],
+                "memory",
+            )
+        for cb in self.callbacks:
+            cb.on_adapters_attached(self, wl)
+        self.backend.prepare(wl)
+        self.params = wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
+        wl.gates.data = wl.gates.data.to(env.device)
+        self.selector = Selector(wl, cfg.selection, cfg.train.seed, REPLICA_SYNC)
+        torch.manual_seed(derive_seed(cfg.train.seed, rank=env.global_rank))  # dropout differs per rank, as in DDP
+
+    def _setup_data(self) -> DataLoader:
+        cfg, env = self.cfg, self.env
+        train, self.eval_loader = data_mod.build_loaders(
+            cfg.data,
+            cfg.train.micro_batch_size,
+            cfg.train.seed,
+            load_tokenizer(cfg.model),
+            env.global_rank,
+            env.world_size,
+        )
+        return train
+
+    def _resume(self, path: Path) -> None:
+        meta, event, params = run_checkpoint.resume(path, self.cfg, self.env, self.selector, self.backend, self.logger)
+        self.params = params or self.params
+        self.layout_events.append(event)
+        self.rounds_log, self.start_step = list(meta.rounds_log), meta.step
+        if self.selector.pruned and self.cfg.memory.replan_at_prune:
+            self._replan()  # the same decision the interrupted run made at its prune event
+
+    # ------------------------------------------------------------------ train
+
+    def train(self) -> TrainResult:
+        cfg, history = self.cfg, []
+        self.backend.module.train()
+        every = cfg.checkpoint.every
+        for step in range(self.start_step + 1, cfg.train.max_steps + 1):
+            metrics = self.train_step(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                metrics.update(self.evaluate())
+            history.append(metrics)
+            postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}"}
+            postfix.update({"tok/s": f"{metrics['tokens_per_s']:.0f}", "kept": f"{metrics['kept']}/{self.wl.n}"})
+            self.logger.step(step, metrics, postfix)
+            stop = self.stopper.requested(self.env.device)  # on every rank, whichever got the signal
+            if stop or (every and step % every == 0 and step < cfg.train.max_steps):
+                path = self.save_checkpoint(step)
+            if stop:
+                self.logger.info(
+                    "stop signal received: checkpoint of step %d in %s; resume with checkpoint.resume_from=auto",
+                    step,
+                    path,
+                )
+                return self._result(history, stopped_at=step, checkpoint=path)
+        final_eval = self.evaluate()
+        if final_eval:
+            self.logger.track(cfg.train.max_steps, final_eval)
+            self.logger.info("final eval: loss %.4f perplexity %.2f", final_eval["eval_loss"], final_eval["eval_ppl"])
+        save_outputs(
+            self.wl,
+            self.backend,
+            self.env,
+            self.logger,
+            self.adapter_dir,
+            self.report_dir,
+            cfg.model.path,
+            cfg.train.max_steps,
+            {**self.memory, "prune_seconds": self.prune_seconds},
+            {"rounds": self.rounds_log},
+        )
+        return self._result(history, eval_loss=final_eval.get("eval_loss"))
+
+    def train_step(self, step: int) -> dict:
+        """Optimizer step ``step`` (1-based), then the layout change the schedule puts after it."""
+        metrics = self._optimizer_step(step)
+        change = self.selector.change_at(step)
+        if change is not None:
+            metrics["prune_seconds" if change.kind == "prune" else "round_seconds"] = self._change_layout(change)
+        return metrics
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.env.device.type == "cuda" and self.cfg.train.mixed_precision in ("auto", "bf16"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _optimizer_step(self, step: int) -> dict:
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        loss_sum, tokens, accum = torch.zeros((), device=env.device), 0, cfg.train.grad_accum_steps
+        for micro in range(accum):
+            cpu_batch = next(self.train_iter)
+            tokens += int(cpu_batch["attention_mask"].sum())  # counted on the host copy: no device sync
+            self._last_batch = {k: v.to(env.device) for k, v in cpu_batch.items()}
+            with self._autocast():
+                loss = self.backend.module(**self._last_batch).loss
+            self.backend.backward(loss / accum, last_micro_step=micro == accum - 1)
+            loss_sum += loss.detach()
+        self.backend.reduce_gradients(self.params)
+        mult = lr_multiplier(step, cfg.optim, cfg.train.max_steps)
+        grad_norm = self.backend.step(self.params, cfg.optim.lr * mult, cfg.optim.max_grad_norm)
+        # One host sync per step: this rank's loss, the mean over ranks and the grad norm.
+        local = loss_sum / accum
+        local_f, mean_f, norm_f = torch.stack([local, all_reduce_mean_(local.clone()), grad_norm.to(local)]).tolist()
+        for value, where in ((local_f, f"rank {env.global_rank}"), (mean_f, "another rank")):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss is {value} at optimizer step {step} on {where}; "
+                    "lower optim.lr / selection.lr_w or check the data"
+                )
+        if step in (cfg.selection.steps, cfg.selection.steps + 1) and cfg.selection.method != "none":
+            self.memory["before" if step == cfg.selection.steps else "after"] = self.backend.memory_report(self.params)
+        for cb in self.callbacks:
+            cb.on_optimizer_step_end(self, step)
+        self.backend.zero_grad()
+        metrics: dict = {"gate_grad_norm": 0.0}
+        if self.selector.trains_gates(step):
+            metrics = self.selector.update_gates(step, cfg.selection.lr_w * mult)
+        elapsed = time.perf_counter() - t0
+        return {
+            "loss": mean_f,
+            "local_loss": local_f,
+            "lr": cfg.optim.lr * mult,
+            "grad_norm": norm_f,
+            "tokens_per_s": tokens * env.world_size / elapsed,
+            "kept": int(self.wl.kept.sum()),
+            "step_seconds": elapsed,
+            **metrics,
+        }
+
+    def _change_layout(self, change: LayoutChange) -> float:
+        """A WeightLoRA+ round or the prune event: the selector changes the adapters; here
+        the probe loss around it (continuity), the re-plan, the report and the log."""
+        t0 = time.perf_counter()
+        before = self.probe_loss()
+        event, params = self.selector.apply(change, self.backend)
+        self.params = params or self.params
+        if change.kind == "prune" and self.cfg.memory.replan_at_prune:
+            self._replan()
+        event.probe_losses = (before, self.probe_loss())  # equal unless re-initialised
+        event.seconds = time.perf_counter() - t0
+        self.layout_events.append(event)
+        if change.round_:
+            self.rounds_log.append(round_record(event))
+        if change.kind == "prune":
+            self.prune_seconds = event.seconds
+        out = self.report_dir if self.env.is_main and self.cfg.output.reports else None
+        report_layout_change(event, self.wl, out, self.rounds_log, self.logger)
+        for cb in self.callbacks:
+            cb.on_layout_change(self, event)
+        return event.seconds
+
+    def _replan(self) -> None:
+        if not self.cfg.model.gradient_checkpointing:
+            return
+        kept = [(s.layer, s.kind) for s in self.wl.kept_sites() if s.layer is not None]
+        inp = replan.plan_input(self.cfg, self.env, self.spec, self.wl.base_model, kept)
+        self.replanned = replan.replan_at_prune(inp, self.wl.base_model, self.logger)
+
+    # ------------------------------------------------------------------ checkpoints, eval
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Collective: every rank writes its shards; one folder, complete or absent."""
+        t0 = time.perf_counter()
+        path = run_checkpoint.save_run(
+            self.ckpt_root, step, self.cfg, self.env, self.selector, self.backend, self.rounds_log
+        )
+        self.logger.info("checkpoint of step %d -> %s (%.2f s)", step, path, time.perf_counter() - t0)
+        return path
+
+    def probe_loss(self) -> float:
+        """Loss of the last training micro-batch, dropout off."""
+        return evaluation.probe_loss(self.backend.module, self._last_batch, self._autocast)
+
+    def evaluate(self) -> dict:
+        """Token-weighted eval loss over every rank (eval_batches per rank); {} without eval data."""
+        if self.eval_loader is None:
+            return {}
+        limit = self.cfg.train.eval_batches
+        return evaluation.evaluate(self.backend.module, self.eval_loader, limit, self.env.device, self._autocast)
+
+    def _result(self, history: list[dict], **kw: object) -> TrainResult:
+        kept = [s.name for s in self.wl.kept_sites()]
+        return TrainResult(self.adapter_dir, self.report_dir, kept, history, memory=self.memory, **kw)  # type: ignore[arg-type]
+
+    def cleanup(self) -> None:
+        self.stopper.uninstall()
+        self.logger.close()
