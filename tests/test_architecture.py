@@ -7,14 +7,17 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
-from wlora_dist.config import load_config
+from wlora_dist.config import config_from_dict, load_config
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.launchers import accelerate_config_env, accelerate_overrides
+from wlora_dist.distributed.registry import make_backend
 from wlora_dist.distributed.spec import BackendSpec, resolve_backend
 from wlora_dist.planning.memory_plan import PRESETS, plan, run_plan_input
+from wlora_dist.training.trainer import Trainer
 
-from .conftest import ROOT
+from .conftest import ROOT, tiny_config_dict
 
 PKG = ROOT / "wlora_dist"
 PURE = ["method", "planning"]  # never torch.distributed, never the distributed plumbing
@@ -85,16 +88,12 @@ def test_plan_describes_the_backend_that_runs(path, tiny_dir):
     """For every shipped accelerate config: the environment accelerate launch gives the
     processes (accelerate's own code) -> the run config -> the backend the trainer builds
     (its spec) equals the planner's input, for the run and for `wlora-dist plan --config`."""
-    from wlora_dist.distributed.registry import make_backend
-
     overrides = [f"model.path={tiny_dir / 'model'}", f"data.train=[{tiny_dir / 'data/train.jsonl'}]"]
     cfg = load_config(ROOT / "configs/tiny_cpu.yaml", overrides, accelerate_overrides(accelerate_config_env(str(path))))
     spec = resolve_backend(cfg.distributed)
     assert spec == WANT[path.name]
-    import torch
-
-    backend = make_backend(spec, cfg, DistEnv(0, 0, 8, torch.device("cpu"))) if spec.kind != "fsdp2" else None
-    assert backend is None or backend.spec == spec
+    backend = make_backend(spec, cfg, DistEnv(0, 0, 8, torch.device("cpu")))
+    assert backend.spec == spec and backend.name == spec.name
     inp = run_plan_input(cfg, PRESETS["llama3-8b"], 8, spec)
     assert inp.backend == spec
 
@@ -107,20 +106,12 @@ def test_plan_describes_the_backend_that_runs(path, tiny_dir):
     ids=lambda s: str(s),
 )
 def test_trainer_and_planner_share_the_resolved_backend(setting, tiny_dir, tmp_path):
-    from wlora_dist.training.trainer import Trainer
-
-    from .conftest import tiny_config_dict
-
-    cfg_dict = tiny_config_dict(tiny_dir, tmp_path / "run", distributed=setting)
-    from wlora_dist.config import config_from_dict
-
-    cfg = config_from_dict(cfg_dict)
-    import torch
-
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", distributed=setting))
     trainer = Trainer(cfg, DistEnv(0, 0, 1, torch.device("cpu")))
     assert trainer.spec == resolve_backend(cfg.distributed)
     kind = {"auto": "replicated"}.get(setting["backend"], setting["backend"])
     assert trainer.spec.kind == kind and trainer.spec.zero_stage == setting.get("zero", {}).get("stage", 0)
+    assert run_plan_input(cfg, PRESETS["llama3-8b"], 8, trainer.spec).backend == trainer.spec
 
 
 def test_zero3_plan_at_8b_on_8_ranks_shards_the_base(tmp_path):
