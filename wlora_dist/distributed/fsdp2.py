@@ -138,7 +138,7 @@ def _forget_removed_units(root: FSDPModule | None) -> None:
     last forward's order of param groups; both keep the removed adapters' sharded
     tensors alive (docs/measurements.md: 4 of 4 weak references stayed alive). We remove exactly those
     entries, between iterations, when no collective is in flight. Tested by weak
-    references in tests/test_backends.py; fails loudly if torch changes these fields.
+    references in tests/test_distributed.py; fails loudly if torch changes these fields.
     """
     assert root is not None
     state = root._get_fsdp_state()

@@ -12,7 +12,7 @@ w_i B_i A_i x = B_i (w_i A_i x): the gate multiplies A's r-wide output, not B's
 out-wide one, because the product keeps its other factor for w_i's gradient. On B's
 output that was a tensor of every adapter's output width per token (10.5 GiB at Llama-3
 8B, 224 adapters, 2 x 2048 tokens, bf16: the selection phase's whole extra memory,
-wlora_dist/memory_plan.py); on A's it is r per token.
+wlora_dist/planning/memory_plan.py); on A's it is r per token.
 
 ``w`` is deliberately *not* a parameter of the model: FSDP2 / ZeRO never see it, so it
 is never sharded or partitioned; the trainer all-reduces its gradient by hand.

@@ -238,7 +238,7 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
             inputs_kept.add(shared_inputs.get(t, t))
         total += c * inp.lora_rank
         if gates_train:
-            total += c * inp.lora_rank  # the gate's product keeps A's output (weight_lora.py)
+            total += c * inp.lora_rank  # the gate's product keeps A's output (method/weight_lora.py)
     for name in inputs_kept:
         total += c * {"n1": h, "n2": h, "o_proj": q, "down_proj": f}[name]
     return total
