@@ -54,14 +54,15 @@ def test_base_backend_does_not_know_its_children():
 
 
 def test_no_file_points_outside_the_repository():
-    needles = ("../shared", "FINDINGS.md", "METHOD.md", "shared/design")
+    # Spelled in pieces so that this file does not match the searches it stands for.
+    needles = ("../" + "shared", "FIND" + "INGS.md", "METH" + "OD.md", "shared" + "/design")
     import subprocess
 
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     offenders = []
     for name in files:
         path = ROOT / name
-        if path == Path(__file__) or not path.is_file():
+        if not path.is_file():
             continue
         try:
             text = path.read_text()
