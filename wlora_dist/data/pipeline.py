@@ -214,7 +214,15 @@ def make_loader(
         )
     sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
     return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=lambda rows: collate(rows, pad_id)
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        collate_fn=lambda rows: collate(rows, pad_id),
+        # Its own generator: starting an epoch's iterator draws a seed from the loader's
+        # generator, which without one is torch's global RNG, the dropout stream; a resumed
+        # run starts its iterator at another point of that stream and would not be bitwise.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -233,6 +241,7 @@ def forever(loader: DataLoader, start: int = 0) -> Iterator[dict[str, torch.Tens
                 sampler=indices,
                 drop_last=True,
                 collate_fn=loader.collate_fn,
+                generator=loader.generator,
             )
             yield from rest
             skip = 0
