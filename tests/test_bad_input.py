@@ -120,6 +120,9 @@ def test_bad_input_is_one_clear_error_and_nothing_is_overwritten(case, tiny_dir,
 
 
 def test_checkpoint_of_another_config_is_refused(good_checkpoint, tiny_dir, tmp_path, capsys):
+    logs = tmp_path / "run/logs"
+    logs.mkdir(parents=True)
+    (logs / "config.json").write_text(SENTINEL)  # the earlier run's: a refused run writes nothing
     rc, err = _run_broken(
         tiny_dir,
         tmp_path,
@@ -128,6 +131,28 @@ def test_checkpoint_of_another_config_is_refused(good_checkpoint, tiny_dir, tmp_
     )
     assert rc != 0 and "was written by a different run" in err
     assert "adapter.lora_rank: checkpoint 4, this run 8" in err and "config.json" in err
+    assert (logs / "config.json").read_text() == SENTINEL and sorted(p.name for p in logs.iterdir()) == ["config.json"]
+
+
+def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused(good_checkpoint, tiny_dir, tmp_path, capsys):
+    """Without resume_from, a fresh start would overwrite step-00000001 and rotate the earlier
+    run's checkpoints away: refused (naming the folder and the ways on), nothing written."""
+    ckpts = tmp_path / "run/checkpoints"
+    shutil.copytree(good_checkpoint, ckpts / good_checkpoint.name)
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*"))
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run", train={"max_steps": 3}, selection={"steps": 1})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    rc = main(["train", "--config", str(path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err
+    for fragment in (str(ckpts), "holds checkpoints of an earlier run", "resume_from=auto", "output.overwrite=true"):
+        assert fragment in err, err
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
+    # The same with resume_from=auto goes on from it.
+    assert main(["train", "--config", str(path), "checkpoint.resume_from=auto"]) == 0
+    assert (tmp_path / "run/adapter/adapter_model.safetensors").exists()
 
 
 def test_checkpoint_of_another_model_is_refused(good_checkpoint, other_model, tiny_dir, tmp_path, capsys):

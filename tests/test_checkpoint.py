@@ -187,11 +187,12 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_sigusr1_and_sigterm_request_a_stop():
-    """SLURM's --signal=USR1@T reaches the ranks as SIGUSR1: the same stop as SIGTERM."""
+def test_sigusr1_sigterm_and_ctrl_c_request_a_stop():
+    """SLURM's --signal=USR1@T reaches the ranks as SIGUSR1, Ctrl-C as SIGINT: the same stop
+    as SIGTERM."""
     from wlora_dist.training.checkpoint import StopOnSignal
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         stopper = StopOnSignal()
         stopper.install()
         try:

@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C twice, or before training started): no checkpoint written", file=sys.stderr)
+        return 130
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0" or not isinstance(e, ConfigError):  # every rank sees the same config error

@@ -192,7 +192,12 @@ class DistributedConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(0, "Save a checkpoint every N optimizer steps (0 = only when stopped by SIGTERM / SIGUSR1).")
+    every: int = _f(0, "Save a checkpoint every N optimizer steps (0 = no step interval).")
+    every_minutes: float = _f(
+        0.0,
+        "Also save when this many minutes have passed since the last save (0 = no time interval): what "
+        "preemptible clusters need. A stop signal (SIGTERM, SIGUSR1, Ctrl-C) always saves.",
+    )
     keep_last: int = _f(2, "Checkpoints kept (the newest); older ones are deleted once a new one is complete.")
     dir: str = _f("", "Where checkpoints go; empty = <output.dir>/checkpoints.")
     resume_from: str = _f(
@@ -200,7 +205,9 @@ class CheckpointConfig:
         "'' = start fresh; 'auto' = the newest checkpoint in checkpoint.dir if there is one (for requeued jobs); "
         "'latest' = the newest (an error if none); or a checkpoint folder (step-NNNNNNNN).",
     )
-    save_on_signal: bool = _f(True, "On SIGTERM / SIGUSR1: finish the step, save a checkpoint, exit 0.")
+    save_on_signal: bool = _f(
+        True, "On SIGTERM / SIGUSR1 / Ctrl-C: finish the step, save a checkpoint, exit 0 (Ctrl-C twice: at once)."
+    )
 
 
 @dataclass
@@ -475,6 +482,8 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"distributed.timeout_minutes: {cfg.distributed.timeout_minutes} must be > 0")
     if cfg.checkpoint.every < 0:
         p.append(f"checkpoint.every: {cfg.checkpoint.every} must be >= 0 (0 = only on a stop signal)")
+    if cfg.checkpoint.every_minutes < 0:
+        p.append(f"checkpoint.every_minutes: {cfg.checkpoint.every_minutes} must be >= 0 (0 = no time interval)")
     if cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last: {cfg.checkpoint.keep_last} must be >= 1")
     if cfg.memory.budget_gib < 0 or cfg.memory.reserve_gib < 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -44,6 +45,11 @@ def write_dir_atomically(out_dir: Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         fill(tmp)
+        # mkdtemp makes the folder 0700 and safetensors its files 0600: as the user's umask
+        # says instead, so teammates on a shared filesystem can read the result.
+        mask = _umask()
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         replace_dir_atomically(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,3 +127,10 @@ def write_merged(adapter_dir: Path, model_path: str, out_dir: Path) -> Path:
             AutoTokenizer.from_pretrained(model_path).save_pretrained(str(tmp))
 
     return write_dir_atomically(out_dir, fill)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it; set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

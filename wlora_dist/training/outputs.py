@@ -1,17 +1,40 @@
-"""What a finished run leaves: the selection report, every rank's bytes in the log, and
-the peft adapter (rank 0 writes; every rank takes part in gathering sharded adapters)."""
+"""Where a run writes. Refused up front when an earlier run's work is there; at the end:
+the selection report, every rank's bytes in the log, and the peft adapter (rank 0 writes;
+every rank takes part in gathering sharded adapters)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from wlora_dist.config import RunConfig
 from wlora_dist.distributed.base import Backend, base_bytes_by_dtype
 from wlora_dist.distributed.env import DistEnv, barrier, gather_objects
 from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.training.checkpoint import list_checkpoints
 from wlora_dist.training.export import save_peft_adapter
 from wlora_dist.training.report import write_report
+from wlora_dist.training.results import TrainingError
 from wlora_dist.training.tracking import RunLogger
+
+
+def check_output_free(cfg: RunConfig, adapter_dir: Path, ckpt_root: Path, resumes: bool) -> None:
+    """Refuse, before anything is loaded or written, a run that would replace an earlier
+    run's adapter or (starting fresh) its checkpoints, unless output.overwrite says so."""
+    if cfg.output.overwrite:
+        return
+    if adapter_dir.exists():
+        raise TrainingError(
+            f"{adapter_dir} already holds an adapter; choose another output.dir or set "
+            "output.overwrite=true (the old one is replaced only after the new one is complete)"
+        )
+    earlier = [] if resumes else list_checkpoints(ckpt_root)
+    if earlier:
+        raise TrainingError(
+            f"{ckpt_root} holds checkpoints of an earlier run ({earlier[-1].name} the newest); resume it with "
+            "checkpoint.resume_from=auto, start over with output.overwrite=true (they are replaced as new ones "
+            "are written), or choose another output.dir / checkpoint.dir"
+        )
 
 
 def save_outputs(

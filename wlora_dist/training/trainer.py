@@ -32,7 +32,7 @@ from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.loading import load_tokenizer
 from wlora_dist.training import checkpoint, evaluation, replan, run_checkpoint
 from wlora_dist.training.callbacks import Callback
-from wlora_dist.training.outputs import save_outputs
+from wlora_dist.training.outputs import check_output_free, save_outputs
 from wlora_dist.training.report import report_layout_change, round_record
 from wlora_dist.training.results import TrainingError, TrainResult
 from wlora_dist.training.tracking import RunLogger
@@ -54,7 +54,7 @@ class Trainer:
         self.prune_seconds: float | None = None
         self.start_step = 0
         self.eval_loader = None
-        self.stopper = checkpoint.StopOnSignal()
+        self.saves = checkpoint.SaveSchedule(cfg.checkpoint, cfg.train.max_steps)
         self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, False, {})  # silent until setup
 
     # ------------------------------------------------------------------ setup
@@ -69,25 +69,22 @@ class Trainer:
         instead of loading model.path (built on meta: filled from ``weights``); ``batches``:
         training micro-batches instead of data.* (no eval)."""
         cfg, env = self.cfg, self.env
-        if self.adapter_dir.exists() and not cfg.output.overwrite:
-            raise TrainingError(
-                f"{self.adapter_dir} already holds an adapter; choose another output.dir or set "
-                "output.overwrite=true (the old one is replaced only after the new one is complete)"
-            )
+        resume = checkpoint.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
+        check_output_free(cfg, self.adapter_dir, self.ckpt_root, resumes=resume is not None)
         set_seed(cfg.train.seed)  # the same on every rank: identical adapter init
         loader = self._setup_data() if batches is None else None  # before the model load: bad data fails fast
         self.backend = make_backend(self.spec, cfg, env, weights)
         self._setup_model(model if model is not None else self.backend.load_base(cfg.model))
-        self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
         replan.log_plan(replan.plan_input(cfg, env, self.spec, self.wl.base_model, None), self.logger)
-        resume = checkpoint.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
         if resume is not None:
             self._resume(resume)
+        # Accepted: only now is anything written (logs/, the trackers' config copy).
+        self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
         # Data position: rows of the global batch already consumed -> this rank's micro-batches.
         start = self.start_step * cfg.train.grad_accum_steps
         self.train_iter = data_mod.forever(loader, start) if loader is not None else batches
         if cfg.checkpoint.save_on_signal:
-            self.stopper.install()
+            self.saves.stopper.install()
         sel, n_params = cfg.selection, sum(self.backend.numel(p) for p in self.params)
         self.logger.info(
             f"world_size={env.world_size} backend={self.spec.name} adapters n={self.wl.n} "
@@ -145,7 +142,6 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg, history = self.cfg, []
         self.backend.module.train()
-        every = cfg.checkpoint.every
         for step in range(self.start_step + 1, cfg.train.max_steps + 1):
             metrics = self.train_step(step)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
@@ -154,8 +150,8 @@ class Trainer:
             postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}"}
             postfix.update({"tok/s": f"{metrics['tokens_per_s']:.0f}", "kept": f"{metrics['kept']}/{self.wl.n}"})
             self.logger.step(step, metrics, postfix)
-            stop = self.stopper.requested(self.env.device)  # on every rank, whichever got the signal
-            if stop or (every and step % every == 0 and step < cfg.train.max_steps):
+            stop, save = self.saves.check(step, self.env.device)  # every rank, whichever got the signal
+            if save:
                 path = self.save_checkpoint(step)
             if stop:
                 self.logger.info(
@@ -277,6 +273,7 @@ class Trainer:
             self.ckpt_root, step, self.cfg, self.env, self.selector, self.backend, self.rounds_log
         )
         self.logger.info("checkpoint of step %d -> %s (%.2f s)", step, path, time.perf_counter() - t0)
+        self.saves.saved()
         return path
 
     def probe_loss(self) -> float:
@@ -295,5 +292,5 @@ class Trainer:
         return TrainResult(self.adapter_dir, self.report_dir, kept, history, memory=self.memory, **kw)  # type: ignore[arg-type]
 
     def cleanup(self) -> None:
-        self.stopper.uninstall()
+        self.saves.stopper.uninstall()
         self.logger.close()
