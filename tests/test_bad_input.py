@@ -50,6 +50,19 @@ def _pickled_model(tmp: Path) -> str:
     return str(folder)
 
 
+def _truncated_model(tmp: Path, model: str) -> str:
+    folder = tmp / "truncated"
+    shutil.copytree(model, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    return str(folder)
+
+
+def _under_a_file(tmp: Path) -> str:
+    (tmp / "a-file").write_text("not a folder")
+    return str(tmp / "a-file" / "run")
+
+
 def _pair(prompt: str, response: str) -> bytes:
     return (json.dumps({"prompt": prompt, "response": response}) + "\n").encode()
 
@@ -75,6 +88,14 @@ CASES = {
     "pickled_weights_only": (
         lambda c, t: c["model"].update(path=_pickled_model(t)),
         ["no safetensors weights", "pytorch_model.bin", "never loaded"],
+    ),
+    "truncated_model_weights": (
+        lambda c, t: c["model"].update(path=_truncated_model(t, c["model"]["path"])),
+        ["model.path=", "truncated", "a weights file cannot be read"],
+    ),
+    "output_dir_is_not_a_folder": (
+        lambda c, t: c["output"].update(dir=_under_a_file(t)),
+        ["Not a directory", "a-file", "output.dir"],
     ),
     "missing_data": (lambda c, t: c["data"].update(train=[str(t / "none.jsonl")]), ["none.jsonl"]),
     "empty_dataset": (lambda c, t: c["data"].update(train=[_data(t, "empty.jsonl", b"")]), ["empty.jsonl"]),
@@ -199,3 +220,17 @@ def _run_broken(tiny_dir: Path, tmp_path: Path, breaker, capsys) -> tuple[int, s
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json"]
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     return rc, err
+
+
+def test_sharded_loading_names_a_truncated_weights_file(tiny_dir, tmp_path):
+    """FSDP2 / ZeRO-3 read rows themselves (CheckpointReader): the same message as a
+    transformers load gets, not a safetensors traceback."""
+    import torch
+
+    from wlora_dist.config import ModelConfig
+    from wlora_dist.model.loading import ModelPathError, load_base_model
+    from wlora_dist.model.sharded_loading import CheckpointReader
+
+    model = load_base_model(ModelConfig(path=str(tiny_dir / "model")), torch.device("cpu"))
+    with pytest.raises(ModelPathError, match="truncated"):
+        CheckpointReader(_truncated_model(tmp_path, str(tiny_dir / "model")), model)

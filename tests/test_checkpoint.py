@@ -23,24 +23,27 @@ from .helpers import WORKER, dist_config, free_port, run_worker
 pytestmark = pytest.mark.dist
 
 
-def _ckpt_cfg(tiny_dir, out, backend, nproc, **checkpoint):
+def _ckpt_cfg(tiny_dir, out, backend, nproc, dropout=0.1, **checkpoint):
     cfg = dist_config(tiny_dir, out, backend, 8 // nproc)
-    cfg["adapter"]["lora_dropout"] = 0.1  # the shipped recipes use dropout: resume must stay bitwise with it
+    # The shipped recipes use dropout: resume on the same world size must stay bitwise with it.
+    # Comparisons across world sizes run without (each rank draws its own dropout masks).
+    cfg["adapter"]["lora_dropout"] = dropout
     cfg["checkpoint"] = checkpoint
     return cfg
 
 
 @pytest.fixture(scope="module")
 def full_runs(tiny_dir, tmp_path_factory):
-    """Uninterrupted 2-rank runs that checkpoint every step, per backend (made when asked)."""
-    runs: dict[str, tuple[dict, Path]] = {}
+    """Uninterrupted 2-rank runs that checkpoint every step, per backend and dropout (made
+    when asked)."""
+    runs: dict[tuple[str, float], tuple[dict, Path]] = {}
 
-    def get(backend: str) -> tuple[dict, Path]:
-        if backend not in runs:
-            tmp = tmp_path_factory.mktemp(f"full-{backend}")
-            cfg = _ckpt_cfg(tiny_dir, tmp / "run", backend, 2, every=1, keep_last=20)
-            runs[backend] = (run_worker(cfg, 2, tmp)[0], tmp / "run" / "checkpoints")
-        return runs[backend]
+    def get(backend: str, dropout: float = 0.1) -> tuple[dict, Path]:
+        if (backend, dropout) not in runs:
+            tmp = tmp_path_factory.mktemp(f"full-{backend}-{dropout}")
+            cfg = _ckpt_cfg(tiny_dir, tmp / "run", backend, 2, dropout, every=1, keep_last=20)
+            runs[backend, dropout] = (run_worker(cfg, 2, tmp)[0], tmp / "run" / "checkpoints")
+        return runs[backend, dropout]
 
     return get
 
@@ -65,7 +68,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(backend, step, full_runs, tiny_
 
 def test_checkpointing_does_not_change_the_run(full_runs, tiny_dir, tmp_path):
     full, ckpts = full_runs("replicated")
-    plain = run_worker(dist_config(tiny_dir, tmp_path / "plain", "replicated", 4), 2, tmp_path)[0]
+    plain = run_worker(_ckpt_cfg(tiny_dir, tmp_path / "plain", "replicated", 2), 2, tmp_path)[0]
     assert plain["params_digest"] == full["params_digest"] and plain["losses"] == full["losses"]
     # keep_last: 20 > 8 steps, all kept; every folder complete, no .tmp left.
     assert [p.name for p in sorted(ckpts.iterdir())] == [f"step-{s:08d}" for s in range(1, 9)]
@@ -74,8 +77,8 @@ def test_checkpointing_does_not_change_the_run(full_runs, tiny_dir, tmp_path):
 def test_resume_on_another_world_size_2_to_4_and_4_to_2(full_runs, tiny_dir, tmp_path):
     """FSDP2 shards resharded by the checkpoint loader: 2 -> 4 ranks from the prune step,
     then that run's own 4-rank checkpoint back on 2 ranks."""
-    full, ckpts = full_runs("fsdp2")
-    cfg4 = _ckpt_cfg(tiny_dir, tmp_path / "four", "fsdp2", 4, resume_from=str(ckpts / "step-00000005"), every=1)
+    full, ckpts = full_runs("fsdp2", 0.0)
+    cfg4 = _ckpt_cfg(tiny_dir, tmp_path / "four", "fsdp2", 4, 0.0, resume_from=str(ckpts / "step-00000005"), every=1)
     four = run_worker(cfg4, 4, tmp_path)
     assert four[0]["world_size"] == 4 and four[0]["kept"] == full["kept"]
     assert len({r["params_digest"] for r in four}) == 1
@@ -83,7 +86,7 @@ def test_resume_on_another_world_size_2_to_4_and_4_to_2(full_runs, tiny_dir, tmp
         assert abs(a - b) < 1e-4
     back = tmp_path / "four" / "checkpoints" / "step-00000007"
     assert json.loads((back / "meta.json").read_text())["world_size"] == 4
-    two = run_worker(_ckpt_cfg(tiny_dir, tmp_path / "two", "fsdp2", 2, resume_from=str(back)), 2, tmp_path)
+    two = run_worker(_ckpt_cfg(tiny_dir, tmp_path / "two", "fsdp2", 2, 0.0, resume_from=str(back)), 2, tmp_path)
     assert two[0]["kept"] == full["kept"]
     for a, b in zip(two[0]["losses"], full["losses"][7:], strict=True):
         assert abs(a - b) < 1e-4
@@ -92,12 +95,12 @@ def test_resume_on_another_world_size_2_to_4_and_4_to_2(full_runs, tiny_dir, tmp
 def test_export_from_checkpoints_of_every_backend_equals_the_one_process_run(full_runs, tiny_dir, tmp_path):
     """`wlora-dist export` of the step-7 checkpoint: full trained tensors (never empty
     ZeRO-3 / FSDP2 shards), equal across backends and to the 1-process run's."""
-    one = _ckpt_cfg(tiny_dir, tmp_path / "one", "replicated", 1, every=7)
+    one = _ckpt_cfg(tiny_dir, tmp_path / "one", "replicated", 1, 0.0, every=7)
     run_worker(one, 1, tmp_path)
     exports = {}
     for name, ckpt in [
         ("one", tmp_path / "one/checkpoints/step-00000007"),
-        *[(b, full_runs(b)[1] / "step-00000007") for b in ("replicated", "fsdp2", "zero3")],
+        *[(b, full_runs(b, 0.0)[1] / "step-00000007") for b in ("replicated", "fsdp2", "zero3")],
     ]:
         out = tmp_path / f"export-{name}"
         _cli("export", str(ckpt), "--out", str(out))

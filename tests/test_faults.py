@@ -85,3 +85,127 @@ def test_written_folders_follow_the_users_umask(umask, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_dir, tmp_path_factory):
+    """step-00000001 and step-00000002 of a 3-step, 1-process run (the prune after step 1)."""
+    tmp = tmp_path_factory.mktemp("two")
+    train_in_process(
+        tiny_dir, tmp, checkpoint={"every": 1, "keep_last": 5}, train={"max_steps": 3}, selection={"steps": 1}
+    )
+    return tmp / "run/checkpoints"
+
+
+def _copy(root, tmp_path):
+    import shutil
+
+    out = tmp_path / "checkpoints"
+    shutil.copytree(root, out)
+    return out
+
+
+def _shard(ckpt):
+    return sorted((ckpt / "state").glob("*.safetensors"))[0]
+
+
+def test_checkpoints_record_every_file_and_verify(two_checkpoints):
+    from wlora_dist.training.checkpoint import verify
+
+    meta = json.loads((two_checkpoints / "step-00000002/meta.json").read_text())
+    files = meta["files"]
+    assert (
+        "config.json" in files and any(k.startswith("state/") for k in files) and "rng/rank-00000.safetensors" in files
+    )
+    assert all(verify(p) is None for p in list_checkpoints(two_checkpoints))
+
+
+def test_a_truncated_shard_is_skipped_by_auto_with_a_warning(two_checkpoints, tmp_path, caplog):
+    from wlora_dist.training.checkpoint import resolve_resume
+
+    root = _copy(two_checkpoints, tmp_path)
+    shard = _shard(root / "step-00000002")
+    shard.write_bytes(shard.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="wlora_dist"):
+        assert resolve_resume("auto", root) == root / "step-00000001"
+    assert "step-00000002 is damaged" in caplog.text and "resuming from step-00000001" in caplog.text
+    assert f"{shard.relative_to(root / 'step-00000002')} has 100 bytes" in caplog.text
+
+
+def test_a_damaged_checkpoint_named_explicitly_is_refused(two_checkpoints, tmp_path):
+    from wlora_dist.training.checkpoint import CheckpointError, resolve_resume
+
+    root = _copy(two_checkpoints, tmp_path)
+    rng = root / "step-00000002/rng/rank-00000.safetensors"
+    data = bytearray(rng.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    rng.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"is damaged \(rng/rank-00000.safetensors does not match its checksum\)"):
+        resolve_resume(str(root / "step-00000002"), root)
+    with pytest.raises(CheckpointError, match=r"intact ones beside it: \['step-00000001'\]"):
+        resolve_resume(str(root / "step-00000002"), root)
+
+
+def test_when_every_checkpoint_is_damaged_auto_refuses_instead_of_starting_over(two_checkpoints, tmp_path):
+    from wlora_dist.training.checkpoint import CheckpointError, resolve_resume
+
+    root = _copy(two_checkpoints, tmp_path)
+    for ckpt in list_checkpoints(root):
+        (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged .*config.json is missing"):
+        resolve_resume("auto", root)
+
+
+def test_export_refuses_a_damaged_checkpoint(two_checkpoints, tmp_path):
+    from wlora_dist.training.checkpoint import CheckpointError
+    from wlora_dist.training.export import export_checkpoint
+
+    root = _copy(two_checkpoints, tmp_path)
+    shard = _shard(root / "step-00000002")
+    shard.write_bytes(shard.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="is damaged"):
+        export_checkpoint(root / "step-00000002", tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_run_resumes_from_the_last_intact_checkpoint(two_checkpoints, tiny_dir, tmp_path, caplog):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run / "checkpoints")
+    shard = _shard(run / "checkpoints/step-00000002")
+    shard.write_bytes(b"")
+    with caplog.at_level("INFO", logger="wlora_dist"):
+        _, result = train_in_process(
+            tiny_dir,
+            tmp_path,
+            checkpoint={"resume_from": "auto"},
+            train={"max_steps": 3},
+            selection={"steps": 1},
+        )
+    assert "resumed from" in caplog.text and "step-00000001" in caplog.text and "is damaged" in caplog.text
+    assert len(result.history) == 2 and (run / "adapter/adapter_model.safetensors").exists()
+
+
+def test_a_failed_checkpoint_write_leaves_nothing_and_says_where(tiny_dir, tmp_path, monkeypatch):
+    """Disk full while meta.json is written: one message naming the folder and the fix, no
+    .tmp or half-written checkpoint left, the run stops."""
+    import errno
+    from pathlib import Path
+
+    from wlora_dist.training.checkpoint import CheckpointError
+
+    real = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if self.name == "meta.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(CheckpointError, match=r"writing checkpoint .*step-00000001 failed: No space left on device"):
+        train_in_process(tiny_dir, tmp_path, checkpoint={"every": 1}, train={"max_steps": 3}, selection={"steps": 1})
+    assert list((tmp_path / "run/checkpoints").iterdir()) == []

@@ -287,6 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C twice, or before training started): no checkpoint written", file=sys.stderr)
         return 130
+    except OSError as e:  # the operating system said no: a path, permissions, a full disk
+        where = f" ({e.filename})" if e.filename else ""
+        print(
+            f"error: {e.strerror or e}{where}; check that the folder exists, is writable and has free space "
+            "(output.dir, checkpoint.dir, model.path)",
+            file=sys.stderr,
+        )
+        return 1
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0" or not isinstance(e, ConfigError):  # every rank sees the same config error

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from wlora_dist.config import ModelConfig
@@ -55,12 +58,13 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     """The frozen base in ``model.dtype``; every base parameter has requires_grad False."""
     check_model_path(cfg.path)
     check_checkpoint_quantization(cfg.path, cfg.quantization)
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.expanduser(cfg.path),
-        dtype=resolve_dtype(cfg.dtype, device),
-        trust_remote_code=cfg.trust_remote_code,
-        use_safetensors=True,  # never unpickle weights
-    )
+    with unreadable_weights_are_user_errors(cfg.path):
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.expanduser(cfg.path),
+            dtype=resolve_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,  # never unpickle weights
+        )
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.checkpoint_every_n_layers)
@@ -73,3 +77,16 @@ def enable_checkpointing(model: PreTrainedModel, every_n_layers: int = 1) -> Non
     model.activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
     )
+
+
+@contextlib.contextmanager
+def unreadable_weights_are_user_errors(path: str) -> Iterator[None]:
+    """A weights file safetensors cannot read (truncated by a copy, a full disk, a partial
+    download) is the user's to fix: one message naming the folder, not a library traceback."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise ModelPathError(
+            f"model.path={path!r}: a weights file cannot be read ({e}); it is damaged or truncated: copy or "
+            "download the model again (compare the file sizes with the source)"
+        ) from None

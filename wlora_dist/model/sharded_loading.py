@@ -27,7 +27,12 @@ from wlora_dist.config import ModelConfig
 from wlora_dist.errors import UserError
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.int8 import Int8Linear, check_checkpoint_quantization, quantize_rows, scb_bits, to_int8_linears
-from wlora_dist.model.loading import check_model_path, enable_checkpointing, resolve_dtype
+from wlora_dist.model.loading import (
+    check_model_path,
+    enable_checkpointing,
+    resolve_dtype,
+    unreadable_weights_are_user_errors,
+)
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,7 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
             f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints "
             "are loaded: pickled .bin files can run code)"
         )
-    with safe_open(str(single), "pt", device="cpu") as f:
+    with unreadable_weights_are_user_errors(str(folder)), safe_open(str(single), "pt", device="cpu") as f:
         return dict.fromkeys(f.keys(), single)
 
 
@@ -155,9 +160,10 @@ class CheckpointReader:
         if key not in self.files:
             raise UserError(f"model.path={self.path!r}: the checkpoint has no tensor {key!r}; is it this model's?")
         file = self.files[key]
-        if file not in self.handles:
-            self.handles[file] = safe_open(str(file), "pt", device="cpu")
-        rows = self.handles[file].get_slice(key)[start:stop]  # type: ignore[attr-defined]
+        with unreadable_weights_are_user_errors(self.path):
+            if file not in self.handles:
+                self.handles[file] = safe_open(str(file), "pt", device="cpu")
+            rows = self.handles[file].get_slice(key)[start:stop]  # type: ignore[attr-defined]
         self.bytes_read += rows.numel() * rows.element_size()
         self.tensors += 1
         return rows

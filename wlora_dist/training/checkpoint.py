@@ -15,14 +15,20 @@ One checkpoint is a folder ``<checkpoint dir>/step-00000120/``::
 DCP's default storage pickles its metadata; we use its HuggingFace safetensors storage,
 which keeps the sharding offsets in the safetensors headers, so loading a checkpoint runs
 no pickle. The folder is written as ``step-00000120.tmp`` and renamed once every rank has
-finished: a crash leaves at worst a ``.tmp`` folder, never a half-written checkpoint under
-a good name. The newest ``keep_last`` are kept.
+finished, after rank 0 has flushed every file to the disk and recorded each one's size and
+SHA-256 in meta.json (written last): a crash leaves at worst a ``.tmp`` folder, never a
+half-written checkpoint under a good name, and a checkpoint damaged later (a truncated or
+altered file) is recognised (``verify``): ``resume_from: auto`` falls back to the newest
+intact one, an explicit path is refused. The newest ``keep_last`` are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
+import os
 import re
 import shutil
 import signal
@@ -42,6 +48,7 @@ from wlora_dist.distributed.env import DistEnv, all_reduce_max_, barrier
 from wlora_dist.errors import UserError
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
+log = logging.getLogger("wlora_dist")
 
 
 class CheckpointError(UserError):
@@ -61,14 +68,27 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def resolve_resume(resume_from: str, root: Path) -> Path | None:
-    """The checkpoint to resume from: '' none, 'auto' newest if any, 'latest' newest (an
-    error if none), or a checkpoint folder."""
+    """The checkpoint to resume from: '' none, 'auto' the newest intact one if any, 'latest'
+    the newest intact one (an error if none), or a checkpoint folder (refused if damaged).
+    A damaged newer checkpoint is skipped with a warning, naming what is wrong with it."""
     if not resume_from:
         return None
     if resume_from in ("auto", "latest"):
         ckpts = list_checkpoints(root)
-        if ckpts:
-            return ckpts[-1]
+        damaged = []
+        for path in reversed(ckpts):
+            problem = verify(path)
+            if problem is None:
+                for bad, why in damaged:
+                    log.warning("checkpoint %s is damaged (%s): resuming from %s instead", bad, why, path.name)
+                return path
+            damaged.append((path.name, problem))
+        if damaged:
+            raise CheckpointError(
+                f"checkpoint.resume_from={resume_from}: every checkpoint in {root} is damaged ("
+                + "; ".join(f"{name}: {why}" for name, why in damaged)
+                + "); start over with output.overwrite=true or point checkpoint.dir at intact ones"
+            )
         if resume_from == "auto":
             return None
         raise CheckpointError(
@@ -79,7 +99,59 @@ def resolve_resume(resume_from: str, root: Path) -> Path | None:
     if not (path / "meta.json").is_file():
         hint = f"; complete ones in {path}: {[p.name for p in list_checkpoints(path)]}" if path.is_dir() else ""
         raise CheckpointError(f"checkpoint.resume_from={resume_from!r}: not a checkpoint folder (no meta.json){hint}")
+    check_intact(path)
     return path
+
+
+def check_intact(path: Path) -> None:
+    """Refuse a damaged checkpoint, naming what is wrong and the intact ones beside it."""
+    problem = verify(path)
+    if problem is not None:
+        others = [p.name for p in list_checkpoints(path.parent) if p != path and verify(p) is None]
+        hint = f"; intact ones beside it: {others}" if others else ""
+        raise CheckpointError(f"{path} is damaged ({problem}){hint}")
+
+
+def verify(path: Path) -> str | None:
+    """What is wrong with the checkpoint at ``path`` (None: every file it lists is there
+    with the size and SHA-256 recorded when it was written). Checkpoints written before
+    the file list existed are taken as they are."""
+    try:
+        data = json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"meta.json unreadable: {e}"
+    files = data.get(FILES_KEY)
+    if not isinstance(files, dict):
+        return None
+    for name, (size, digest) in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+FILES_KEY = "files"  # meta.json: {relative path: [bytes, sha256]} of every other file
+
+
+def _sha256(file: Path) -> str:
+    h = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to the disk (a rename is durable only then)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -168,13 +240,28 @@ def save(
     writer = HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=env.distributed)
     dcp.save(tensors, storage_writer=writer, no_dist=not env.distributed)
     save_file(_rng_state(), str(tmp / "rng" / f"rank-{env.global_rank:05d}.safetensors"))
-    barrier()  # every rank's shards are on disk
+    barrier()  # every rank's shards are written
     if env.is_main:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "meta.json").write_text(json.dumps(meta.to_dict(), indent=2))  # written last
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        try:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            files = {}
+            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                _fsync(file)  # every rank's shards, on the disk before the rename makes them count
+                files[str(file.relative_to(tmp))] = [file.stat().st_size, _sha256(file)]
+            (tmp / "meta.json").write_text(json.dumps({**meta.to_dict(), FILES_KEY: files}, indent=2))  # last
+            _fsync(tmp / "meta.json")
+            for folder in (tmp / "state", tmp / "rng", tmp):
+                _fsync(folder)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync(root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint, under any name
+            raise CheckpointError(
+                f"writing checkpoint {final} failed: {e.strerror or e} ({e.filename or tmp}); free space or fix "
+                "permissions there (or set checkpoint.dir elsewhere); earlier checkpoints are untouched"
+            ) from None
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -187,7 +274,10 @@ def load_tensors(path: Path, tensors: dict[str, torch.Tensor], distributed: bool
     missing = [k for k in tensors if k not in stored]
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "state")), no_dist=not distributed)
+    try:
+        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "state")), no_dist=not distributed)
+    except Exception as e:  # a shard safetensors cannot read: say which checkpoint, not a library traceback
+        raise CheckpointError(f"{path}: cannot read its tensors ({type(e).__name__}: {e}); it is damaged") from None
 
 
 def stored_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -200,7 +290,10 @@ def stored_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _stored_shapes(path: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
-    md = HuggingFaceStorageReader(str(path / "state")).read_metadata()
+    try:
+        md = HuggingFaceStorageReader(str(path / "state")).read_metadata()
+    except Exception as e:  # a truncated shard header
+        raise CheckpointError(f"{path}: cannot read its tensors ({type(e).__name__}: {e}); it is damaged") from None
     return {k: (v.size, v.properties.dtype) for k, v in md.state_dict_metadata.items()}  # type: ignore[union-attr]
 
 

@@ -83,8 +83,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, merged_out: Path | None = None,
     """A checkpoint (any backend, any world size: it stores full tensors or all shards) as
     a peft adapter, gates folded into B exactly as the trainer's final export does; with
     ``merged_out``, also the base with the adapter merged in (needs the float base)."""
-    from wlora_dist.training.checkpoint import read_meta, stored_tensors
+    from wlora_dist.training.checkpoint import check_intact, read_meta, stored_tensors
 
+    check_intact(ckpt)
     meta = read_meta(ckpt)
     tensors = stored_tensors(ckpt, "adapter.")
     gates = stored_tensors(ckpt, "wlora.gates")["wlora.gates"]
