@@ -201,10 +201,7 @@ class Backend(ABC):
 
     def memory_report(self, params: list[nn.Parameter]) -> dict[str, int]:
         """This rank's bytes of trainable parameters, gradients and optimizer state."""
-        state = []
-        if self.optimizer is not None:
-            for s in self.optimizer.state.values():
-                state += [v for v in s.values() if isinstance(v, torch.Tensor)]
+        state = self.optimizer_state_tensors() if self.optimizer is not None else []
         return {
             "trainable_param_bytes": tensor_bytes([local_part(p) for p in params]),
             "grad_bytes": tensor_bytes([local_part(p.grad) for p in params if p.grad is not None]),

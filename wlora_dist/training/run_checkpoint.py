@@ -40,6 +40,11 @@ def run_identity(cfg: RunConfig, wl: WeightLoRA) -> dict[str, Any]:
     }
 
 
+def rows_per_step(cfg: RunConfig, env: DistEnv) -> int:
+    """Training rows one optimizer step consumes over all ranks (the data position's unit)."""
+    return cfg.train.grad_accum_steps * cfg.train.micro_batch_size * env.world_size
+
+
 def named_adapters(wl: WeightLoRA) -> dict[str, nn.Parameter]:
     """Kept adapters' A and B by a name independent of backend and world size."""
     out = {}
@@ -69,7 +74,7 @@ def save_run(
         kept=[s.name for s in kept],
         ranks={s.name: wl.lora_rank(s) for s in kept},
         rounds_log=rounds_log,
-        rows_consumed=step * cfg.train.grad_accum_steps * cfg.train.micro_batch_size * env.world_size,
+        rows_consumed=step * rows_per_step(cfg, env),
         world_size=env.world_size,
         backend=backend.name,
         identity=run_identity(cfg, wl),
@@ -104,7 +109,7 @@ def resume(
     checkpoint.check_compatible(meta, run_identity(cfg, wl), path)
     event, params = selector.apply(selector.resume_change(meta.step, meta.kept, meta.ranks, meta.pruned), backend)
     used = load_state(path, meta, cfg, env, wl, backend)
-    rows = cfg.train.grad_accum_steps * cfg.train.micro_batch_size * env.world_size
+    rows = rows_per_step(cfg, env)
     if meta.rows_consumed != meta.step * rows:
         log.warning(
             "resuming with a different global batch (%d rows per step; the checkpoint's run used %d)",
