@@ -5,7 +5,8 @@ process would inflate later peaks).
     python benchmarks/compare.py --mode tiny-cpu            # seconds, any machine
     python benchmarks/compare.py --mode 8b                  # one GPU (H100 80 GB)
     python benchmarks/compare.py --mode 70b-int8-ws8        # one GPU standing in for rank 0 of 8
-    (modes: tiny-cpu, 1b, 1b-int8, 8b, 8b-48gb, 70b-int8-ws8, 70b-bf16-ws8)
+    python benchmarks/compare.py --mode 8b-fsdp2 --only c   # the prune event under FSDP2 (NCCL)
+    (modes: tiny-cpu, 1b, 1b-int8, 8b, 8b-48gb, 8b-fsdp2, 8b-zero3, 70b-int8-ws8, 70b-bf16-ws8)
 
 Configurations:
   (a) plain peft LoRA on all n adapters
@@ -122,6 +123,9 @@ MODES: dict[str, Mode] = {
         int8=True,
         notes=["8-bit base (Int8Linear, bitsandbytes kernels) vs docs/measurements.md's bf16 numbers at 1B"],
     ),
+    # The prune event's cost at 8B under each sharding backend, on a real one-rank NCCL group.
+    "8b-fsdp2": Mode(PRESETS["llama3-8b"], micro_batch=2, seq_len=2048, k=32, backend="fsdp2", checkpointing=True),
+    "8b-zero3": Mode(PRESETS["llama3-8b"], micro_batch=2, seq_len=2048, k=32, backend="zero3", checkpointing=True),
     "70b-bf16-ws8": _70B_WS8,
     "70b-int8-ws8": replace(_70B_WS8, int8=True),
 }
@@ -137,7 +141,7 @@ def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
 
     if mode.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("this mode needs a GPU; none here (try --mode tiny-cpu)")
-    with fake_world(mode.world_size):
+    with fake_world(mode.world_size, BackendSpec.parse(mode.backend).kind):
         return _run_config(mode, which, keep, torch.device(mode.device))
 
 
@@ -163,8 +167,10 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         "train.micro_batch_size": mode.micro_batch,
         "data.seq_len": mode.seq_len,
         "model.gradient_checkpointing": mode.checkpointing,
-        "distributed.backend": mode.backend,
+        "distributed.backend": BackendSpec.parse(mode.backend).kind,
     }
+    if BackendSpec.parse(mode.backend).kind == "zero":
+        overrides["distributed.zero.stage"] = BackendSpec.parse(mode.backend).zero_stage
     if which == "e":
         overrides.update(
             {
@@ -267,37 +273,42 @@ LABELS = {
 }
 
 
-def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None) -> dict:
+def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None, only: str = "abcde") -> dict:
+    """Configurations ``only`` (default all; (d) needs (b)'s kept set, so asks for (b))."""
     mode = MODES[mode_name]
     if timed is not None:
         mode = replace(mode, timed=timed)
+    wanted = set(only) | ({"b"} if "d" in only else set())
+    if not (mode.checkpointing and mode.budget_gib):
+        wanted.discard("e")
     results = {}
-    results["b"] = run_worker(mode_name, "b", None, timeout, timed)
-    kept = results["b"]["kept"]
-    kept_sites = results["b"]["kept_sites"]
-    results["c"] = run_worker(mode_name, "c", None, timeout, timed)
-    results["a"] = run_worker(mode_name, "a", None, timeout, timed)
-    results["d"] = run_worker(mode_name, "d", kept, timeout, timed)
-    if mode.checkpointing and mode.budget_gib:
-        results["e"] = run_worker(mode_name, "e", None, timeout, timed)
-    base = results["a"]["tokens_per_s"]
+    for which in "bcade":  # (b) first: (d) trains plain peft on exactly the set (b) keeps
+        if which in wanted:
+            keep = results["b"]["kept"] if which == "d" else None
+            results[which] = run_worker(mode_name, which, keep, timeout, timed)
+    kept_sites = next(r["kept_sites"] for r in results.values())
+    base = results["a"]["tokens_per_s"] if "a" in results else None
     for which, r in results.items():
         r["label"] = LABELS[which]
-        r["ratio_to_a"] = r["tokens_per_s"] / base
+        r["ratio_to_a"] = r["tokens_per_s"] / base if base else None
         r["planned_peak_bytes"] = planned(mode, which, kept_sites, r["activation_checkpointing"])
+
+    def ratio(x: str, y: str, minus: float = 0.0) -> float | None:
+        return results[x]["tokens_per_s"] / results[y]["tokens_per_s"] - minus if {x, y} <= results.keys() else None
+
     summary = {
         "mode": mode_name,
         "settings": {k: v for k, v in asdict(mode).items() if k != "shape"},
         "shape": asdict(mode.shape),
         "results": [results[w] for w in sorted(results)],
-        "selection_overhead": results["a"]["tokens_per_s"] / results["b"]["tokens_per_s"] - 1,
-        "c_over_a": results["c"]["tokens_per_s"] / base,
-        "c_vs_d": results["c"]["tokens_per_s"] / results["d"]["tokens_per_s"] - 1,
-        "prune_seconds": results["c"]["prune_seconds"],
+        "selection_overhead": ratio("a", "b", 1.0),
+        "c_over_a": ratio("c", "a"),
+        "c_vs_d": ratio("c", "d", 1.0),
+        "prune_seconds": results["c"]["prune_seconds"] if "c" in results else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if "e" in results:
-        summary["e_over_c"] = results["e"]["tokens_per_s"] / results["c"]["tokens_per_s"]
+        summary["e_over_c"] = ratio("e", "c")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown(summary))
@@ -320,21 +331,30 @@ def markdown(s: dict) -> str:
         b = r["per_rank_bytes"]
         lines.append(
             f"| {r['label']} | {r['adapters']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
-            f"{r['tokens_per_s']:,.0f} | {r['ratio_to_a']:.2f}x | {r['peak_bytes'] / GiB:.3g} | "
+            f"{r['tokens_per_s']:,.0f} | {_x(r['ratio_to_a'])} | {r['peak_bytes'] / GiB:.3g} | "
             f"{r['planned_peak_bytes'] / GiB:.3g} | {b['trainable_param_bytes'] / mib:.2f} | "
             f"{b['grad_bytes'] / mib:.2f} | {b['optimizer_state_bytes'] / mib:.2f} |"
         )
-    lines += [
-        "",
-        f"- selection overhead, (a) over (b): {s['selection_overhead']:+.1%}",
-        f"- after the prune event, (c) / (a): {s['c_over_a']:.2f}x; (c) vs (d): {s['c_vs_d']:+.1%}",
-        f"- prune event: {s['prune_seconds']:.3f} s",
-    ]
+    lines.append("")
+    if s["selection_overhead"] is not None:
+        lines.append(f"- selection overhead, (a) over (b): {s['selection_overhead']:+.1%}")
+    if s["c_over_a"] is not None or s["c_vs_d"] is not None:
+        lines.append(f"- after the prune event, (c) / (a): {_x(s['c_over_a'])}; (c) vs (d): {_pct(s['c_vs_d'])}")
+    if s["prune_seconds"] is not None:
+        lines.append(f"- prune event: {s['prune_seconds']:.3f} s")
     if "e_over_c" in s:
         lines.append(f"- re-planning at the prune event, (e) / (c): {s['e_over_c']:.2f}x")
     lines += [f"- {n}" for n in s["settings"]["notes"]]
     lines.append(f"- per-rank bytes: counted from the tensors while the gradients exist; {s['time']}")
     return "\n".join(lines) + "\n"
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.1%}"
 
 
 def chart(s: dict, path: Path) -> None:
@@ -346,7 +366,7 @@ def chart(s: dict, path: Path) -> None:
     rs = s["results"]
     names = [f"({r['config']}) {SHORT[r['config']]}" for r in rs]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.bar(names, [r["ratio_to_a"] for r in rs], color="tab:blue")
+    ax1.bar(names, [r["ratio_to_a"] or 0.0 for r in rs], color="tab:blue")
     ax1.axhline(1.0, color="gray", lw=0.8)
     ax1.set_title("tokens/s relative to (a) plain peft LoRA, all n")
     ax1.tick_params(axis="x", labelsize=7)
@@ -373,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="folder for results.json / .md / .png (default benchmarks/results/<mode>)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     ap.add_argument("--timed", type=int, help="timed steps per configuration (default: the mode's)")
+    ap.add_argument("--only", default="abcde", help="configurations to run, e.g. 'c' or 'abcd' (default all)")
     ap.add_argument("--worker", choices=list(LABELS), help=argparse.SUPPRESS)
     ap.add_argument("--keep", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -385,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_config(mode, args.worker, keep)))
         return 0
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / args.mode
-    s = compare(args.mode, out, args.timeout, args.timed)
+    s = compare(args.mode, out, args.timeout, args.timed, args.only)
     print(markdown(s))
     print(f"-> {out}/results.json, results.md, results.png")
     return 0

@@ -73,20 +73,23 @@ class RandomWeights:
 
     def __init__(self, model: nn.Module) -> None:
         self.params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
+        # Drawn on the GPU where there is one: 8B+ random rows on the CPU take minutes.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bytes_read = 0
         self.tensors = 0
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         p = self.params[name]
         shape = (stop - start, *p.shape[1:])
-        gen = torch.Generator().manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted per process
+        dev = self.device
+        gen = torch.Generator(dev).manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted per process
         if p.dtype == torch.int8:
-            return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen)
+            return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen, device=dev)
         if name.endswith(".SCB"):
-            return (0.05 + 0.1 * torch.rand(shape, generator=gen)).view(torch.int32)
+            return (0.05 + 0.1 * torch.rand(shape, generator=gen, device=dev)).view(torch.int32)
         if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=p.dtype)
-        return (0.02 * torch.randn(shape, generator=gen)).to(p.dtype)
+            return torch.ones(shape, dtype=p.dtype, device=dev)
+        return (0.02 * torch.randn(shape, generator=gen, device=dev)).to(p.dtype)
 
     def close(self) -> None:
         pass
@@ -200,16 +203,27 @@ class Harness:
 
 
 @contextlib.contextmanager
-def fake_world(world_size: int) -> Iterator[None]:
+def fake_world(world_size: int, backend: str = "replicated") -> Iterator[None]:
     """Rank 0 of ``world_size`` alone in this process (torch's fake process group: every
-    shard, buffer and activation has its real size, collectives do nothing)."""
-    if world_size == 1:
+    shard, buffer and activation has its real size, collectives do nothing). At world size
+    1, FSDP2 and ZeRO get a real one-rank group (nccl on a GPU) instead, so what is timed
+    is the real collective path."""
+    import torch.distributed as dist
+
+    if world_size == 1 and backend == "replicated":
         yield
         return
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if world_size == 1:
+        import os
 
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(var, value)  # DeepSpeed asserts the launcher's variables
+        store = dist.HashStore()
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=store, rank=0, world_size=1)
+    else:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield
     finally:

@@ -41,27 +41,35 @@ def selection_recovery(
     lr_w: float = 5.0,
     topk_by: str = "signed",
     vocab: int = 259,
+    device: torch.device | None = None,
+    autocast: bool = False,
 ) -> RecoveryResult:
-    """Run the selection phase on the teacher/student task; return the recall of S."""
+    """Run the selection phase on the teacher/student task; return the recall of S.
+    ``device`` (default CPU) and ``autocast`` (bf16 autocast, as the trainer runs on a GPU)
+    check that the selection survives reduced precision; the data are drawn on the CPU, so
+    every device sees the same batches."""
+    device = device or torch.device("cpu")
     base = make_model(vocab, hidden=32, layers=2, seed=seed)
     teacher = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(1000 + seed)
-    wl = WeightLoRA.attach(base, AdapterConfig(lora_rank=4, lora_alpha=8.0))
+    teacher.to(device)
+    wl = WeightLoRA.attach(base.to(device), AdapterConfig(lora_rank=4, lora_alpha=8.0))
     true_set = sorted(torch.randperm(wl.n, generator=gen)[:k].tolist())
     with torch.no_grad():
         for i in true_set:
             weight = teacher.get_submodule(wl.sites[i].name).weight  # (out, in)
-            u = torch.randn(weight.shape[0], 2, generator=gen)
-            v = torch.randn(weight.shape[1], 2, generator=gen)
+            u = torch.randn(weight.shape[0], 2, generator=gen).to(device)
+            v = torch.randn(weight.shape[1], 2, generator=gen).to(device)
             weight += (u @ v.T) / weight.shape[1] ** 0.5 * weight.std()  # rank-2 delta
     sel = SelectionConfig(method="topk", k=k, lr_w=lr_w, steps=steps, project_every=project_every, topk_by=topk_by)
     opt = torch.optim.AdamW(wl.trainable_parameters(), lr=lr)
     loss = torch.zeros(())
     for step in range(1, steps + 1):
-        x = torch.randint(0, vocab, (8, 32), generator=gen)  # (B, T)
-        with torch.no_grad():
-            target = F.log_softmax(teacher(input_ids=x).logits, -1)  # (B, T, V)
-        pred = F.log_softmax(wl.peft_model(input_ids=x).logits, -1)
+        x = torch.randint(0, vocab, (8, 32), generator=gen).to(device)  # (B, T)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                target = F.log_softmax(teacher(input_ids=x).logits.float(), -1)  # (B, T, V)
+            pred = F.log_softmax(wl.peft_model(input_ids=x).logits.float(), -1)
         loss = F.kl_div(pred, target, log_target=True, reduction="batchmean") / x.shape[1]
         loss.backward()
         opt.step()

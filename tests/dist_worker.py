@@ -112,6 +112,8 @@ def main() -> None:
         "world_size": env.world_size,
         "global_rank": env.global_rank,
         "torch_dist_world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "dist_backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "device": str(env.device),
         "losses": [h["loss"] for h in result.history],
         "local_losses": [h["local_loss"] for h in result.history],
         "kept": result.kept,

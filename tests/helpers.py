@@ -20,15 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(cfg: dict, nproc: int, tmp: Path | None = None) -> list[dict]:
-    """Run tests/dist_worker.py on ``cfg`` in ``nproc`` gloo processes (1: plain python);
-    returns each rank's record (rank order)."""
+def run_worker(
+    cfg: dict, nproc: int, tmp: Path | None = None, torchrun: bool = False, env_extra: dict | None = None
+) -> list[dict]:
+    """Run tests/dist_worker.py on ``cfg`` in ``nproc`` processes (gloo on CPU, nccl on a
+    GPU; 1: plain python unless ``torchrun``); returns each rank's record (rank order)."""
     out = Path(cfg["output"]["dir"])
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if nproc == 1 and not torchrun:
         cmd = [sys.executable, str(WORKER), str(cfg_path)]
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(k, None)

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Run ON the GPU machine, from the repository root, with .gpu-wheels/ beside it (made by
+# benchmarks/gpu/prepare.sh on a machine with the package registries):
+#
+#     bash benchmarks/gpu/run.sh                     # env, tests, then every benchmark mode
+#     bash benchmarks/gpu/run.sh env tests 8b        # chosen steps, in this order
+#
+# Steps: env (versions, GPU), tests (pytest -m gpu: the correctness checks), and any mode
+# of benchmarks/compare.py, optionally with configurations: "8b-fsdp2:c" runs (c) only.
+# Results go to $OUT (default benchmarks/results/gpu): env.txt, tests.log,
+# gpu_checks.jsonl (what each check measured), <mode>.json (compare.py's results), and
+# bench.log. Every step is bounded by what is left of BUDGET_S (default 570 s, inside a
+# 10-minute call), so a call that runs out still returns what finished.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results/gpu}
+BUDGET_S=${BUDGET_S:-570}
+START=$(date +%s)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+bounded() {  # bounded <max seconds> <command...>: at most min(max, what is left - 10 s)
+    local max=$1 t
+    shift
+    t=$(left)
+    t=$((t - 10 < max ? t - 10 : max))
+    if [ "$t" -lt 20 ]; then echo "skipped (budget): $*" | tee -a "$OUT/bench.log"; return 124; fi
+    timeout --signal=TERM --kill-after=10 "$t" "$@"
+}
+
+if [ -d .gpu-wheels ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .gpu-wheels/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(env tests 8b 8b-48gb 8b-fsdp2:c 8b-zero3:c 70b-int8-ws8 1b-int8)
+for step in "${steps[@]}"; do
+    echo "== $step ($(left) s left)" | tee -a "$OUT/bench.log"
+    case $step in
+    env)
+        {
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+            python3 - <<'PY'
+import importlib, platform
+print("python", platform.python_version())
+for m in ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "datasets", "triton", "liger_kernel"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(m, "MISSING", type(e).__name__, e)
+import torch
+print("cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version(), torch.cuda.get_device_name(0))
+PY
+            date -u +%FT%TZ
+        } >"$OUT/env.txt" 2>&1
+        cat "$OUT/env.txt"
+        ;;
+    tests)
+        WLORA_GPU_REPORT="$OUT/gpu_checks.jsonl" bounded 300 python3 -m pytest -q -p no:cacheprovider \
+            -m gpu tests/test_gpu.py -x -rA 2>&1 | tee "$OUT/tests.log" | tail -30
+        ;;
+    *)
+        mode=${step%%:*}
+        only=abcde
+        [[ $step == *:* ]] && only=${step#*:}
+        bounded 480 python3 benchmarks/compare.py --mode "$mode" --only "$only" --out "/tmp/bench/$mode" \
+            >>"$OUT/bench.log" 2>&1
+        rc=$?
+        [ -f "/tmp/bench/$mode/results.json" ] && cp "/tmp/bench/$mode/results.json" "$OUT/$mode.json"
+        [ -f "/tmp/bench/$mode/results.md" ] && cat "/tmp/bench/$mode/results.md"
+        [ $rc -ne 0 ] && { echo "$step: exit $rc"; tail -25 "$OUT/bench.log"; }
+        ;;
+    esac
+done
+echo "done in $(($(date +%s) - START)) s"

@@ -1,0 +1,229 @@
+"""On a CUDA GPU (skipped without one): the numbers the CPU suite establishes hold where the
+product runs. bf16 autocast + sdpa against the fp32 CPU run, the 8-bit base against
+bitsandbytes' own CUDA kernels, FSDP2 and ZeRO-3 on NCCL, FSDP2 at world size 8 through
+torch's fake process group.
+
+    bash benchmarks/gpu/run.sh        # on the GPU machine: these checks, then the benchmarks
+
+With WLORA_GPU_REPORT=<file>, each check appends what it measured (one JSON line), so the
+tolerances below can be compared with the margins actually seen (docs/measurements.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import K, dist_config, run_worker
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CUDA = torch.device("cuda")
+CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the reference run: the same code on the CPU, fp32
+
+
+def report(check: str, **values) -> None:
+    path = os.environ.get("WLORA_GPU_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"check": check, **values}) + "\n")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# Tolerance of a bf16 run against the fp32 run, per step's training loss: bf16 keeps 8 bits
+# of mantissa (relative step 2^-8 = 0.4%); over a few optimizer steps the runs drift apart
+# by a few such steps. 2% of the loss (~0.1 nats on the tiny model) flags a real defect (a
+# wrong cast, a lost gate) but not rounding.
+BF16_LOSS_RTOL = 0.02
+
+
+def test_bf16_autocast_sdpa_losses_close_to_the_fp32_cpu_run(tiny_dir, tmp_path):
+    cfg_gpu = dist_config(tiny_dir, tmp_path / "gpu", "replicated", 8)
+    cfg_cpu = dist_config(tiny_dir, tmp_path / "cpu", "replicated", 8)
+    cfg_gpu["adapter"]["lora_dropout"] = cfg_cpu["adapter"]["lora_dropout"] = 0.0
+    gpu = run_worker(cfg_gpu, 1, tmp_path)[0]
+    cpu = run_worker(cfg_cpu, 1, tmp_path, env_extra=CPU_ONLY)[0]
+    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
+    diffs = [abs(g - c) / c for g, c in zip(gpu["losses"], cpu["losses"], strict=True)]
+    report(
+        "bf16_vs_fp32_losses",
+        gpu=gpu["losses"],
+        cpu=cpu["losses"],
+        max_rel=max(diffs),
+        kept_equal=gpu["kept"] == cpu["kept"],
+    )
+    assert max(diffs) < BF16_LOSS_RTOL, (gpu["losses"], cpu["losses"])
+    assert len(gpu["kept"]) == K
+
+
+def test_bf16_selection_keeps_the_planted_modules_as_fp32_does():
+    """The task with a known answer (benchmarks/synthetic.py): on the GPU in bf16 autocast,
+    the selection keeps the same K modules as the fp32 CPU run, for every seed."""
+    from benchmarks.synthetic import selection_recovery
+
+    rows = []
+    for seed in range(3):
+        cpu = selection_recovery(seed, project_every=40)
+        gpu = selection_recovery(seed, project_every=40, device=CUDA, autocast=True)
+        rows.append({"seed": seed, "cpu": cpu.kept_set, "gpu": gpu.kept_set, "true": cpu.true_set})
+    report("planted_task_kept_sets", rows=rows)
+    for r in rows:
+        assert r["gpu"] == r["cpu"], rows
+
+
+def _int8_wl_cuda(model_dir: Path):
+    from wlora_dist.config import AdapterConfig, ModelConfig
+    from wlora_dist.method.weight_lora import WeightLoRA
+    from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
+
+    cfg = ModelConfig(path=str(model_dir), quantization="int8")
+    wl = WeightLoRA.attach(build_on_meta(cfg, CUDA), AdapterConfig(lora_rank=4, lora_alpha=8))
+    materialize_sharded(wl, str(model_dir), CUDA, 0)
+    return wl
+
+
+def _batch(device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (2, 24), generator=g).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_int8_logits_bitwise_those_of_bnb_linear8bitlt_on_cuda(tiny_dir):
+    """Our Int8Linear makes bitsandbytes' own CUDA call: with the adapters off, the logits
+    are bitwise those of transformers' load_in_8bit model on the same GPU, in train and eval."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    wl = _int8_wl_cuda(tiny_dir / "model")
+    model = wl.peft_model
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
+    bnb_model = AutoModelForCausalLM.from_pretrained(
+        str(tiny_dir / "model"),
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        device_map={"": 0},
+        dtype=dtype,
+    )
+    batch = _batch(CUDA)
+    for train in (True, False):
+        model.train(train)
+        bnb_model.train(train)
+        with torch.no_grad(), model.disable_adapter():
+            ours = model(input_ids=batch["input_ids"]).logits
+            theirs = bnb_model(input_ids=batch["input_ids"]).logits
+        report("int8_logits_vs_bnb", train=train, max_abs=float((ours - theirs).abs().max()), dtype=str(dtype))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_int8_loss_and_gradients_close_to_the_dequantised_float_reference(tiny_dir):
+    """Same adapters on the 8-bit base (bnb's int8 CUDA matmul) and on a float base holding
+    the dequantised weights: loss and every A / B / gate gradient agree to the precision
+    bnb's kernels work in (activations quantised to int8 in eval, fp16 in training)."""
+    from transformers import AutoModelForCausalLM
+
+    from wlora_dist.config import AdapterConfig
+    from wlora_dist.method.weight_lora import ADAPTER, WeightLoRA
+    from wlora_dist.model.int8 import Int8Linear
+
+    wl8 = _int8_wl_cuda(tiny_dir / "model")
+    dtype = next(p.dtype for p in wl8.peft_model.parameters() if p.is_floating_point() and not p.requires_grad)
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"), dtype=dtype).to(CUDA)
+    ints = {
+        n.split("base_model.model.", 1)[-1].replace(".base_layer", ""): m
+        for n, m in wl8.peft_model.named_modules()
+        if isinstance(m, Int8Linear)
+    }
+    with torch.no_grad():
+        for name, m in ints.items():
+            ref.get_submodule(name).weight.copy_(m.dequantized_weight().to(dtype))
+    ref.requires_grad_(False)
+    wlf = WeightLoRA.attach(ref, AdapterConfig(lora_rank=4, lora_alpha=8))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for site in wl8.sites:
+            for part in ("lora_A", "lora_B"):
+                w = torch.randn(getattr(wl8.lora_layer(site), part)[ADAPTER].weight.shape, generator=g) * 0.1
+                getattr(wl8.lora_layer(site), part)[ADAPTER].weight.copy_(w)
+                getattr(wlf.lora_layer(site), part)[ADAPTER].weight.copy_(w)
+    losses = []
+    for wl in (wl8, wlf):
+        wl.peft_model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = wl.peft_model(**_batch(CUDA)).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+    grad_errs = [
+        rel_err(p8.grad, pf.grad) for p8, pf in zip(wl8.trainable_parameters(), wlf.trainable_parameters(), strict=True)
+    ]
+    gate_err = rel_err(wl8.gates.grad, wlf.gates.grad)
+    report("int8_vs_dequantised", losses=losses, max_grad_rel_err=max(grad_errs), gate_grad_rel_err=gate_err)
+    assert abs(losses[0] - losses[1]) / losses[1] < 0.01, losses
+    assert max(grad_errs) < 0.05 and gate_err < 0.05, (max(grad_errs), gate_err)
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_backend_on_nccl_world_size_1_matches_the_replicated_gpu_run(tiny_dir, tmp_path, backend):
+    """The trainer's own step, prune event included, under torchrun with NCCL."""
+    cfg = dist_config(tiny_dir, tmp_path / backend, backend, 8)
+    ref_cfg = dist_config(tiny_dir, tmp_path / "replicated", "replicated", 8)
+    cfg["adapter"]["lora_dropout"] = ref_cfg["adapter"]["lora_dropout"] = 0.0
+    run = run_worker(cfg, 1, tmp_path, torchrun=True)[0]
+    ref = run_worker(ref_cfg, 1, tmp_path)[0]
+    assert run["dist_backend"] == "nccl" and run["device"] == "cuda:0"
+    assert run["backend"] == ("zero3" if backend == "zero3" else "fsdp2")
+    assert len(run["kept"]) == K and run["n_trainable"] == 2 * K
+    assert run["removed_alive"] == 0
+    diffs = [abs(a - b) / b for a, b in zip(run["losses"], ref["losses"], strict=True)]
+    report(
+        f"{backend}_nccl_ws1",
+        losses=run["losses"],
+        ref=ref["losses"],
+        max_rel=max(diffs),
+        kept=run["kept"],
+        ref_kept=ref["kept"],
+    )
+    assert max(diffs) < BF16_LOSS_RTOL, (run["losses"], ref["losses"])
+
+
+def test_fsdp2_world_size_8_fake_process_group_shards_and_prunes():
+    """Rank 0 of 8 in one process (fake process group): the trainer's step through the
+    prune event; every base and adapter parameter is 1/8 on this rank."""
+    from benchmarks.harness import Harness, bench_config, fake_world, random_llama
+    from wlora_dist.distributed.env import DistEnv
+    from wlora_dist.planning.memory_plan import ModelShape
+
+    shape = ModelShape(hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4, vocab=8192)
+    with fake_world(8):
+        env = DistEnv(0, 0, 8, CUDA)
+        cfg = bench_config(
+            {
+                "adapter.lora_rank": 8,
+                "selection.k": 6,
+                "selection.steps": 3,
+                "selection.project_every": 3,
+                "train.max_steps": 6,
+                "train.micro_batch_size": 2,
+                "data.seq_len": 256,
+                "distributed.backend": "fsdp2",
+            }
+        )
+        h = Harness.build(cfg, env, random_llama(shape, CUDA, torch.bfloat16, meta=True))
+        losses = [float(h.run_step()["loss"]) for _ in range(5)]
+        kept = h.trainer.wl.kept_sites()
+        params = list(h.trainer.wl.peft_model.parameters())
+        local = sum(p.to_local().numel() for p in params if hasattr(p, "to_local"))
+        full = sum(p.numel() for p in params)
+        bytes_ = h.step_bytes.last
+    report("fsdp2_fake_ws8", losses=losses, kept=len(kept), local_fraction=local / full, bytes=bytes_)
+    assert len(kept) == 6 and len(h.trainer.wl.trainable_parameters()) == 12
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert abs(local / full - 1 / 8) < 0.01  # every parameter sharded 8 ways (rows padded)
