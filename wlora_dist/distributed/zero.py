@@ -68,15 +68,9 @@ class ZeROBackend(Backend):
         self.ds_config = deepspeed_config(cfg.distributed.zero, cfg.optim, cfg.train, bf16)
         self.stage = spec.zero_stage
         assert self.stage == int(self.ds_config["zero_optimization"]["stage"]), "resolve_backend reads the same JSON"
-        from deepspeed.utils import (
-            safe_get_full_fp32_param,
-            safe_get_full_optimizer_state,
-            safe_set_full_fp32_param,
-            safe_set_full_optimizer_state,
-        )
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        self._get_full_state, self._set_full_state = safe_get_full_optimizer_state, safe_set_full_optimizer_state
-        self._get_full_fp32, self._set_full_fp32 = safe_get_full_fp32_param, safe_set_full_fp32_param
+        self._get_full_state, self._get_full_fp32 = safe_get_full_optimizer_state, safe_get_full_fp32_param
         self.engine: Any = None
         self.peft_model: nn.Module | None = None
 
@@ -190,25 +184,56 @@ class ZeROBackend(Backend):
             link()
         for p in kept:
             for key, value in saved[id(p)].items():
-                self._set_full_state(p, value, key)
+                self._set_full(p, value, key)
+
+    def _set_full(self, param: nn.Parameter, value: torch.Tensor, state_key: str | None = None) -> None:
+        """Write a parameter's full fp32 master (``state_key`` None) or Adam moment.
+
+        Stage 3: each rank writes its own slice through DeepSpeed's local setter.
+        DeepSpeed's full setter (0.19, ``set_full_hp_param``) cuts ``value`` into
+        world-size pieces without the partition padding its reader strips, so it fails
+        (``start + length exceeds dimension size``) whenever the world size does not
+        divide the parameter's element count (3, 6, 24 ranks on most adapters)."""
+        if self.stage < 3 or not hasattr(param, "ds_id"):
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            if state_key is None:
+                safe_set_full_fp32_param(param, value)
+            else:
+                safe_set_full_optimizer_state(param, value, state_key)
+            return
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        local = zero3_local_slice(value, param.ds_tensor.numel(), self._partition_rank(param))
+        if state_key is None:
+            safe_set_local_fp32_param(param, local)
+        else:
+            safe_set_local_optimizer_state(param, local, state_key)
+
+    def _partition_rank(self, param: nn.Parameter) -> int:
+        import torch.distributed as dist
+
+        group = getattr(param, "ds_process_group", None)
+        return dist.get_rank(group=group) if dist.is_initialized() else 0
 
     def checkpoint_tensors(self, named: dict[str, nn.Parameter], for_load: bool) -> dict[str, torch.Tensor]:
         """Full (gathered) fp32 masters and AdamW moments, the same on every rank (so the
         checkpoint writes them once): DeepSpeed's partitions are flat and span parameters,
         its fragment API is how a parameter's share is read and written (collective)."""
         step = None if for_load else _adam_step(self.engine.optimizer)
+        # No Adam state yet (a checkpoint right after a WeightLoRA+ round reset it): zeros
+        # and step 0 are what torch's AdamW starts from. DeepSpeed's reader raises KeyError.
+        no_state = step is None
         out: dict[str, torch.Tensor] = {}
         for name, p in named.items():
             shape = self.full_shape(p)
-            if for_load:
-                value = torch.zeros(shape, dtype=torch.float32)
-                moments = {k: torch.zeros(shape, dtype=torch.float32) for k in ADAM_STATE_KEYS}
-            else:
-                value = self._get_full_fp32(p).detach().float().cpu()
-                moments = {}
+            value = torch.zeros(shape, dtype=torch.float32) if for_load else self._get_full_fp32(p).float().cpu()
+            moments = {k: torch.zeros(shape, dtype=torch.float32) for k in ADAM_STATE_KEYS}
+            if not (for_load or no_state):
                 for k in ADAM_STATE_KEYS:
                     t = self._get_full_state(p, k)
-                    moments[k] = torch.zeros(shape, dtype=torch.float32) if t is None else t.detach().float().cpu()
+                    if t is not None:
+                        moments[k] = t.detach().float().cpu()
             out[f"adapter.{name}"] = value
             for k, t in moments.items():
                 out[f"optim.{name}.{k}"] = t
@@ -220,7 +245,7 @@ class ZeROBackend(Backend):
         for name, p in named.items():
             value = tensors[f"adapter.{name}"]
             self.assign_full(p, value)  # the module's parameter
-            self._set_full_fp32(p, value.to(self.env.device))  # and the optimizer's fp32 master
+            self._set_full(p, value.to(self.env.device))  # and the optimizer's fp32 master
         saved = {
             id(p): {k: tensors[f"optim.{name}.{k}"].to(self.env.device) for k in ADAM_STATE_KEYS}
             for name, p in named.items()
@@ -240,6 +265,19 @@ class ZeROBackend(Backend):
             "optimizer_state_bytes": tensor_bytes(state),
             "master_weight_bytes": tensor_bytes(masters),
         }
+
+
+def zero3_local_slice(full: torch.Tensor, partition_numel: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s piece of a ZeRO-3 parameter: the flat elements
+    [rank * partition_numel, (rank + 1) * partition_numel), zero-filled past the end (the
+    last ranks' padding when the world size does not divide the element count)."""
+    flat = full.reshape(-1)
+    out = torch.zeros(partition_numel, dtype=flat.dtype, device=flat.device)
+    start = rank * partition_numel
+    n = max(0, min(partition_numel, flat.numel() - start))
+    if n:
+        out[:n] = flat[start : start + n]
+    return out
 
 
 def _destroy(engine: Any) -> None:
