@@ -37,6 +37,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Before any process group: fail fast. The accelerate config's choices come in first.
     cfg = load_config(args.config, args.overrides, accelerate_overrides(os.environ))
     # Imported here so `--help` and config errors answer in a fraction of a second.
+    from wlora_dist.training.preflight import preflight
+
+    preflight(cfg)  # model, adapters, data files, output: refused before anything loads
     from wlora_dist.distributed.env import init_distributed, shutdown
     from wlora_dist.training.tracking import setup_logging
     from wlora_dist.training.trainer import Trainer
@@ -194,8 +197,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     if args.check:
         for path in args.check:
-            load_config(path)
-            print(f"{path}: ok")
+            cfg = load_config(path)
+            if args.syntax_only:
+                print(f"{path}: ok (fields and values; model, data and output not checked)")
+                continue
+            from wlora_dist.training.preflight import preflight
+
+            found = preflight(cfg)
+            print(f"{path}: ok ({found.architecture}, n={found.n_adapters} adapters; data files and output checked)")
         return 0
     print("\n".join(describe()))
     return 0
@@ -268,7 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--recommend", action="store_true", help="also list settings that fit (always when it does not)")
     pl.add_argument("--json", action="store_true", help="print JSON")
     c = sub.add_parser("config", help="list every config field, or --check YAML files")
-    c.add_argument("--check", nargs="*", help="validate these config files")
+    c.add_argument(
+        "--check",
+        nargs="*",
+        help="validate these config files as `train` would before loading anything: fields, the model's "
+        "config.json (built on meta, adapters attached: K against n), data files, the output folder",
+    )
+    c.add_argument(
+        "--syntax-only", action="store_true", help="with --check: fields and values only (no model or data access)"
+    )
     return ap
 
 

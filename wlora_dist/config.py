@@ -406,7 +406,17 @@ def load_config(
             ],
             source,
         )
-    for key, value in [*launcher, *parse_overrides(overrides or [])]:
+    parsed = parse_overrides(overrides or [])
+    on_command_line = dict(parsed).get("distributed.backend")
+    if chosen and on_command_line not in (None, "auto", chosen):
+        raise ConfigError(
+            [
+                f"distributed.backend={on_command_line} on the command line, but the accelerate config launched "
+                f"{chosen!r}; drop the override, or launch with an accelerate config for {on_command_line}"
+            ],
+            source,
+        )
+    for key, value in [*launcher, *parsed]:
         set_dotted(data, key, value)
     return config_from_dict(data, source)
 
@@ -433,6 +443,11 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"selection.k: {s.k} must be >= 1 (number of adapters kept)")
     if s.lr_w < 0:
         p.append(f"selection.lr_w: {s.lr_w} must be >= 0")
+    elif s.lr_w == 0 and s.method in ("topk", "simplex"):
+        p.append(
+            f"selection.lr_w: 0 with selection.method={s.method} never moves the gates (all stay tied, so the "
+            "first K in name order would be kept); use a positive value (the authors' is 5.0), or method: none"
+        )
     if s.steps < 0:
         p.append(f"selection.steps: {s.steps} must be >= 0")
     if s.method != "none" and s.steps > t.max_steps:

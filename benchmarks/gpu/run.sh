@@ -11,6 +11,9 @@
 # gpu_checks.jsonl (what each check measured), <mode>.json (compare.py's results), and
 # bench.log. Every step is bounded by what is left of BUDGET_S (default 570 s, inside a
 # 10-minute call), so a call that runs out still returns what finished.
+# Meant for a throwaway GPU machine: it installs the wheels into /tmp/site and this
+# checkout (`pip install -e .`) into whatever `python3` is first on the PATH; do not run
+# it against the virtual environment of another checkout.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 BUDGET_S=${BUDGET_S:-570}

@@ -34,9 +34,19 @@ class DataError(UserError):
     """A problem with the user's data: says which file / column / row and what to do."""
 
 
+# Where each row came from (index into the sources, row in that source), carried through
+# the train/eval split's shuffle so an error names the file's row, not the split's index.
+SOURCE, ROW = "__wlora_source", "__wlora_row"
+
+
 def load_rows(sources: list[str], split: str = "train") -> datasets.Dataset:
-    """Read every source (file, saved dataset folder or hub id) into one Dataset."""
-    parts = [_load_one(s, split) for s in sources]
+    """Read every source (file, saved dataset folder or hub id) into one Dataset, each row
+    tagged with its source and its row number there (0-based)."""
+    parts = []
+    for k, source in enumerate(sources):
+        part = _load_one(source, split)
+        part = part.add_column(SOURCE, [k] * len(part)).add_column(ROW, list(range(len(part))))
+        parts.append(part)
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if len(ds) == 0:
         raise DataError(f"data {sources}: no rows; check the files are not empty")
@@ -97,18 +107,29 @@ def _require_columns(ds: datasets.Dataset, needed: list[str], cfg_fields: list[s
     for column, field in zip(needed, cfg_fields, strict=True):
         if column not in ds.column_names:
             raise DataError(
-                f"column {column!r} (data.{field}) not in the data; its columns are {ds.column_names}. "
+                f"column {column!r} (data.{field}) not in the data; its columns are "
+                f"{[c for c in ds.column_names if c not in (SOURCE, ROW)]}. "
                 f"Set data.{field} to one of them or change data.format"
             )
 
 
-def tokenize(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> datasets.Dataset:
-    """Rows -> {input_ids, labels} lists, per cfg.format."""
+def _row_names(batch: dict, idx: list[int], sources: list[str] | None) -> list[str]:
+    """'train.parquet row 17' for each row of ``batch`` (the file's row, 0-based)."""
+    if sources is None or ROW not in batch:
+        return [f"row {i}" for i in idx]
+    return [f"{sources[k]} row {r}" for k, r in zip(batch[SOURCE], batch[ROW], strict=True)]
+
+
+def tokenize(
+    ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, sources: list[str] | None = None
+) -> datasets.Dataset:
+    """Rows -> {input_ids, labels} lists, per cfg.format. ``sources``: the list ``ds`` was
+    loaded from (load_rows), so errors name the file and its row."""
     fn = {"text": _pack_text, "instruction": _instruction, "chat": _chat}[cfg.format]
     fields = {"text": ["text_field"], "instruction": ["prompt_field", "response_field"], "chat": ["messages_field"]}
     _require_columns(ds, [getattr(cfg, f) for f in fields[cfg.format]], fields[cfg.format])
     out = ds.map(
-        lambda batch, idx: fn(batch, idx, tokenizer, cfg),
+        lambda batch, idx: fn(batch, _row_names(batch, idx, sources), tokenizer, cfg),
         batched=True,
         with_indices=True,
         remove_columns=ds.column_names,
@@ -123,11 +144,11 @@ def _eos(tokenizer: Any) -> list[int]:
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
-def _pack_text(batch: dict, idx: list[int], tokenizer: Any, cfg: DataConfig) -> dict:
+def _pack_text(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
     texts = batch[cfg.text_field]
-    for i, t in zip(idx, texts, strict=True):
+    for where, t in zip(rows, texts, strict=True):
         if not isinstance(t, str):
-            raise DataError(f"row {i}: data.text_field {cfg.text_field!r} is {type(t).__name__}, not text")
+            raise DataError(f"{where}: data.text_field {cfg.text_field!r} is {type(t).__name__}, not text")
     stream: list[int] = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream += ids + _eos(tokenizer)
@@ -137,22 +158,24 @@ def _pack_text(batch: dict, idx: list[int], tokenizer: Any, cfg: DataConfig) -> 
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
-def _fit(ids: list[int], labels: list[int], row: int, cfg: DataConfig) -> tuple[list[int], list[int]]:
+def _fit(ids: list[int], labels: list[int], row: str, cfg: DataConfig) -> tuple[list[int], list[int]]:
     if len(ids) > cfg.seq_len:
         if not cfg.truncate:
             raise DataError(
-                f"row {row}: {len(ids)} tokens > data.seq_len={cfg.seq_len}; raise seq_len or set data.truncate=true"
+                f"{row}: {len(ids)} tokens > data.seq_len={cfg.seq_len}; raise seq_len or set data.truncate=true"
             )
         ids, labels = ids[: cfg.seq_len], labels[: cfg.seq_len]
     return ids, labels
 
 
-def _instruction(batch: dict, idx: list[int], tokenizer: Any, cfg: DataConfig) -> dict:
+def _instruction(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
     out: dict[str, list] = {"input_ids": [], "labels": []}
-    for i, prompt, response in zip(idx, batch[cfg.prompt_field], batch[cfg.response_field], strict=True):
+    for i, prompt, response in zip(rows, batch[cfg.prompt_field], batch[cfg.response_field], strict=True):
         if not isinstance(prompt, str) or not isinstance(response, str):
             kinds = f"{type(prompt).__name__}/{type(response).__name__}"
-            raise DataError(f"row {i}: prompt/response must be text, got {kinds}")
+            raise DataError(
+                f"{i}: data.prompt_field / data.response_field must be text, got {kinds}; fix or drop that row"
+            )
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         r = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
         ids, labels = _fit(p + r, [IGNORE] * len(p) + r, i, cfg)
@@ -166,13 +189,13 @@ def _template(tokenizer: Any, messages: list[dict], gen: bool = False) -> list[i
     return list(ids)
 
 
-def _chat(batch: dict, idx: list[int], tokenizer: Any, cfg: DataConfig) -> dict:
+def _chat(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("data.format=chat needs a tokenizer with a chat template; this model's has none")
     out: dict[str, list] = {"input_ids": [], "labels": []}
-    for i, messages in zip(idx, batch[cfg.messages_field], strict=True):
+    for i, messages in zip(rows, batch[cfg.messages_field], strict=True):
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise DataError(f"row {i}: {cfg.messages_field!r} must be a list of {{role, content}} messages")
+            raise DataError(f"{i}: {cfg.messages_field!r} must be a list of {{role, content}} messages")
         ids = _template(tokenizer, messages)
         labels = [IGNORE] * len(ids)
         for t, m in enumerate(messages):
@@ -268,10 +291,11 @@ def build_loaders(
     fewer eval rows than one micro-batch per rank)."""
     train_rows, eval_rows = train_eval_split(cfg, seed)
     pad = tokenizer.pad_token_id
-    train = make_loader(tokenize(train_rows, tokenizer, cfg), micro_batch, pad, rank, world_size, seed, True)
+    train_ds = tokenize(train_rows, tokenizer, cfg, cfg.train)
+    train = make_loader(train_ds, micro_batch, pad, rank, world_size, seed, True)
     if eval_rows is None:
         return train, None
-    eval_ds = tokenize(eval_rows, tokenizer, cfg)
+    eval_ds = tokenize(eval_rows, tokenizer, cfg, cfg.eval or cfg.train)
     if len(eval_ds) < world_size * micro_batch:
         log.warning("eval data has %d rows, fewer than one batch per rank: no eval", len(eval_ds))
         return train, None

@@ -65,10 +65,15 @@ def find_target_modules(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         found.append(name)
     if not found:
         kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        config = getattr(model, "config", None)
+        arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+        model_type = getattr(config, "model_type", None)
         raise ConfigError(
             [
                 f"adapter.target_modules={cfg.target_modules} with adapter.layers={cfg.layers} matches no "
-                f"linear layer of this model; its linear names are {kinds}"
+                f"linear layer of this model ({arch}{f', model_type {model_type!r}' if model_type else ''}); its "
+                f"linear names are {kinds}. wlora_dist targets Llama-architecture models (q_proj, k_proj, v_proj, "
+                "o_proj, gate_proj, up_proj, down_proj); for another architecture name its nn.Linear modules"
             ],
             "adapter",
         )

@@ -27,6 +27,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_model_path(path: str) -> None:
+    if not looks_local(path):
+        check_hub_model(path)
+        return
     if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
         raise ModelPathError(
             f"model.path={path!r}: no such folder; give an HF model folder (with config.json) or a hub id"
@@ -44,6 +47,77 @@ def check_model_path(path: str) -> None:
             + "; convert once with transformers: AutoModelForCausalLM.from_pretrained(folder)"
             ".save_pretrained(new_folder, safe_serialization=True)"
         )
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the Hub cannot be reached, or None. One TCP connection, a few seconds at most:
+    without it, transformers retries five times with back-off (~25 s) and then raises a
+    traceback. Behind an HTTP(S) proxy the check is left to transformers."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{url.hostname}: {e.strerror or e}"
+    return None
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A hub id is usable if it is in the local HF cache or the Hub can be reached."""
+    if _hub_cached(repo_id):
+        return
+    how = (
+        f"download it where there is network (`hf download {repo_id} --local-dir DIR`) and set model.path "
+        "to DIR, or point HF_HOME at a cache that holds it"
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelPathError(
+            f"model.path={repo_id!r}: not a local folder, not in the HF cache, and HF_HUB_OFFLINE is set; {how}"
+        )
+    why = _hub_unreachable()
+    if why is not None:
+        raise ModelPathError(
+            f"model.path={repo_id!r}: not a local folder, not in the HF cache, and the Hub cannot be reached "
+            f"({why}); {how}"
+        )
+
+
+def check_model_type(cfg: ModelConfig) -> dict:
+    """config.json's model_type is one this transformers knows, or one whose code the
+    repository ships and model.trust_remote_code allows. Returns config.json's contents."""
+    import transformers
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(os.path.expanduser(cfg.path))
+    except (OSError, ValueError) as e:
+        raise ModelPathError(f"model.path={cfg.path!r}: its config.json cannot be read ({e})") from None
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return config
+    if "auto_map" in config and not cfg.trust_remote_code:
+        raise ModelPathError(
+            f"model.path={cfg.path!r}: model_type {model_type!r} is defined by code shipped with the model "
+            f"(config.json auto_map), not by transformers {transformers.__version__}; set "
+            "model.trust_remote_code: true if you trust that code"
+        )
+    if "auto_map" not in config:
+        raise ModelPathError(
+            f"model.path={cfg.path!r}: model_type {model_type!r} is unknown to transformers "
+            f"{transformers.__version__}; upgrade transformers, or check config.json"
+        )
+    return config
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -32,7 +32,7 @@ from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.loading import load_tokenizer
 from wlora_dist.training import checkpoint, evaluation, replan, run_checkpoint
 from wlora_dist.training.callbacks import Callback
-from wlora_dist.training.outputs import check_output_free, save_outputs
+from wlora_dist.training.outputs import check_output_free, run_paths, save_outputs
 from wlora_dist.training.report import report_layout_change, round_record
 from wlora_dist.training.results import TrainingError, TrainResult
 from wlora_dist.training.tracking import RunLogger
@@ -45,8 +45,7 @@ class Trainer:
         self.cfg, self.env, self.callbacks = cfg, env, list(callbacks)
         self.spec = resolve_backend(cfg.distributed)  # the one place the backend is decided
         self.out_dir = Path(cfg.output.dir)
-        self.adapter_dir, self.report_dir = self.out_dir / "adapter", self.out_dir / "report"
-        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        self.adapter_dir, self.report_dir, self.ckpt_root = run_paths(cfg)
         self.memory: dict[str, dict[str, int]] = {}  # trainable / optimizer bytes before / after the prune
         self.layout_events: list[LayoutEvent] = []  # rounds, the prune event, a resume
         self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round

@@ -1,0 +1,170 @@
+"""Errors that can be known before loading arrive before loading, from `wlora-dist train`
+and, identically, from `wlora-dist config --check`: the model's config.json (the model
+built on meta, adapters attached), its tokenizer, the data files and the output folder."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wlora_dist.cli import main
+from wlora_dist.config import ConfigError, load_config
+
+from .conftest import ROOT, tiny_config_dict
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a run gets as far as a process group or a weight load."""
+
+    def refuse(*a, **k):
+        raise AssertionError("got past the preflight checks: loading started")
+
+    monkeypatch.setattr("wlora_dist.distributed.env.init_distributed", refuse)
+    monkeypatch.setattr("wlora_dist.model.loading.load_base_model", refuse)
+
+
+def _both(tiny_dir: Path, tmp_path: Path, capsys, overrides: dict | None = None, **sections) -> tuple[str, str]:
+    """(train's error, config --check's error) for the same config; both exit non-zero."""
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run", **sections)
+    for section, values in (overrides or {}).items():
+        cfg[section].update(values)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    errs = []
+    for argv in (["train", "--config", str(path)], ["config", "--check", str(path)]):
+        capsys.readouterr()
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc != 0 and "Traceback" not in err, (argv, err)
+        errs.append(err)
+    return errs[0], errs[1]
+
+
+def _model_copy(tiny_dir: Path, tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_dir / "model", folder)
+    return folder
+
+
+def test_config_check_passes_a_good_config_and_names_what_it_checked(tiny_dir, tmp_path, capsys):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_dir, tmp_path / "run")))
+    assert main(["config", "--check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ok (LlamaForCausalLM, n=14 adapters" in out
+    # A hub model this machine cannot reach: --syntax-only checks the fields alone.
+    recipe = str(ROOT / "configs/llama3_8b_instruct.yaml")
+    assert main(["config", "--syntax-only", "--check", recipe]) == 0
+    assert main(["config", "--check", recipe]) == 1 and "does not exist" in capsys.readouterr().err
+
+
+def test_k_above_n_before_loading(no_loading, tiny_dir, tmp_path, capsys):
+    train, check = _both(tiny_dir, tmp_path, capsys, selection={"k": 99})
+    for err in (train, check):
+        assert "selection.k: 99 exceeds the 14 adapters" in err
+
+
+def test_existing_adapter_before_loading(no_loading, tiny_dir, tmp_path, capsys):
+    (tmp_path / "run/adapter").mkdir(parents=True)
+    train, check = _both(tiny_dir, tmp_path, capsys)
+    for err in (train, check):
+        assert "already holds an adapter" in err and "output.overwrite=true" in err
+
+
+def test_missing_model_and_data_before_loading(no_loading, tiny_dir, tmp_path, capsys):
+    train, check = _both(tiny_dir, tmp_path, capsys, overrides={"model": {"path": str(tmp_path / "nope")}})
+    assert "no such folder" in train and "no such folder" in check
+    train, check = _both(tiny_dir, tmp_path, capsys, overrides={"data": {"train": [str(tmp_path / "x.jsonl")]}})
+    assert "x.jsonl does not exist" in train and "data.train" in check
+
+
+def test_missing_chat_template_before_loading(no_loading, tiny_dir, tmp_path, capsys):
+    model = _model_copy(tiny_dir, tmp_path, "no-template")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    train, check = _both(
+        tiny_dir, tmp_path, capsys, overrides={"model": {"path": str(model)}, "data": {"format": "chat"}}
+    )
+    for err in (train, check):
+        assert "data.format=chat needs a tokenizer with a chat template" in err and "no-template" in err
+
+
+def test_a_non_llama_architecture_is_named(no_loading, tiny_dir, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(folder)
+    train, check = _both(tiny_dir, tmp_path, capsys, overrides={"model": {"path": str(folder)}})
+    for err in (train, check):
+        assert "GPT2LMHeadModel" in err and "model_type 'gpt2'" in err and "matches no linear layer" in err
+
+
+def test_remote_code_model_types_name_the_config_field(no_loading, tiny_dir, tmp_path, capsys):
+    custom = _model_copy(tiny_dir, tmp_path, "custom")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="wlora_test_custom", auto_map={"AutoConfig": "configuration_x.XConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    train, _ = _both(tiny_dir, tmp_path, capsys, overrides={"model": {"path": str(custom)}})
+    assert "model.trust_remote_code: true" in train and "wlora_test_custom" in train
+    del config["auto_map"]
+    (custom / "config.json").write_text(json.dumps(config))
+    train, _ = _both(tiny_dir, tmp_path, capsys, overrides={"model": {"path": str(custom)}})
+    assert "unknown to transformers" in train
+
+
+def test_hub_id_without_network_or_cache_is_one_message(no_loading, tiny_dir, tmp_path, capsys, monkeypatch):
+    """No five retries and no traceback: one TCP probe (or HF_HUB_OFFLINE) decides."""
+    hub = {"model": {"path": "wlora-test-org/no-such-model"}}
+    train, check = _both(tiny_dir, tmp_path, capsys, overrides=hub)  # conftest sets HF_HUB_OFFLINE=1
+    for err in (train, check):
+        assert "wlora-test-org/no-such-model" in err and "HF_HUB_OFFLINE" in err and "hf download" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(
+        "wlora_dist.model.loading._hub_unreachable", lambda: "huggingface.co: Name or service not known"
+    )
+    train, _ = _both(tiny_dir, tmp_path, capsys, overrides=hub)
+    assert "the Hub cannot be reached (huggingface.co: Name or service not known)" in train
+
+
+def test_gate_lr_zero_is_refused_for_selection(tiny_dir, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_dir, tmp_path / "run")))
+    for method in ("topk", "simplex"):
+        with pytest.raises(ConfigError, match=r"selection.lr_w: 0 .* never moves the gates"):
+            load_config(path, ["selection.lr_w=0", f"selection.method={method}"])
+    assert load_config(path, ["selection.lr_w=0", "selection.method=none"]).selection.lr_w == 0
+
+
+def test_command_line_backend_against_the_accelerate_config(tiny_dir, tmp_path):
+    """The README's promise: an override naming another backend than the accelerate config
+    launched is an error, not silently taken; the same backend (or auto) is fine."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_dir, tmp_path / "run")))
+    launched = [("distributed.backend", "fsdp2")]
+    with pytest.raises(ConfigError, match=r"distributed.backend=zero on the command line.*launched 'fsdp2'"):
+        load_config(path, ["distributed.backend=zero"], launched)
+    for same in ("fsdp2", "auto"):
+        assert load_config(path, [f"distributed.backend={same}"], launched).distributed.backend in ("fsdp2", "auto")
+
+
+def test_a_null_in_parquet_is_reported_at_the_files_row(tmp_path):
+    """The train/eval split shuffles rows; the error names the file's own row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from wlora_dist.config import DataConfig
+    from wlora_dist.data.pipeline import DataError, build_loaders
+    from wlora_dist.model.tiny import make_tokenizer
+
+    responses = [f"answer {i}" for i in range(40)]
+    responses[17] = None
+    f = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": [f"q {i}" for i in range(40)], "response": responses}), f)
+    cfg = DataConfig(train=[str(f)], format="instruction", eval_fraction=0.25, seq_len=64)
+    with pytest.raises(DataError, match=r"pairs\.parquet row 17: .*must be text, got str/NoneType"):
+        build_loaders(cfg, 2, 0, make_tokenizer(), 0, 1)

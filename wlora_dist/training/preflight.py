@@ -1,0 +1,69 @@
+"""Everything a run can be refused for that is known before anything is loaded: from the
+run config, the model's config.json and tokenizer files, and the file system. The model
+is built on the meta device (structure, no storage) and the adapters attached to it, so
+``selection.k`` > n, targets that match nothing and a non-Llama architecture are found in
+seconds, not after the weights are read. ``wlora-dist train`` runs this before any
+process group exists; ``wlora-dist config --check`` runs exactly the same.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from wlora_dist.config import ConfigError, RunConfig
+from wlora_dist.data.pipeline import DataError
+from wlora_dist.model.int8 import check_checkpoint_quantization
+from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
+from wlora_dist.paths import looks_local
+from wlora_dist.training.outputs import check_output_free, run_paths
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks found: the architecture and the number of adapter sites n."""
+
+    architecture: str
+    n_adapters: int
+
+
+def preflight(cfg: RunConfig) -> Preflight:
+    """Raise a UserError (naming the field, the file and the fix) for the first problem."""
+    _check_data_files(cfg)
+    check_model_path(cfg.model.path)
+    check_checkpoint_quantization(cfg.model.path, cfg.model.quantization)
+    config = check_model_type(cfg.model)
+    architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    n = _check_adapters_fit(cfg)
+    if cfg.data.format == "chat" and getattr(load_tokenizer(cfg.model), "chat_template", None) is None:
+        raise DataError(
+            f"data.format=chat needs a tokenizer with a chat template; the one in model.path={cfg.model.path!r} "
+            "has none (use the instruct model's folder, or data.format=instruction / text)"
+        )
+    adapter_dir, _, ckpt_root = run_paths(cfg)
+    check_output_free(cfg, adapter_dir, ckpt_root, resumes=cfg.checkpoint.resume_from is not None)
+    return Preflight(architecture, n)
+
+
+def _check_data_files(cfg: RunConfig) -> None:
+    for field, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for source in sources:
+            if looks_local(source) and not os.path.exists(os.path.expanduser(source)):
+                raise DataError(f"data file {source} does not exist; fix the path in {field}")
+
+
+def _check_adapters_fit(cfg: RunConfig) -> int:
+    """Attach the adapters to the model built on meta; the same checks the trainer makes
+    after loading (targets, K against n, WeightLoRA+ rounds)."""
+    from wlora_dist.method.selector import fit_problems
+    from wlora_dist.method.weight_lora import WeightLoRA
+    from wlora_dist.model.sharded_loading import build_on_meta
+
+    model = build_on_meta(cfg.model, torch.device("cpu"))
+    wl = WeightLoRA.attach(model, cfg.adapter)
+    problems = fit_problems(wl, cfg.selection, cfg.adapter.lora_rank)
+    if problems:
+        raise ConfigError(problems, "selection")
+    return wl.n
