@@ -162,7 +162,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         "selection.method": "topk" if wlora else "none",
         "selection.k": mode.k,
         "selection.steps": steps_t,
-        "selection.project_every": steps_t,  # one projection, at T (as configs/tiny_cpu.yaml)
+        "selection.project_every": steps_t,  # one projection, at T: (b) is timed before any
         "train.max_steps": 10_000,
         "train.micro_batch_size": mode.micro_batch,
         "data.seq_len": mode.seq_len,

@@ -4,7 +4,8 @@ A change that shifts the numbers (of both sides of a comparison, say) fails here
 change in what the method computes is a visible decision: regenerate with
 ``WLORA_REGEN_GOLDEN=1 python -m pytest tests/test_golden.py`` and say why in the commit.
 The values were computed before the package was reorganised and held after it; they were
-regenerated when data loading got its own generator (the dropout stream moved).
+regenerated when data loading got its own generator (the dropout stream moved), and when the
+selection phase moved to a constant LR by default (selection.schedule: constant).
 """
 
 from __future__ import annotations

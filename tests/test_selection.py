@@ -62,3 +62,78 @@ def test_selection_recovers_known_subset():
     every = [selection_recovery(seed, project_every=1).recall for seed in range(3)]
     assert min(once) >= 0.75 and sum(once) / 3 >= 0.9, once
     assert sum(once) / 3 > sum(every) / 3, (once, every)
+
+
+def test_selection_schedule_constant_then_the_main_schedule_restarts_at_the_prune_event():
+    from wlora_dist.config import OptimConfig
+    from wlora_dist.method.schedule import lr_multiplier, run_lr_multiplier
+
+    optim = OptimConfig(warmup_steps=4, schedule="cosine")
+    const = SelectionConfig(steps=5, schedule="constant")
+    assert [run_lr_multiplier(s, optim, const, 25) for s in range(1, 6)] == [1.0] * 5
+    assert [run_lr_multiplier(s, optim, const, 25) for s in (6, 7, 9)] == [0.25, 0.5, 1.0]  # warmup from T + 1
+    assert run_lr_multiplier(25, optim, const, 25) == pytest.approx(0.0)  # decays to the end of the run
+    main = SelectionConfig(steps=5, schedule="main")
+    none = SelectionConfig(steps=5, method="none")
+    for s in range(1, 26):
+        assert run_lr_multiplier(s, optim, main, 25) == lr_multiplier(s, optim, 25)
+        assert run_lr_multiplier(s, optim, none, 25) == lr_multiplier(s, optim, 25)
+
+
+def test_project_every_zero_projects_once_at_t():
+    from wlora_dist.method.schedule import is_projection_step
+
+    cfg = SelectionConfig(steps=6, project_every=0)
+    assert [s for s in range(1, 10) if is_projection_step(s, cfg)] == [6]
+
+
+def test_authors_preset_sets_their_pipeline_and_yields_to_explicit_fields(tiny_dir, tmp_path):
+    from wlora_dist.config import config_from_dict
+
+    from .conftest import tiny_config_dict
+
+    base = tiny_config_dict(tiny_dir, tmp_path)
+    base["selection"].pop("project_every")
+    cfg = config_from_dict({**base, "selection": {**base["selection"], "preset": "authors"}})
+    s = cfg.selection
+    assert (s.project_every, s.topk_by, s.schedule, s.reinit_kept, s.reset_optimizer, s.clip_gates) == (
+        1, "signed", "constant", True, True, True)  # fmt: skip
+    assert cfg.adapter.include_lm_head and cfg.optim.eps == 1e-6
+    mine = config_from_dict({**base, "selection": {**base["selection"], "preset": "authors", "clip_gates": False}})
+    assert mine.selection.clip_gates is False and mine.selection.reset_optimizer is True
+
+
+def test_reset_optimizer_gives_a_fresh_adamw_at_the_prune_event_only(tiny_model):
+    from wlora_dist.config import AdapterConfig
+    from wlora_dist.method.selector import Selector
+    from wlora_dist.method.weight_lora import WeightLoRA
+
+    class Same:
+        def mean_(self, t):
+            return t
+
+        def check_same(self, t, what):
+            pass
+
+    wl = WeightLoRA.attach(tiny_model, AdapterConfig(lora_rank=4, lora_alpha=8))
+    with torch.no_grad():
+        wl.gates.copy_(torch.tensor([1.0] * 4 + [0.0] * (wl.n - 4)))
+    for reset in (False, True):
+        sel = Selector(wl, SelectionConfig(steps=3, k=4, reset_optimizer=reset), 0, Same())
+        change = sel.change_at(3)
+        assert change is not None and change.kind == "prune"
+        assert change.keep_state is not reset and change.reset_optimizer is reset and change.changes_modules
+        assert sel.change_at(2) is None
+
+
+def test_gate_clipping_is_refused_under_zero(tiny_dir, tmp_path):
+    from wlora_dist.config import ConfigError, config_from_dict
+    from wlora_dist.distributed.spec import BackendSpec, check_backend_supports
+
+    from .conftest import tiny_config_dict
+
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path, selection={"clip_gates": True}))
+    with pytest.raises(ConfigError, match=r"selection\.clip_gates"):
+        check_backend_supports(cfg, BackendSpec("zero", 3))
+    for ok in (BackendSpec("fsdp2"), BackendSpec("replicated")):
+        check_backend_supports(cfg, ok)

@@ -130,20 +130,29 @@ class Backend(ABC):
         """Backward of one micro-step (``loss`` already divided by the accumulation steps)."""
         loss.backward()
 
-    def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    def clip_grad_norm(
+        self, params: list[nn.Parameter], max_norm: float, extra_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Clip to ``max_norm``; ``extra_norm``: the norm of gradients clipped with these
+        (the gates' under selection.clip_gates) counts in the total, as one clip over both."""
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if hasattr(norm, "full_tensor"):  # DTensor grads (FSDP2): the norm is all-reduced
             norm = norm.full_tensor()
+        if extra_norm is not None:
+            norm = torch.linalg.vector_norm(torch.stack([norm, extra_norm.to(norm)]))
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
 
-    def step(self, params: list[nn.Parameter], lr: float, max_grad_norm: float) -> torch.Tensor:
+    def step(
+        self, params: list[nn.Parameter], lr: float, max_grad_norm: float, extra_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Clip, then one optimizer step at ``lr``; returns the gradient norm before clipping
-        (a tensor: reading it is a host sync the caller does when it logs)."""
+        (a tensor: reading it is a host sync the caller does when it logs). ``extra_norm``:
+        see clip_grad_norm."""
         assert self.optimizer is not None
-        norm = self.clip_grad_norm(params, max_grad_norm)
+        norm = self.clip_grad_norm(params, max_grad_norm, extra_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from wlora_dist.config import DistributedConfig
+from wlora_dist.config import ConfigError, DistributedConfig, RunConfig
 from wlora_dist.errors import UserError
 
 BackendKind = Literal["replicated", "fsdp2", "zero"]
@@ -114,3 +114,16 @@ def merge_deepspeed(ours: dict, user: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def check_backend_supports(cfg: RunConfig, spec: BackendSpec) -> None:
+    """Settings one backend cannot honour, refused before anything is built."""
+    if spec.kind == "zero" and cfg.selection.clip_gates:
+        raise ConfigError(
+            [
+                "selection.clip_gates: DeepSpeed ZeRO clips inside its engine, over its own parameters only, so the "
+                "gates cannot be clipped with the adapters; set selection.clip_gates: false (selection.preset: authors "
+                "turns it on) or use distributed.backend fsdp2 / replicated"
+            ],
+            "selection",
+        )

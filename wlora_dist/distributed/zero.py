@@ -127,7 +127,12 @@ class ZeROBackend(Backend):
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
         pass  # ZeRO reduces (stage 1: all-reduce, 2/3: reduce-scatter) inside backward
 
-    def step(self, params: list[nn.Parameter], lr: float, max_grad_norm: float) -> torch.Tensor:
+    def step(
+        self, params: list[nn.Parameter], lr: float, max_grad_norm: float, extra_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # DeepSpeed clips inside its engine over its own parameters only; selection.clip_gates
+        # is refused for zero when the run is set up (Trainer), so extra_norm never comes here.
+        assert extra_norm is None, "selection.clip_gates is not available with DeepSpeed ZeRO"
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()  # clips by ds_config["gradient_clipping"]

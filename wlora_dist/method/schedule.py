@@ -28,6 +28,21 @@ def lr_multiplier(optimizer_step: int, cfg: OptimConfig, max_steps: int) -> floa
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def run_lr_multiplier(optimizer_step: int, optim: OptimConfig, sel: SelectionConfig, max_steps: int) -> float:
+    """The multiplier of optim.lr and selection.lr_w at ``optimizer_step``.
+
+    selection.schedule constant (the authors' pipeline): the selection phase runs at the
+    peak LR, and the warmup/decay schedule starts over at the prune event, spanning the
+    steps after it. main: one schedule over the whole run. Without a selection phase
+    (method none) the one schedule always applies.
+    """
+    if sel.method == "none" or sel.schedule == "main":
+        return lr_multiplier(optimizer_step, optim, max_steps)
+    if optimizer_step <= sel.steps:
+        return 1.0
+    return lr_multiplier(optimizer_step - sel.steps, optim, max(1, max_steps - sel.steps))
+
+
 def in_selection(optimizer_step: int, cfg: SelectionConfig) -> bool:
     """Whether the gates are trained at this step (1-based)."""
     return cfg.method != "none" and optimizer_step <= cfg.steps
@@ -51,11 +66,18 @@ def round_k(n: int, round_: int) -> int:
     return max(1, n >> round_)
 
 
+def projection_period(cfg: SelectionConfig) -> int:
+    """P: project_every, or by default ceil(T / 4) (four projections over the phase)."""
+    if cfg.project_every is None:
+        return max(1, math.ceil(cfg.steps / 4))
+    return cfg.project_every
+
+
 def is_projection_step(optimizer_step: int, cfg: SelectionConfig) -> bool:
-    """Project every P steps, and always at the last selection step (WeightLoRA+: at
-    the end of every round only)."""
+    """Project every P steps (P = 0: only at T), and always at the last selection step
+    (WeightLoRA+: at the end of every round only)."""
     if cfg.rounds > 0:
         return round_index(optimizer_step, cfg) > 0
     return in_selection(optimizer_step, cfg) and (
-        optimizer_step % cfg.project_every == 0 or optimizer_step == cfg.steps
+        (projection_period(cfg) > 0 and optimizer_step % projection_period(cfg) == 0) or optimizer_step == cfg.steps
     )

@@ -64,10 +64,11 @@ class LayoutChange:
     freeze: bool = False  # the gates stop training (the prune event)
     reinit: bool = False  # fresh A, zero B for the kept adapters (selection.reinit_kept)
     keep_state: bool = True  # Adam state carried over for unchanged adapters
+    reset_optimizer: bool = False  # a fresh AdamW even where nothing else changes (selection.reset_optimizer)
 
     @property
     def changes_modules(self) -> bool:
-        return bool(self.drop or self.new_ranks or self.reinit)
+        return bool(self.drop or self.new_ranks or self.reinit or self.reset_optimizer)
 
 
 @dataclass
@@ -91,17 +92,38 @@ class Selector:
         self.seed = seed
         self.sync = sync
         self.pruned = False
+        self._reduced = False  # this step's gate gradient already averaged over ranks
 
     # -- the selection phase -----------------------------------------------------------
 
     def trains_gates(self, optimizer_step: int) -> bool:
         return in_selection(optimizer_step, self.cfg)
 
-    def update_gates(self, optimizer_step: int, lr_w: float) -> dict[str, float]:
-        """After backward: the mean gate gradient over ranks, w <- P(w - lr_w grad_w)."""
+    def reduce_gate_grad(self) -> torch.Tensor:
+        """The mean gate gradient over ranks (in place, once per step); returns its norm.
+        update_gates does this itself unless it was done first (selection.clip_gates needs
+        the norm before the adapters are clipped)."""
+        grad = self.wl.gates.grad
+        assert grad is not None
+        if not self._reduced:
+            self.sync.mean_(grad)  # w is replicated: mean grad, same step on every rank
+            self._reduced = True
+        return torch.linalg.vector_norm(grad)
+
+    def update_gates(
+        self, optimizer_step: int, lr_w: float, clip: tuple[float, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """After backward: the mean gate gradient over ranks, w <- P(w - lr_w grad_w).
+        ``clip``: (max_norm, the norm over adapters and gates): the gradient is scaled as
+        torch's clip_grad_norm_ scales every gradient it clips together."""
         wl, sel = self.wl, self.cfg
         assert wl.gates.grad is not None
-        self.sync.mean_(wl.gates.grad)  # w is replicated: mean grad, same step on every rank
+        self.reduce_gate_grad()
+        self._reduced = False
+        if clip is not None and clip[0] > 0:
+            max_norm, total = clip
+            coef = torch.clamp(max_norm / (total.to(wl.gates.grad) + 1e-6), max=1.0)
+            wl.gates.grad.mul_(coef)
         round_ = round_index(optimizer_step, sel)
         result = gate_step(
             wl.gates,
@@ -142,7 +164,9 @@ class Selector:
             fold=final and sel.fold_gates,
             freeze=final,
             reinit=reinit,
-            keep_state=not (reinit or new_ranks),  # re-initialised or extended: fresh Adam state
+            # re-initialised, extended or asked for: fresh Adam state
+            keep_state=not (reinit or new_ranks or (final and sel.reset_optimizer)),
+            reset_optimizer=final and sel.reset_optimizer,
         )
 
     def resume_change(self, step: int, kept: list[str], ranks: dict[str, int], pruned: bool) -> LayoutChange:

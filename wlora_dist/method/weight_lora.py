@@ -56,6 +56,9 @@ def find_target_modules(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     found = []
     for name, module in model.named_modules():
         kind = name.rsplit(".", 1)[-1]
+        if cfg.include_lm_head and kind == "lm_head" and _is_linear(module):
+            found.append(name)  # the output head: no decoder layer, so adapter.layers does not apply
+            continue
         if kind not in cfg.target_modules or not _is_linear(module):
             continue
         m = _LAYER_RE.search(name)

@@ -15,6 +15,7 @@ import torch
 
 from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data.pipeline import DataError
+from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
 from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
 from wlora_dist.paths import looks_local
@@ -31,6 +32,7 @@ class Preflight:
 
 def preflight(cfg: RunConfig) -> Preflight:
     """Raise a UserError (naming the field, the file and the fix) for the first problem."""
+    check_backend_supports(cfg, resolve_backend(cfg.distributed))
     _check_data_files(cfg)
     check_model_path(cfg.model.path)
     check_checkpoint_quantization(cfg.model.path, cfg.model.quantization)

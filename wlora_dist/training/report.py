@@ -58,7 +58,9 @@ def write_report(wl: WeightLoRA, out_dir: Path, optimizer_step: int, phase: str,
 def plot_gates(summary: dict, path: Path) -> None:
     adapters = summary["adapters"]
     kinds = list(dict.fromkeys(a["kind"] for a in sorted(adapters, key=lambda a: _kind_order(a["kind"]))))
-    layers = sorted({a["layer"] for a in adapters if a["layer"] is not None}) or [None]
+    layers: list[int | None] = sorted({a["layer"] for a in adapters if a["layer"] is not None})
+    if any(a["layer"] is None for a in adapters) or not layers:
+        layers.append(None)  # adapters outside the decoder layers (adapter.include_lm_head): a last row
     grid = [[float("nan")] * len(kinds) for _ in layers]
     removed = []
     for a in adapters:
@@ -71,7 +73,7 @@ def plot_gates(summary: dict, path: Path) -> None:
     for r, c in removed:
         ax.text(c, r, "x", ha="center", va="center", color="red", fontsize=9)
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-    ax.set_yticks(range(len(layers)), [str(x) for x in layers])
+    ax.set_yticks(range(len(layers)), [str(x) if x is not None else "head" for x in layers])
     ax.set_xlabel("module")
     ax.set_ylabel("decoder layer")
     ax.set_title(

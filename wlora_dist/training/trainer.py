@@ -24,9 +24,9 @@ from wlora_dist.data import pipeline as data_mod
 from wlora_dist.distributed.base import WeightsSource
 from wlora_dist.distributed.env import REPLICA_SYNC, DistEnv, all_reduce_mean_
 from wlora_dist.distributed.registry import make_backend
-from wlora_dist.distributed.spec import resolve_backend
+from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
 from wlora_dist.method.init import derive_seed
-from wlora_dist.method.schedule import lr_multiplier
+from wlora_dist.method.schedule import run_lr_multiplier
 from wlora_dist.method.selector import LayoutChange, LayoutEvent, Selector, fit_problems
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.loading import load_tokenizer
@@ -44,6 +44,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv, callbacks: Sequence[Callback] = ()) -> None:
         self.cfg, self.env, self.callbacks = cfg, env, list(callbacks)
         self.spec = resolve_backend(cfg.distributed)  # the one place the backend is decided
+        check_backend_supports(cfg, self.spec)
         self.out_dir = Path(cfg.output.dir)
         self.adapter_dir, self.report_dir, self.ckpt_root = run_paths(cfg)
         self.memory: dict[str, dict[str, int]] = {}  # trainable / optimizer bytes before / after the prune
@@ -203,8 +204,11 @@ class Trainer:
             self.backend.backward(loss / accum, last_micro_step=micro == accum - 1)
             loss_sum += loss.detach()
         self.backend.reduce_gradients(self.params)
-        mult = lr_multiplier(step, cfg.optim, cfg.train.max_steps)
-        grad_norm = self.backend.step(self.params, cfg.optim.lr * mult, cfg.optim.max_grad_norm)
+        mult = run_lr_multiplier(step, cfg.optim, cfg.selection, cfg.train.max_steps)
+        trains_gates = self.selector.trains_gates(step)
+        clip_gates = trains_gates and cfg.selection.clip_gates and cfg.optim.max_grad_norm > 0
+        gate_norm = self.selector.reduce_gate_grad() if clip_gates else None
+        grad_norm = self.backend.step(self.params, cfg.optim.lr * mult, cfg.optim.max_grad_norm, gate_norm)
         # One host sync per step: this rank's loss, the mean over ranks and the grad norm.
         local = loss_sum / accum
         local_f, mean_f, norm_f = torch.stack([local, all_reduce_mean_(local.clone()), grad_norm.to(local)]).tolist()
@@ -220,8 +224,9 @@ class Trainer:
             cb.on_optimizer_step_end(self, step)
         self.backend.zero_grad()
         metrics: dict = {"gate_grad_norm": 0.0}
-        if self.selector.trains_gates(step):
-            metrics = self.selector.update_gates(step, cfg.selection.lr_w * mult)
+        if trains_gates:
+            clip = (cfg.optim.max_grad_norm, grad_norm) if clip_gates else None
+            metrics = self.selector.update_gates(step, cfg.selection.lr_w * mult, clip)
         elapsed = time.perf_counter() - t0
         return {
             "loss": mean_f,
