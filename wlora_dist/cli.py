@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wlora_dist.noise import silence_known_noise
+
+    silence_known_noise()  # before anything imports DeepSpeed or bitsandbytes
     args = build_parser().parse_args(argv)
     handlers = {
         "train": cmd_train,

@@ -72,6 +72,11 @@ def plot_gates(summary: dict, path: Path) -> None:
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     for r, c in removed:
         ax.text(c, r, "x", ha="center", va="center", color="red", fontsize=9)
+    if len(layers) <= 16:  # the gate's value in its cell while the cells are big enough to read
+        for a in adapters:
+            r, c = layers.index(a["layer"]), kinds.index(a["kind"])
+            if a["kept"]:
+                ax.text(c, r, f"{a['gate']:.2g}", ha="center", va="center", color="white", fontsize=7)
     ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
     ax.set_yticks(range(len(layers)), [str(x) if x is not None else "head" for x in layers])
     ax.set_xlabel("module")
@@ -122,7 +127,7 @@ def report_layout_change(
     if out_dir is not None:
         write_report(wl, out_dir, change.step, "prune" if prune else f"round{change.round_}", extra)
     logger.info(
-        "%s at step %d: kept %d of %d adapters at rank %d, removed %d, %.3f s (probe loss %.5f -> %.5f)",
+        "%s at step %d: kept %d of %d adapters at rank %d, removed %d, %.3f s (probe loss %.5f -> %.5f); kept: %s",
         "prune event" if prune else f"WeightLoRA+ round {change.round_}",
         change.step,
         len(event.kept),
@@ -132,4 +137,15 @@ def report_layout_change(
         event.seconds,
         before,
         after,
+        compact_sites([s for s in wl.sites if s.name in set(event.kept)]),
     )
+
+
+def compact_sites(sites: list) -> str:
+    """'L0 q,o,down | L3 up | lm_head': adapters grouped by decoder layer, short module names."""
+    by_layer: dict[int | None, list[str]] = {}
+    for s in sorted(sites, key=lambda s: (s.layer is None, s.layer or 0, _kind_order(s.kind))):
+        by_layer.setdefault(s.layer, []).append(s.kind.removesuffix("_proj"))
+    parts = [f"L{layer} {','.join(kinds)}" for layer, kinds in by_layer.items() if layer is not None]
+    parts += by_layer.get(None, [])
+    return " | ".join(parts) if parts else "none"

@@ -14,13 +14,26 @@ from accelerate.tracking import GeneralTracker, TensorBoardTracker
 from tqdm.auto import tqdm
 
 from wlora_dist.config import LogConfig
+from wlora_dist.noise import silence_known_noise
 
 log = logging.getLogger("wlora_dist")
 
 
+class TqdmLineHandler(logging.StreamHandler):
+    """Log lines written through tqdm.write: a progress bar on the terminal is cleared and
+    redrawn below the line instead of the line being glued to the bar's tail."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
 def setup_logging(is_main: bool) -> None:
     """Plain lines on rank 0; warnings and errors only on the other ranks."""
-    handler = logging.StreamHandler(sys.stderr)
+    silence_known_noise()
+    handler = TqdmLineHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if is_main else logging.WARNING)

@@ -1,0 +1,61 @@
+"""What the console shows: log lines never glued to the progress bar, the kept set named
+at the prune event, known third-party noise dropped at its source."""
+
+import io
+import logging
+
+from tqdm import tqdm
+
+from wlora_dist.method.weight_lora import AdapterSite
+from wlora_dist.noise import silence_known_noise
+from wlora_dist.training.report import compact_sites
+from wlora_dist.training.tracking import TqdmLineHandler
+
+
+def test_log_lines_start_on_their_own_line_while_a_bar_is_shown():
+    stream = io.StringIO()
+    bar = tqdm(total=10, file=stream, disable=False, dynamic_ncols=False, ncols=60, mininterval=0)
+    logger = logging.getLogger("wlora_dist.test_console")
+    logger.handlers[:] = [TqdmLineHandler(stream)]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    for i in range(3):
+        bar.update(1)
+        logger.info("step %d | loss=1.0", i)
+    bar.close()
+    lines = stream.getvalue().replace("\r", "\n").split("\n")
+    logged = [ln for ln in lines if "| loss=1.0" in ln]
+    assert len(logged) == 3 and all(ln.startswith("step ") for ln in logged), lines
+
+
+def test_the_kept_set_is_named_compactly_by_layer():
+    sites = [
+        AdapterSite(0, "lm_head", None, "lm_head"),
+        AdapterSite(1, "model.layers.3.mlp.up_proj", 3, "up_proj"),
+        AdapterSite(2, "model.layers.0.self_attn.o_proj", 0, "o_proj"),
+        AdapterSite(3, "model.layers.0.self_attn.q_proj", 0, "q_proj"),
+    ]
+    assert compact_sites(sites) == "L0 q,o | L3 up | lm_head"
+    assert compact_sites([]) == "none"
+
+
+def test_known_third_party_noise_is_dropped_and_real_warnings_kept():
+    silence_known_noise()
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    ds, bnb = logging.getLogger("DeepSpeed"), logging.getLogger("bitsandbytes.backends.cpu.ops")
+    handler = Keep(level=logging.WARNING)
+    for lg in (ds, bnb):
+        lg.addHandler(handler)
+    try:
+        ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+        ds.warning("a real DeepSpeed warning")
+    finally:
+        for lg in (ds, bnb):
+            lg.removeHandler(handler)
+    assert seen == ["a real DeepSpeed warning"]
