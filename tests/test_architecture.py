@@ -75,6 +75,8 @@ def test_no_file_points_outside_the_repository():
 ACCELERATE_CONFIGS = sorted((ROOT / "launch/accelerate").glob("*.yaml"))
 WANT = {  # what each shipped accelerate config launches
     "cpu_2proc.yaml": BackendSpec("replicated"),
+    "cpu_fsdp2.yaml": BackendSpec("fsdp2"),
+    "cpu_zero3.yaml": BackendSpec("zero", 3),
     "fsdp2.yaml": BackendSpec("fsdp2"),
     "multinode_fsdp2.yaml": BackendSpec("fsdp2"),
     "zero1.yaml": BackendSpec("zero", 1),

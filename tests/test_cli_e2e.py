@@ -73,7 +73,7 @@ def launched(tiny_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launch")
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
     runs = {}
-    for launch in ("cpu_2proc", "fsdp2", "zero3"):
+    for launch in ("cpu_2proc", "cpu_fsdp2", "cpu_zero3"):
         cfg, out = _write_cfg(tmp, tiny_dir, launch, selection={"steps": 4, "k": 4}, train={"max_steps": 8})
         proc = _run(
             [
@@ -87,7 +87,7 @@ def launched(tiny_dir, tmp_path_factory):
                 "--config",
                 str(cfg),
                 # Activation checkpointing under FSDP2 must not change the math either.
-                *(["model.gradient_checkpointing=true"] if launch == "fsdp2" else []),
+                *(["model.gradient_checkpointing=true"] if launch == "cpu_fsdp2" else []),
             ]
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -116,7 +116,7 @@ def launched(tiny_dir, tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("launch", "backend"),
-    [("cpu_2proc", "replicated"), ("fsdp2", "fsdp2"), ("zero3", "zero3"), ("deepspeed", "zero2")],
+    [("cpu_2proc", "replicated"), ("cpu_fsdp2", "fsdp2"), ("cpu_zero3", "zero3"), ("deepspeed", "zero2")],
 )
 def test_accelerate_launch_runs_the_configured_backend_on_two_processes(launched, launch, backend):
     proc, out = launched[launch]
@@ -138,7 +138,7 @@ def test_exported_adapter_is_the_full_trained_tensor_under_every_backend(launche
 
     ref = load_file(str(launched["cpu_2proc"][1] / "adapter/adapter_model.safetensors"))
     assert len(ref) == 8 and all(t.numel() > 0 for t in ref.values())
-    for launch in ("fsdp2", "zero3", "deepspeed"):
+    for launch in ("cpu_fsdp2", "cpu_zero3", "deepspeed"):
         got = load_file(str(launched[launch][1] / "adapter/adapter_model.safetensors"))
         assert got.keys() == ref.keys(), launch
         for key, tensor in ref.items():

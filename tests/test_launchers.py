@@ -112,3 +112,13 @@ def test_fsdp_cpu_offload_without_gpu_is_a_clear_error():
         cfg = RunConfig()
         cfg.distributed.fsdp.cpu_offload = True
         FSDP2Backend(BackendSpec("fsdp2", 0, True), DistEnv(0, 0, 2, torch.device("cpu")), cfg)
+
+
+def test_a_lone_process_from_accelerate_without_a_config_is_named():
+    from wlora_dist.distributed.launchers import lone_process_warning
+
+    simple = {"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "no"}  # what accelerate exported
+    assert "started a single process" in lone_process_warning(simple, has_gpu=False)
+    assert lone_process_warning({**simple, "WORLD_SIZE": "2"}, has_gpu=False) is None
+    assert lone_process_warning(simple, has_gpu=True) is None
+    assert lone_process_warning({}, has_gpu=False) is None  # plain python: one process asked for

@@ -46,6 +46,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     env = init_distributed(cfg.distributed.timeout_minutes)
     setup_logging(env.is_main)
+    from wlora_dist.distributed.launchers import lone_process_warning
+
+    lone = lone_process_warning(os.environ, env.device.type == "cuda")
+    if lone and env.world_size == 1:
+        import logging
+
+        logging.getLogger("wlora_dist").warning(lone)
     trainer = Trainer(cfg, env)
     try:
         trainer.setup()

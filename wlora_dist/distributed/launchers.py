@@ -65,3 +65,17 @@ def accelerate_config_env(config_file: str) -> dict[str, str]:
     else:
         env = prepare_multi_gpu_env(args)
     return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def lone_process_warning(env: Mapping[str, str], has_gpu: bool) -> str | None:
+    """accelerate launch without a config file on a machine without a GPU starts ONE
+    process whatever --num_processes says (its simple launcher), and exports nothing that
+    says how many were asked for: say so when that is what happened."""
+    launched_by_accelerate = "ACCELERATE_USE_CPU" in env or "ACCELERATE_MIXED_PRECISION" in env
+    if launched_by_accelerate and "WORLD_SIZE" not in env and not has_gpu:
+        return (
+            "accelerate launch started a single process: without a GPU, accelerate needs a config file to start "
+            "several (--config_file launch/accelerate/cpu_2proc.yaml, cpu_fsdp2.yaml or cpu_zero3.yaml; "
+            "--num_processes alone is ignored). This run trains alone."
+        )
+    return None
