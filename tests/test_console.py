@@ -59,3 +59,28 @@ def test_known_third_party_noise_is_dropped_and_real_warnings_kept():
         for lg in (ds, bnb):
             lg.removeHandler(handler)
     assert seen == ["a real DeepSpeed warning"]
+
+
+def test_the_adapter_folder_is_a_finished_peft_adapter_with_a_model_card(tiny_dir, tmp_path, monkeypatch):
+    import json
+    import os
+
+    from .helpers import train_in_process
+
+    monkeypatch.chdir(tiny_dir)  # the model given as a relative path, as users often do
+    _, result = train_in_process(
+        tiny_dir, tmp_path, model={"path": "model"}, train={"max_steps": 3}, selection={"steps": 2, "k": 3}
+    )
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["inference_mode"] is True
+    assert config["base_model_name_or_path"] == os.path.abspath(tiny_dir / "model")
+    card = (result.adapter_dir / "README.md").read_text()
+    assert "3 of 14 LoRA adapters kept" in card and f"base_model: {config['base_model_name_or_path']}" in card
+    assert all(f"`{m}`" in card for m in config["target_modules"])
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(result.adapter_dir)
+    )
+    assert sum("lora_A" in n for n, _ in loaded.named_parameters()) == 3

@@ -296,6 +296,7 @@ class WeightLoRA:
             bias="none",
             task_type="CAUSAL_LM",
             base_model_name_or_path=base_model_name_or_path,
+            inference_mode=True,  # a finished adapter, as peft saves one
         )
 
 

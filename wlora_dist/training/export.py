@@ -57,19 +57,75 @@ def write_dir_atomically(out_dir: Path, fill: Callable[[Path], None]) -> Path:
     return out_dir
 
 
+def model_reference(path: str) -> str:
+    """base_model_name_or_path as the user gave it: a hub id unchanged, a local folder
+    absolute (so the adapter still finds its base when opened from elsewhere)."""
+    from wlora_dist.paths import looks_local
+
+    return os.path.abspath(os.path.expanduser(path)) if path and looks_local(path) else path
+
+
+def model_card(config: LoraConfig, n_sites: int, summary: dict[str, Any]) -> str:
+    """README.md of an adapter folder: what it is, what the selection kept, how to load it."""
+    kept = sorted(config.target_modules or [])
+    lines = [
+        "---",
+        "library_name: peft",
+        f"base_model: {config.base_model_name_or_path}",
+        "tags: [lora, weightlora, wlora_dist]",
+        "---",
+        "",
+        f"# WeightLoRA adapter: {len(kept)} of {n_sites} LoRA adapters kept",
+        "",
+        f"Base model: `{config.base_model_name_or_path}`. LoRA r = {config.r}, alpha = {config.lora_alpha}"
+        + (f", per-module ranks {dict(config.rank_pattern)}" if config.rank_pattern else "")
+        + ". The gates are folded into B: this is a plain peft LoRA adapter.",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in summary.items()],
+        "",
+        "Kept modules:",
+        "",
+        *[f"- `{m}`" for m in kept],
+        "",
+        "Load it:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{config.base_model_name_or_path}")',
+        'model = PeftModel.from_pretrained(base, "<this folder>")',
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def save_peft_adapter(
-    state: dict[str, torch.Tensor], wl: WeightLoRA, out_dir: Path, base_model_name_or_path: str
+    state: dict[str, torch.Tensor],
+    wl: WeightLoRA,
+    out_dir: Path,
+    base_model_name_or_path: str,
+    summary: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``state`` (from ``wl.export_state()`` or a gathered copy) as a peft adapter."""
-    return write_peft_adapter(state, wl.export_config(base_model_name_or_path), out_dir)
+    """Write ``state`` (from ``wl.export_state()`` or a gathered copy) as a peft adapter
+    with its model card."""
+    config = wl.export_config(model_reference(base_model_name_or_path))
+    return write_peft_adapter(state, config, out_dir, model_card(config, wl.n, summary or {}))
 
 
-def write_peft_adapter(state: dict[str, torch.Tensor], lora_config: LoraConfig, out_dir: Path) -> Path:
-    """adapter_model.safetensors + adapter_config.json, written aside and moved into place."""
+def write_peft_adapter(
+    state: dict[str, torch.Tensor], lora_config: LoraConfig, out_dir: Path, card: str | None = None
+) -> Path:
+    """adapter_model.safetensors + adapter_config.json (+ README.md, the model card),
+    written aside and moved into place."""
 
     def fill(tmp: Path) -> None:
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         lora_config.save_pretrained(str(tmp))
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
 
     return write_dir_atomically(out_dir, fill)
 
@@ -95,7 +151,9 @@ def export_checkpoint(ckpt: Path, out_dir: Path, merged_out: Path | None = None,
         state[f"base_model.model.{name}.lora_A.weight"] = tensors[f"adapter.{name}.lora_A"].float().contiguous()
         state[f"base_model.model.{name}.lora_B.weight"] = (tensors[f"adapter.{name}.lora_B"].float() * w).contiguous()
     config = LoraConfig(**{k: v for k, v in meta.adapter_config.items() if k in _LORA_FIELDS})
-    write_peft_adapter(state, config, out_dir)
+    config.inference_mode = True
+    summary = {"exported from": f"`{ckpt}` (step {meta.step})", "command": f"`wlora-dist export {ckpt}`"}
+    write_peft_adapter(state, config, out_dir, model_card(config, len(meta.sites), summary))
     if merged_out is not None:
         write_merged(out_dir, model_path or config.base_model_name_or_path or "", merged_out)
     return out_dir

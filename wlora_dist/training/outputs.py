@@ -4,6 +4,8 @@ every rank takes part in gathering sharded adapters)."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +80,13 @@ def save_outputs(
                     _bytes_summary(r["after"]),
                     r["prune_seconds"],
                 )
-        save_peft_adapter(state, wl, adapter_dir, model_path)
+        summary = {
+            "selection": f"top-K = {int(wl.kept.sum())} of n = {wl.n}" if int(wl.kept.sum()) < wl.n else "none",
+            "optimizer steps": optimizer_step,
+            "backend": f"{backend.name}, world size {env.world_size}",
+            "command": "`" + " ".join(shlex.quote(a) for a in sys.argv) + "`",
+        }
+        save_peft_adapter(state, wl, adapter_dir, model_path, summary)
         logger.info("adapter (peft format) -> %s ; selection report -> %s", adapter_dir, report_dir)
     barrier()
 
