@@ -84,3 +84,16 @@ def test_the_adapter_folder_is_a_finished_peft_adapter_with_a_model_card(tiny_di
         AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), str(result.adapter_dir)
     )
     assert sum("lora_A" in n for n, _ in loaded.named_parameters()) == 3
+
+
+def test_tracker_tags_are_namespaced_and_jsonl_stays_flat():
+    from wlora_dist.training.tracking import namespaced
+
+    tags = namespaced({"loss": 1.0, "eval_loss": 2.0, "gate_grad_norm": 0.1, "kept": 5, "lr": 1e-3})
+    assert tags == {
+        "train/loss": 1.0,
+        "eval/loss": 2.0,
+        "selection/gate_grad_norm": 0.1,
+        "selection/kept": 5,
+        "train/lr": 1e-3,
+    }

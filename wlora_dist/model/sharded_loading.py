@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def materialize_sharded(
     reader = reader or CheckpointReader(model_path, wl.base_model)
     try:
         with torch.no_grad():
-            for name, param in _base_params(wl.base_model):
+            for name, param in _loading_bar(list(_base_params(wl.base_model))):
                 local, start = local_rows(param)
                 if local.numel() == 0:
                     continue
@@ -216,6 +217,16 @@ def materialize_sharded(
     return LoadStats(reader.bytes_read, reader.tensors)
 
 
+def _loading_bar(items: list) -> Iterable:
+    """A progress bar on rank 0 (a 70B model's shards take minutes to read); none elsewhere,
+    and none when stderr is not a terminal."""
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    return tqdm(items, desc="loading base weights (this rank's shard)", unit="tensor", disable=None if rank0 else True)
+
+
 def fill_zero3_partitions(model: nn.Module, model_path: str) -> LoadStats:
     """Write into every ZeRO-3 partitioned base parameter this rank's flat partition
     (elements [rank * size, (rank + 1) * size) of the flattened tensor), read from the
@@ -225,7 +236,7 @@ def fill_zero3_partitions(model: nn.Module, model_path: str) -> LoadStats:
     reader = CheckpointReader(model_path, model)
     try:
         with torch.no_grad():
-            for name, param in _base_params(model):
+            for name, param in _loading_bar(list(_base_params(model))):
                 part = param.ds_tensor
                 size = part.ds_numel
                 start = size * dist.get_rank(group=param.ds_process_group)

@@ -105,9 +105,12 @@ class RunLogger:
             log.info("step %d | %s", optimizer_step, " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
 
     def track(self, optimizer_step: int, metrics: dict[str, float]) -> None:
+        """JSONL keeps the flat names (scripts read them); the other trackers get
+        namespaced tags: train/..., eval/..., selection/..."""
         if self.is_main:
+            tagged = namespaced(metrics)
             for t in self.trackers:
-                t.log(metrics, step=optimizer_step)
+                t.log(metrics if isinstance(t, JSONLTracker) else tagged, step=optimizer_step)
 
     def info(self, msg: str, *args: Any) -> None:
         if self.bar is not None:
@@ -119,6 +122,22 @@ class RunLogger:
             self.bar.close()
         for t in self.trackers:
             t.finish()
+
+
+SELECTION_METRICS = ("gate_grad_norm", "gates_nonzero", "kept", "prune_seconds", "round_seconds")
+
+
+def namespaced(metrics: dict[str, float]) -> dict[str, float]:
+    """eval_loss -> eval/loss, gate_grad_norm -> selection/gate_grad_norm, loss -> train/loss."""
+    out = {}
+    for k, v in metrics.items():
+        if k.startswith("eval_"):
+            out[f"eval/{k.removeprefix('eval_')}"] = v
+        elif k in SELECTION_METRICS:
+            out[f"selection/{k}"] = v
+        else:
+            out[f"train/{k}"] = v
+    return out
 
 
 def _fmt(v: float) -> str:
