@@ -1,4 +1,4 @@
-"""Command line: ``wlora-dist train|export|plan|make-tiny|report|config`` (train.py wraps ``train``).
+"""Command line: ``wlora-dist train|export|generate|plan|make-tiny|report|config`` (train.py wraps ``train``).
 
 wlora-dist train --config configs/tiny_cpu.yaml train.max_steps=50 selection.k=6
 wlora-dist export runs/tiny_cpu/checkpoints/step-00000100 --out runs/tiny_cpu/adapter-100
@@ -89,6 +89,23 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"--merged {merged} exists; choose another folder or pass --overwrite")
     export_checkpoint(ckpt, out, merged, args.model or "")
     print(f"{ckpt} -> peft adapter {out}" + (f" ; merged model {merged}" if merged else ""))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from wlora_dist.generate import GenerateOptions, generate, load_for_generation, read_prompts
+
+    prompts = read_prompts(args.prompt or [], args.prompts_file)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_for_generation(args.model, args.base, device)
+    opts = GenerateOptions(args.max_new_tokens, args.temperature, args.top_p, not args.no_chat_template, args.seed)
+    for prompt, completion in zip(prompts, generate(model, tokenizer, prompts, opts), strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": completion}))
+        else:
+            print(f"### prompt\n{prompt}\n### completion\n{completion}\n")
     return 0
 
 
@@ -233,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merged", help="also write base + adapter merged, as a full HF model folder, here")
     e.add_argument("--model", help="base model folder for --merged (default: the one the run trained on)")
     e.add_argument("--overwrite", action="store_true", help="replace existing output folders (once complete)")
+    g = sub.add_parser(
+        "generate",
+        help="generate from an adapter (or a merged model) to see what the fine-tune does",
+        description="Load a peft adapter folder onto its base (or a full model folder) and complete prompts, "
+        "through the tokenizer's chat template when it has one. Greedy unless --temperature > 0.",
+    )
+    g.add_argument("model", help="an adapter folder (runs/<name>/adapter) or a model folder (export --merged)")
+    g.add_argument("--base", help="base model for an adapter (default: base_model_name_or_path in its config)")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts-file", help='one prompt per line (.txt) or {"prompt": ...} rows (.jsonl)')
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    g.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
     t = sub.add_parser("make-tiny", help="write the embedded default: a tiny Llama and a small dataset")
     t.add_argument("--out", default="runs/tiny", help="folder for model/ and data/")
     t.add_argument("--rows", type=int, default=2000, help="training rows")
@@ -305,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": cmd_train,
         "export": cmd_export,
         "make-tiny": cmd_make_tiny,
+        "generate": cmd_generate,
         "report": cmd_report,
         "config": cmd_config,
         "plan": cmd_plan,
