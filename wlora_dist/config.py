@@ -24,6 +24,8 @@ from wlora_dist.errors import UserError
 # The linears of a Llama decoder layer, in layer order: the adapter sites of the method and
 # the planner's module kinds (one list for the whole project).
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Phi-3 fuses q/k/v and gate/up into one linear each; no other family has these names.
+FUSED_LINEARS = ("qkv_proj", "gate_up_proj")
 
 
 class ConfigError(UserError):
@@ -76,7 +78,11 @@ class AdapterConfig:
     lora_rank: int = _f(8, "LoRA rank r of every adapter.")
     lora_alpha: float = _f(32.0, "LoRA alpha; the adapter output is scaled by alpha / r.")
     lora_dropout: float = _f(0.0, "Dropout on the adapter input (peft's lora_dropout).")
-    target_modules: list[str] = _f(list(LLAMA_LINEARS), "Linear module names that get an adapter.")
+    target_modules: list[str] = _f(
+        [*LLAMA_LINEARS, *FUSED_LINEARS],
+        "Linear module names that get an adapter (the default covers Llama, Qwen2/3, Mistral, Gemma 1/2/3 and "
+        "Phi-3's fused qkv_proj / gate_up_proj).",
+    )
     layers: list[int] | None = _f(None, "Decoder layer indices that get adapters; null = all layers.")
     include_lm_head: bool = _f(
         False, "Also put an adapter (and a gate) on lm_head, as the authors' LLM pipeline does (n = 7L + 1)."

@@ -213,7 +213,7 @@ def materialize_sharded(
         wl.init_adapters(seed, assign_local_rows)
     finally:
         reader.close()
-    _recompute_rotary(wl.base_model, device)
+    _recompute_buffers(wl.base_model, device)
     return LoadStats(reader.bytes_read, reader.tensors)
 
 
@@ -250,15 +250,21 @@ def fill_zero3_partitions(model: nn.Module, model_path: str) -> LoadStats:
     return LoadStats(reader.bytes_read, reader.tensors)
 
 
-def _recompute_rotary(model: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers are not in checkpoints; after to_empty they are garbage.
-    Llama's only ones are the rotary frequencies: rebuild them from the config."""
-    for name, module in model.named_modules():
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
-        if not non_persistent:
-            continue
-        if "rotary" not in type(module).__name__.lower():
-            raise NotImplementedError(f"{name} ({type(module).__name__}) has non-persistent buffers {non_persistent}")
-        fresh = type(module)(config=module.config).to(device)
-        for buf in non_persistent:
-            setattr(module, buf, getattr(fresh, buf))
+def _recompute_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary frequencies, Gemma's embedding scale, ...) are not in
+    checkpoints, and after to_empty they are garbage: compute them as the model class does,
+    in a twin built from the same config with parameters on meta and buffers real
+    (accelerate's init_empty_weights), and copy them over by name."""
+    wanted = [(n, m) for n, m in model.named_modules() if getattr(m, "_non_persistent_buffers_set", None)]
+    if not wanted:
+        return
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        twin = type(model)(model.config)
+    for name, module in wanted:
+        source = twin.get_submodule(name)
+        for buf in module._non_persistent_buffers_set:
+            value = getattr(source, buf)
+            if value is not None:  # in the twin's dtype, as the class computes it (rotary: float32)
+                module.register_buffer(buf, value.to(device), persistent=False)

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training nodes
 import matplotlib.pyplot as plt
 
-from wlora_dist.config import LLAMA_LINEARS
+from wlora_dist.config import FUSED_LINEARS, LLAMA_LINEARS
 from wlora_dist.method.selector import LayoutEvent
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.training.tracking import RunLogger
@@ -92,7 +92,7 @@ def plot_gates(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-_KIND_ORDER = list(LLAMA_LINEARS)
+_KIND_ORDER = [*LLAMA_LINEARS, *FUSED_LINEARS]
 
 
 def _kind_order(kind: str) -> tuple[int, str]:

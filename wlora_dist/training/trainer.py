@@ -86,9 +86,10 @@ class Trainer:
         if cfg.checkpoint.save_on_signal:
             self.saves.stopper.install()
         sel, n_params = cfg.selection, sum(self.backend.numel(p) for p in self.params)
+        kinds = ",".join(dict.fromkeys(s.kind for s in self.wl.sites))
         self.logger.info(
             f"world_size={env.world_size} backend={self.spec.name} adapters n={self.wl.n} "
-            f"({','.join(cfg.adapter.target_modules)}) trainable={n_params} params selection={sel.method} "
+            f"({kinds}) trainable={n_params} params selection={sel.method} "
             f"K={sel.k if sel.method == 'topk' else '-'} T={sel.steps}"
         )
 
