@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from wlora_dist.config import AdapterConfig, ConfigError
+from wlora_dist.config import LLAMA_LINEARS, AdapterConfig, ConfigError
 from wlora_dist.method.weight_lora import ADAPTER, WeightLoRA, natural_key
 from wlora_dist.training.export import save_peft_adapter
 
@@ -36,7 +36,7 @@ def test_sites_in_natural_name_order_and_all_linears(tiny_model):
     assert wl.n == 14  # 7 linears x 2 layers
     assert names == sorted(names, key=natural_key)
     assert [s.index for s in wl.sites] == list(range(14))
-    assert {s.kind for s in wl.sites} == set(CFG.target_modules)
+    assert {s.kind for s in wl.sites} == set(LLAMA_LINEARS)  # the default targets a Llama has
     assert names[0] == "model.layers.0.mlp.down_proj"
 
 
