@@ -96,3 +96,43 @@ def train_in_process(tiny_dir: Path, tmp_path: Path, **sections):
     finally:
         trainer.cleanup()
     return trainer, result
+
+
+def int8_modules(model) -> dict:
+    """Every Int8Linear of ``model`` by its base-model name (peft's prefixes removed)."""
+    from wlora_dist.model.int8 import Int8Linear
+
+    return {
+        n.split("base_model.model.", 1)[-1].replace(".base_layer", ""): m
+        for n, m in model.named_modules()
+        if isinstance(m, Int8Linear)
+    }
+
+
+def dequantised_twin(wl8, model_dir: Path, dtype=None, device=None):
+    """WeightLoRA on a float model holding ``wl8``'s dequantised int8 weights (``dtype``,
+    default float32, on ``device``), and every A and B of both set to the same random values
+    (B non-zero, so the gates get gradients): the reference an 8-bit run must match."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from wlora_dist.config import AdapterConfig
+    from wlora_dist.method.weight_lora import ADAPTER, WeightLoRA
+
+    dtype = dtype or torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    if device is not None:
+        ref = ref.to(device)
+    with torch.no_grad():
+        for name, m in int8_modules(wl8.peft_model).items():
+            ref.get_submodule(name).weight.copy_(m.dequantized_weight().to(dtype))
+    ref.requires_grad_(False)
+    wlf = WeightLoRA.attach(ref, AdapterConfig(lora_rank=4, lora_alpha=8))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for site in wl8.sites:
+            for part in ("lora_A", "lora_B"):
+                w = torch.randn(getattr(wl8.lora_layer(site), part)[ADAPTER].weight.shape, generator=g) * 0.1
+                getattr(wl8.lora_layer(site), part)[ADAPTER].weight.copy_(w)
+                getattr(wlf.lora_layer(site), part)[ADAPTER].weight.copy_(w)
+    return wlf

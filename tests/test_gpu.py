@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .helpers import K, dist_config, run_worker
+from .helpers import K, dequantised_twin, dist_config, run_worker
 
 pytestmark = [
     pytest.mark.gpu,
@@ -128,32 +128,9 @@ def test_int8_loss_and_gradients_close_to_the_dequantised_float_reference(tiny_d
     """Same adapters on the 8-bit base (bnb's int8 CUDA matmul) and on a float base holding
     the dequantised weights: loss and every A / B / gate gradient agree to the precision
     bnb's kernels work in (activations quantised to int8 in eval, fp16 in training)."""
-    from transformers import AutoModelForCausalLM
-
-    from wlora_dist.config import AdapterConfig
-    from wlora_dist.method.weight_lora import ADAPTER, WeightLoRA
-    from wlora_dist.model.int8 import Int8Linear
-
     wl8 = _int8_wl_cuda(tiny_dir / "model")
     dtype = next(p.dtype for p in wl8.peft_model.parameters() if p.is_floating_point() and not p.requires_grad)
-    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"), dtype=dtype).to(CUDA)
-    ints = {
-        n.split("base_model.model.", 1)[-1].replace(".base_layer", ""): m
-        for n, m in wl8.peft_model.named_modules()
-        if isinstance(m, Int8Linear)
-    }
-    with torch.no_grad():
-        for name, m in ints.items():
-            ref.get_submodule(name).weight.copy_(m.dequantized_weight().to(dtype))
-    ref.requires_grad_(False)
-    wlf = WeightLoRA.attach(ref, AdapterConfig(lora_rank=4, lora_alpha=8))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for site in wl8.sites:
-            for part in ("lora_A", "lora_B"):
-                w = torch.randn(getattr(wl8.lora_layer(site), part)[ADAPTER].weight.shape, generator=g) * 0.1
-                getattr(wl8.lora_layer(site), part)[ADAPTER].weight.copy_(w)
-                getattr(wlf.lora_layer(site), part)[ADAPTER].weight.copy_(w)
+    wlf = dequantised_twin(wl8, tiny_dir / "model", dtype, CUDA)
     losses = []
     for wl in (wl8, wlf):
         wl.peft_model.train()

@@ -10,12 +10,12 @@ from safetensors.torch import load_file, save_file
 
 from wlora_dist.config import AdapterConfig, ModelConfig
 from wlora_dist.errors import UserError
-from wlora_dist.method.weight_lora import ADAPTER, WeightLoRA
+from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.int8 import Int8Linear, dequantize, quantize_rows, scb_bits
 from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
 
 from .conftest import tiny_config_dict
-from .helpers import dist_config, run_worker
+from .helpers import dequantised_twin, dist_config, int8_modules, run_worker
 
 CPU = torch.device("cpu")
 
@@ -36,14 +36,6 @@ def _bnb_model(model_dir: Path):
     )
 
 
-def _int8_modules(model) -> dict[str, Int8Linear]:
-    return {
-        n.split("base_model.model.", 1)[-1].replace(".base_layer", ""): m
-        for n, m in model.named_modules()
-        if isinstance(m, Int8Linear)
-    }
-
-
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 200, (2, 24), generator=g)
@@ -51,7 +43,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_quantised_on_load_bitwise_as_transformers_bnb_load_in_8bit(tiny_dir):
-    ours = _int8_modules(_int8_wl(tiny_dir / "model").peft_model)
+    ours = int8_modules(_int8_wl(tiny_dir / "model").peft_model)
     bnb_model = _bnb_model(tiny_dir / "model")
     assert len(ours) == 14 and "lm_head" not in ours  # decoder linears; lm_head stays float
     for name, m in ours.items():
@@ -81,23 +73,9 @@ def test_same_logits_as_bnb_linear8bitlt_in_train_and_eval(tiny_dir):
 def test_loss_and_adapter_gradients_match_a_dequantised_reference(tiny_dir):
     """Same adapters (B made non-zero) on the int8 base and on a float base holding the
     dequantised int8 weights: same loss, same gradients of every A, B and gate."""
-    from transformers import AutoModelForCausalLM
-
     wl8 = _int8_wl(tiny_dir / "model")
-    ref = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"), dtype=torch.float32)
-    ints = _int8_modules(wl8.peft_model)
-    with torch.no_grad():
-        for name, m in ints.items():
-            ref.get_submodule(name).weight.copy_(m.dequantized_weight())
-    ref.requires_grad_(False)
-    wlf = WeightLoRA.attach(ref, AdapterConfig(lora_rank=4, lora_alpha=8))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for site in wl8.sites:
-            for part in ("lora_A", "lora_B"):
-                w = torch.randn(getattr(wl8.lora_layer(site), part)[ADAPTER].weight.shape, generator=g) * 0.1
-                getattr(wl8.lora_layer(site), part)[ADAPTER].weight.copy_(w)
-                getattr(wlf.lora_layer(site), part)[ADAPTER].weight.copy_(w)
+    ints = int8_modules(wl8.peft_model)
+    wlf = dequantised_twin(wl8, tiny_dir / "model")
     losses = []
     for wl in (wl8, wlf):
         wl.peft_model.train()
@@ -117,7 +95,7 @@ def test_reads_a_folder_saved_in_bnb_8bit(tiny_dir, tmp_path):
     _bnb_model(tiny_dir / "model").save_pretrained(saved)
     files = load_file(str(saved / "model.safetensors"))
     assert files["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
-    ours = _int8_modules(_int8_wl(saved).peft_model)
+    ours = int8_modules(_int8_wl(saved).peft_model)
     for name, m in ours.items():
         assert torch.equal(m.weight, files[name + ".weight"])
         assert torch.equal(m.SCB, scb_bits(files[name + ".SCB"]))

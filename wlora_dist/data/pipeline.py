@@ -189,9 +189,18 @@ def _template(tokenizer: Any, messages: list[dict], gen: bool = False) -> list[i
     return list(ids)
 
 
-def _chat(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
+def require_chat_template(tokenizer: Any, model_path: str | None = None) -> None:
+    """data.format=chat renders rows through the tokenizer's chat template: refuse one without."""
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("data.format=chat needs a tokenizer with a chat template; this model's has none")
+        whose = f"the one in model.path={model_path!r}" if model_path else "this model's"
+        raise DataError(
+            f"data.format=chat needs a tokenizer with a chat template; {whose} has none "
+            "(use the instruct model's folder, or data.format=instruction / text)"
+        )
+
+
+def _chat(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
+    require_chat_template(tokenizer)
     out: dict[str, list] = {"input_ids": [], "labels": []}
     for i, messages in zip(rows, batch[cfg.messages_field], strict=True):
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):

@@ -78,6 +78,7 @@ def is_projection_step(optimizer_step: int, cfg: SelectionConfig) -> bool:
     (WeightLoRA+: at the end of every round only)."""
     if cfg.rounds > 0:
         return round_index(optimizer_step, cfg) > 0
+    period = projection_period(cfg)
     return in_selection(optimizer_step, cfg) and (
-        (projection_period(cfg) > 0 and optimizer_step % projection_period(cfg) == 0) or optimizer_step == cfg.steps
+        (period > 0 and optimizer_step % period == 0) or optimizer_step == cfg.steps
     )

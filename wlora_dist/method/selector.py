@@ -92,7 +92,6 @@ class Selector:
         self.seed = seed
         self.sync = sync
         self.pruned = False
-        self._reduced = False  # this step's gate gradient already averaged over ranks
 
     # -- the selection phase -----------------------------------------------------------
 
@@ -100,26 +99,22 @@ class Selector:
         return in_selection(optimizer_step, self.cfg)
 
     def reduce_gate_grad(self) -> torch.Tensor:
-        """The mean gate gradient over ranks (in place, once per step); returns its norm.
-        update_gates does this itself unless it was done first (selection.clip_gates needs
-        the norm before the adapters are clipped)."""
+        """After backward, once per step and before update_gates: the gate gradient becomes
+        its mean over ranks, in place (w is replicated: every rank then takes the same
+        step). Returned, for selection.clip_gates' norm over adapters and gates."""
         grad = self.wl.gates.grad
         assert grad is not None
-        if not self._reduced:
-            self.sync.mean_(grad)  # w is replicated: mean grad, same step on every rank
-            self._reduced = True
-        return torch.linalg.vector_norm(grad)
+        self.sync.mean_(grad)
+        return grad
 
     def update_gates(
         self, optimizer_step: int, lr_w: float, clip: tuple[float, torch.Tensor] | None = None
     ) -> dict[str, float]:
-        """After backward: the mean gate gradient over ranks, w <- P(w - lr_w grad_w).
+        """w <- P(w - lr_w grad_w), from the gradient reduce_gate_grad averaged over ranks.
         ``clip``: (max_norm, the norm over adapters and gates): the gradient is scaled as
         torch's clip_grad_norm_ scales every gradient it clips together."""
         wl, sel = self.wl, self.cfg
         assert wl.gates.grad is not None
-        self.reduce_gate_grad()
-        self._reduced = False
         if clip is not None and clip[0] > 0:
             max_norm, total = clip
             coef = torch.clamp(max_norm / (total.to(wl.gates.grad) + 1e-6), max=1.0)

@@ -30,16 +30,14 @@ def check_model_path(path: str) -> None:
     if not looks_local(path):
         check_hub_model(path)
         return
-    if looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+    if not os.path.isdir(os.path.expanduser(path)):
         raise ModelPathError(
             f"model.path={path!r}: no such folder; give an HF model folder (with config.json) or a hub id"
         )
-    if looks_local(path) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+    if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
         raise ModelPathError(f"model.path={path!r}: folder has no config.json; is it an HF model folder?")
     folder = os.path.expanduser(path)
-    if looks_local(path) and not any(
-        f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(folder)
-    ):
+    if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(folder)):
         pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
         raise ModelPathError(
             f"model.path={path!r}: no safetensors weights"

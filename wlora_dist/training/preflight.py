@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from wlora_dist.config import ConfigError, RunConfig
-from wlora_dist.data.pipeline import DataError
+from wlora_dist.data.pipeline import DataError, require_chat_template
 from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
 from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
@@ -39,11 +39,8 @@ def preflight(cfg: RunConfig) -> Preflight:
     config = check_model_type(cfg.model)
     architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
     n = _check_adapters_fit(cfg)
-    if cfg.data.format == "chat" and getattr(load_tokenizer(cfg.model), "chat_template", None) is None:
-        raise DataError(
-            f"data.format=chat needs a tokenizer with a chat template; the one in model.path={cfg.model.path!r} "
-            "has none (use the instruct model's folder, or data.format=instruction / text)"
-        )
+    if cfg.data.format == "chat":
+        require_chat_template(load_tokenizer(cfg.model), cfg.model.path)
     adapter_dir, _, ckpt_root = run_paths(cfg)
     check_output_free(cfg, adapter_dir, ckpt_root, resumes=cfg.checkpoint.resume_from is not None)
     return Preflight(architecture, n)

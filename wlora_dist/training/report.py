@@ -126,6 +126,7 @@ def report_layout_change(
         extra.update(prune_seconds=event.seconds, probe_loss_before=before, probe_loss_after=after)
     if out_dir is not None:
         write_report(wl, out_dir, change.step, "prune" if prune else f"round{change.round_}", extra)
+    kept_names = set(event.kept)
     logger.info(
         "%s at step %d: kept %d of %d adapters at rank %d, removed %d, %.3f s (probe loss %.5f -> %.5f); kept: %s",
         "prune event" if prune else f"WeightLoRA+ round {change.round_}",
@@ -137,7 +138,7 @@ def report_layout_change(
         event.seconds,
         before,
         after,
-        compact_sites([s for s in wl.sites if s.name in set(event.kept)]),
+        compact_sites([s for s in wl.sites if s.name in kept_names]),
     )
 
 

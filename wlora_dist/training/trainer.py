@@ -207,8 +207,9 @@ class Trainer:
         self.backend.reduce_gradients(self.params)
         mult = run_lr_multiplier(step, cfg.optim, cfg.selection, cfg.train.max_steps)
         trains_gates = self.selector.trains_gates(step)
-        clip_gates = trains_gates and cfg.selection.clip_gates and cfg.optim.max_grad_norm > 0
-        gate_norm = self.selector.reduce_gate_grad() if clip_gates else None
+        gate_grad = self.selector.reduce_gate_grad() if trains_gates else None
+        clip_gates = gate_grad is not None and cfg.selection.clip_gates and cfg.optim.max_grad_norm > 0
+        gate_norm = torch.linalg.vector_norm(gate_grad) if clip_gates else None
         grad_norm = self.backend.step(self.params, cfg.optim.lr * mult, cfg.optim.max_grad_norm, gate_norm)
         # One host sync per step: this rank's loss, the mean over ranks and the grad norm.
         local = loss_sum / accum
