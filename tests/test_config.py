@@ -98,3 +98,38 @@ def test_cli_bad_config_exits_2_with_message(tmp_path):
     assert proc.returncode == 2
     assert "selection.k: -3 must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _base(**sections):
+    data = {"model": {"path": "m"}, "data": {"train": ["t.jsonl"]}}
+    for k, v in sections.items():
+        data.setdefault(k, {}).update(v)
+    return data
+
+
+def test_epochs_and_fractions_become_step_counts_from_the_data():
+    from wlora_dist.config import size_run
+
+    cfg = config_from_dict(_base(train={"epochs": 2.5}, selection={"steps_fraction": 0.2}, optim={"warmup_ratio": 0.1}))
+    assert size_run(cfg, steps_per_epoch=13) == []
+    assert (cfg.train.max_steps, cfg.selection.steps, cfg.optim.warmup_steps) == (33, 7, 3)  # ceil(32.5)
+    plus = config_from_dict(_base(train={"epochs": 1}, selection={"steps_fraction": 0.3, "rounds": 2}))
+    assert size_run(plus, steps_per_epoch=20) == [] and plus.selection.steps == 6  # a multiple of the rounds
+    short = config_from_dict(_base(train={"epochs": 1}, selection={"steps": 50}))
+    (problem,) = size_run(short, steps_per_epoch=10)
+    assert "selection.steps: 50 exceeds train.max_steps=10" in problem
+
+
+def test_a_ratio_and_the_count_it_replaces_are_not_both_set():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(
+            _base(
+                train={"epochs": 2, "max_steps": 100},
+                selection={"steps_fraction": 0.1, "steps": 5},
+                optim={"warmup_ratio": 1.5},
+            )
+        )
+    msg = str(e.value)
+    assert "train.epochs: 2 and train.max_steps: 100 both set; keep one of the two" in msg
+    assert "selection.steps_fraction: 0.1 and selection.steps: 5 both set" in msg
+    assert "optim.warmup_ratio: 1.5 must be in [0, 1)" in msg

@@ -28,7 +28,7 @@ def test_text_is_packed_into_full_blocks(tmp_path):
 
 def test_instruction_masks_the_prompt(tmp_path):
     f = _jsonl(tmp_path / "i.jsonl", [{"prompt": "2+2?", "response": "4"}])
-    ds = tokenize(load_rows([str(f)]), TOK, DataConfig(train=[str(f)], format="instruction"))
+    ds = tokenize(load_rows([str(f)]), TOK, DataConfig(train=[str(f)], format="instruction", template="plain"))
     ids, labels = ds[0]["input_ids"], ds[0]["labels"]
     assert TOK.decode(ids) == "2+2? 4</s>"
     n_prompt = len(TOK("2+2?")["input_ids"])
@@ -52,7 +52,7 @@ def test_chat_trains_only_on_assistant_turns(tmp_path):
 
 def test_too_long_rows_error_names_the_row_unless_truncating(tmp_path):
     f = _jsonl(tmp_path / "i.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "x" * 50, "response": "y"}])
-    cfg = DataConfig(train=[str(f)], format="instruction", seq_len=20, truncate=False)
+    cfg = DataConfig(train=[str(f)], format="instruction", seq_len=20, truncate=False, template="plain")
     with pytest.raises(DataError, match=r"row 1: \d+ tokens > data.seq_len=20"):
         tokenize(load_rows([str(f)]), TOK, cfg)
     cfg.truncate = True
@@ -120,3 +120,211 @@ def test_eval_split_is_taken_before_packing(tmp_path):
     train, held = train_eval_split(DataConfig(train=[str(f)], eval_fraction=0.1), seed=0)
     assert len(train) == 90 and len(held) == 10
     assert not set(train["text"]) & set(held["text"])
+
+
+def test_instruction_goes_through_the_chat_template_when_there_is_one(tmp_path):
+    """auto: user turn = prompt, assistant turn = response; the loss on the assistant turn."""
+    f = _jsonl(tmp_path / "i.jsonl", [{"prompt": "2+2?", "response": "4"}])
+    ds = tokenize(load_rows([str(f)]), TOK, DataConfig(train=[str(f)], format="instruction"))
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert TOK.decode(ids) == "<s>user: 2+2?</s>\n<s>assistant: 4</s>\n"
+    assert TOK.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE]) == "4</s>\n"
+    bare = make_tokenizer()
+    bare.chat_template = None  # a base model's tokenizer: auto falls back to plain
+    ds = tokenize(load_rows([str(f)]), bare, DataConfig(train=[str(f)], format="instruction"))
+    assert TOK.decode(ds[0]["input_ids"]) == "2+2? 4</s>"
+    with pytest.raises(DataError, match=r"data.template=chat needs a tokenizer with a chat template"):
+        tokenize(load_rows([str(f)]), bare, DataConfig(train=[str(f)], format="instruction", template="chat"))
+
+
+def _qa_rows(n):
+    return [{"prompt": f"q{i} " + "x" * (i % 7), "response": f"answer {i}" + "y" * (i % 5)} for i in range(n)]
+
+
+def test_packing_fills_rows_in_order_with_restarting_positions(tmp_path):
+    f = _jsonl(tmp_path / "i.jsonl", _qa_rows(30))
+    cfg = DataConfig(train=[str(f)], format="instruction", seq_len=96)
+    single = tokenize(load_rows([str(f)]), TOK, cfg)
+    cfg.packing = True
+    packed = tokenize(load_rows([str(f)]), TOK, cfg)
+    assert len(packed) <= len(single) / 2
+    assert all(len(r) <= 96 for r in packed["input_ids"])
+    # Concatenated, the packed rows are the single rows in order; positions restart per row;
+    # each row's first label is IGNORE (unpacked, it is never predicted).
+    flat = [t for r in packed["input_ids"] for t in r]
+    assert flat == [t for r in single["input_ids"] for t in r]
+    starts = [i for r in packed["position_ids"] for i, p in enumerate(r) if p == 0]
+    assert len(starts) == len(single)
+    want = [lab for r in single["labels"] for lab in [IGNORE, *r[1:]]]
+    assert [lab for r in packed["labels"] for lab in r] == want
+    batch = collate([packed[0], packed[1]], TOK.pad_token_id)
+    assert "attention_mask" not in batch and int(batch["num_tokens"]) == len(packed[0]["input_ids"]) + len(
+        packed[1]["input_ids"]
+    )
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked_loss_per_row(tmp_path, attn):
+    """The same tiny Llama on the rows one by one and packed: every row's token losses agree,
+    so no token saw another row's; without the position ids (one causal sequence) they do not."""
+    import torch
+
+    from wlora_dist.model.tiny import make_model
+
+    msgs = [
+        [
+            {"role": "user", "content": f"hi {i}" * (1 + i % 3)},
+            {"role": "assistant", "content": f"ok {i}" * (1 + i % 2)},
+        ]
+        for i in range(12)
+    ]
+    f = _jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in msgs])
+    cfg = DataConfig(train=[str(f)], format="chat", seq_len=128)
+    single = tokenize(load_rows([str(f)]), TOK, cfg)
+    cfg.packing = True
+    packed = tokenize(load_rows([str(f)]), TOK, cfg)
+    model = make_model(len(TOK), hidden=32, layers=2)
+    model.config._attn_implementation = attn
+    # As the trainer has it: with a KV cache transformers ignores the position ids' restarts.
+    model.config.use_cache = False
+    ce = torch.nn.CrossEntropyLoss(reduction="none", ignore_index=IGNORE)
+
+    def token_losses(batch):
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}).logits
+        return ce(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()).view(logits.shape[0], -1)
+
+    want = []
+    for r in single:
+        b = collate([r], TOK.pad_token_id)
+        lab = b["labels"][0, 1:]
+        want.append(token_losses(b)[0][lab != IGNORE])
+    got, leaked = [], []
+    b = collate(list(packed), TOK.pad_token_id)
+    losses = token_losses(b)
+    without = token_losses({k: v for k, v in b.items() if k != "position_ids"})
+    for row, pos in enumerate(b["position_ids"]):
+        lab = b["labels"][row, 1:]
+        seg = (pos == 0).long().cumsum(0)[1:]  # which source row each shifted label belongs to
+        for s in seg[lab != IGNORE].unique().tolist():
+            mask = (seg == s) & (lab != IGNORE)
+            got.append(losses[row][mask])
+            leaked.append(without[row][mask])
+    assert len(got) == len(want) == len(msgs)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+    assert any((g - w).abs().max() > 1e-3 for g, w in zip(leaked, want, strict=True))
+
+
+# ---------------------------------------------------------------- tokenise once
+
+
+def _tokenise_counted(monkeypatch):
+    from wlora_dist.data import pipeline
+
+    calls = []
+    real = pipeline.tokenize
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "tokenize", counted)
+    return calls
+
+
+def test_rank0_tokenises_once_and_other_ranks_and_reruns_read_its_copy(tmp_path, monkeypatch):
+    from wlora_dist.data import pipeline
+
+    f = _jsonl(tmp_path / "t.jsonl", [{"text": f"row {i} " * 9} for i in range(60)])
+    cfg = DataConfig(train=[str(f)], seq_len=32, eval_fraction=0.1)
+    root = tmp_path / "cache"
+    calls = _tokenise_counted(monkeypatch)
+    statuses = []
+    monkeypatch.setattr("wlora_dist.distributed.env.gather_objects", lambda s: statuses.append(s) or [statuses[0]])
+    train0, eval0 = pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)
+    assert len(calls) == 2  # train and eval, on rank 0
+    (key,) = [p.name for p in root.iterdir()]
+    assert statuses[0] == {"path": str(root / key)}
+    train1, eval1 = pipeline.tokenise_once(cfg, 0, TOK, root, rank=1)  # rank 1 gets rank 0's status
+    assert len(calls) == 2 and train1["input_ids"] == train0["input_ids"] and eval1["input_ids"] == eval0["input_ids"]
+    statuses.clear()
+    pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)  # a rerun / resume: nothing tokenised
+    assert len(calls) == 2
+    # Anything that changes the tokens is a new key: a setting, the tokenizer, the file.
+    cfg.seq_len = 16
+    statuses.clear()
+    pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)
+    other = make_tokenizer()
+    other.chat_template = "{{ messages }}"
+    statuses.clear()
+    pipeline.tokenise_once(cfg, 0, other, root, rank=0)
+    _jsonl(f, [{"text": f"new {i} " * 9} for i in range(60)])
+    statuses.clear()
+    pipeline.tokenise_once(cfg, 0, other, root, rank=0)
+    assert len(calls) == 8 and len(list(root.iterdir())) == 4
+
+
+def test_a_rank_that_cannot_see_the_copy_tokenises_itself(tmp_path, monkeypatch, caplog):
+    from wlora_dist.data import pipeline
+
+    f = _jsonl(tmp_path / "t.jsonl", [{"text": f"row {i} " * 9} for i in range(40)])
+    cfg = DataConfig(train=[str(f)], seq_len=32, eval_fraction=0)
+    monkeypatch.setattr("wlora_dist.distributed.env.gather_objects", lambda s: [{"path": str(tmp_path / "elsewhere")}])
+    calls = _tokenise_counted(monkeypatch)
+    with caplog.at_level("WARNING", logger="wlora_dist"):
+        train, held = pipeline.tokenise_once(cfg, 0, TOK, tmp_path / "cache", rank=1)
+    assert len(calls) == 1 and held is None and len(train) > 0
+    assert "cannot see rank 0's tokenised data" in caplog.text
+
+
+def test_rank0_data_error_reaches_every_rank(tmp_path, monkeypatch):
+    from wlora_dist.data import pipeline
+
+    f = _jsonl(tmp_path / "t.jsonl", [{"body": "x"}])
+    cfg = DataConfig(train=[str(f)], eval_fraction=0)
+    sent = []
+    monkeypatch.setattr("wlora_dist.distributed.env.gather_objects", lambda s: sent.append(s) or [s])
+    with pytest.raises(DataError, match=r"data\.text_field"):
+        pipeline.tokenise_once(cfg, 0, TOK, tmp_path / "cache", rank=0)
+    monkeypatch.setattr("wlora_dist.distributed.env.gather_objects", lambda s: [sent[0]])
+    with pytest.raises(DataError, match=r"found by rank 0.*data.text_field"):
+        pipeline.tokenise_once(cfg, 0, TOK, tmp_path / "cache", rank=1)
+
+
+def test_a_full_disk_or_a_crash_mid_write_leaves_no_half_cache(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import datasets
+
+    from wlora_dist.data import cache, pipeline
+
+    f = _jsonl(tmp_path / "t.jsonl", [{"text": f"row {i} " * 9} for i in range(40)])
+    cfg = DataConfig(train=[str(f)], seq_len=32, eval_fraction=0)
+    root = tmp_path / "cache"
+    monkeypatch.setattr("wlora_dist.distributed.env.gather_objects", lambda s: [s])
+    real_save = datasets.Dataset.save_to_disk
+
+    def full(self, path, **k):
+        real_save(self, path, **k)  # part of it is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", full)
+    with caplog.at_level("WARNING", logger="wlora_dist"):
+        train, _ = pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)
+    assert len(train) > 0 and "No space left on device" in caplog.text
+    assert list(root.iterdir()) == []  # neither the key nor a partial folder
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", real_save)
+    # A crash mid-write leaves a .partial- folder; a key folder without DONE is never read.
+    pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)
+    (key,) = list(root.iterdir())
+    (key / "DONE").unlink()
+    stale = root / f".partial-{key.name}-99999"
+    stale.mkdir()
+    assert cache.load(key) is None
+    calls = _tokenise_counted(monkeypatch)
+    import shutil
+
+    shutil.rmtree(key)
+    pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)
+    assert len(calls) == 1 and not stale.exists() and (key / "DONE").is_file()

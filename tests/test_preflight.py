@@ -167,4 +167,4 @@ def test_a_null_in_parquet_is_reported_at_the_files_row(tmp_path):
     pq.write_table(pa.table({"prompt": [f"q {i}" for i in range(40)], "response": responses}), f)
     cfg = DataConfig(train=[str(f)], format="instruction", eval_fraction=0.25, seq_len=64)
     with pytest.raises(DataError, match=r"pairs\.parquet row 17: .*must be text, got str/NoneType"):
-        build_loaders(cfg, 2, 0, make_tokenizer(), 0, 1)
+        build_loaders(cfg, 2, 0, make_tokenizer(), 0, 1, tmp_path / "cache")

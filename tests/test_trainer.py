@@ -75,3 +75,39 @@ def test_k_larger_than_n_is_a_config_error(tiny_dir, tmp_path):
     cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", selection={"k": 15}))
     with pytest.raises(ConfigError, match=r"selection.k: 15 exceeds the 14 adapters"):
         Trainer(cfg, init_distributed()).setup()
+
+
+def test_epochs_with_packed_instruction_rows_through_the_chat_template(tiny_dir, tmp_path):
+    """train.epochs sizes the run from the packed rows; the selection phase and warmup
+    follow their fractions; the rows reach the model packed (position ids, no mask)."""
+    import json
+
+    from wlora_dist.model.tiny import make_rows
+
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in make_rows(48, seed=5)))
+    raw = tiny_config_dict(tiny_dir, tmp_path / "run")
+    raw["train"] = {"epochs": 2, "micro_batch_size": 2, "eval_batches": 1}
+    raw["selection"].pop("steps")
+    raw["selection"]["steps_fraction"] = 0.25
+    raw["optim"] = {"lr": 5e-3, "warmup_ratio": 0.2}
+    raw["data"] = {"train": [str(f)], "eval_fraction": 0, "format": "instruction", "packing": True, "seq_len": 256}
+    trainer = Trainer(config_from_dict(raw), init_distributed())
+    seen = []
+    trainer.setup()
+    forward = trainer.backend.module.forward
+    trainer.backend.module.forward = lambda **kw: seen.append(sorted(kw)) or forward(**kw)
+    try:
+        result = trainer.train()
+    finally:
+        trainer.cleanup()
+    cache = next((tmp_path / "run/data_cache").iterdir())
+    import datasets
+
+    packed = datasets.load_from_disk(str(cache / "train"))
+    per_epoch = len(packed) // 2
+    assert len(packed) <= 48 / 2  # two or more pairs per 256-token row
+    assert trainer.cfg.train.max_steps == 2 * per_epoch == len(result.history)
+    assert trainer.cfg.selection.steps == round(0.25 * 2 * per_epoch)
+    assert trainer.cfg.optim.warmup_steps == round(0.2 * 2 * per_epoch)
+    assert seen[0] == ["input_ids", "labels", "position_ids"]

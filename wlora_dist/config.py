@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ class SelectionConfig:
         "SGD learning rate of the gates (times the same multiplier as optim.lr, see selection.schedule); authors: 5.0.",
     )
     steps: int = _f(10, "Selection phase length T in optimizer steps; the prune event follows step T.")
+    steps_fraction: float = _f(
+        0.0,
+        "> 0: the selection phase is this fraction of the run's steps instead of selection.steps (rounded, at "
+        "least 1; a multiple of selection.rounds); for runs sized by train.epochs.",
+    )
     project_every: int | None = _f(
         None,
         "Project the gates every P optimizer steps during selection (and always at T); 0 = only at T; null "
@@ -148,6 +154,7 @@ class OptimConfig:
     eps: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Clip the adapters' gradient norm to this; 0 disables.")
     warmup_steps: int = _f(0, "Linear warmup steps.")
+    warmup_ratio: float = _f(0.0, "> 0: warmup steps as this fraction of the run instead of warmup_steps.")
     schedule: Literal["cosine", "linear", "constant"] = _f("cosine", "LR decay after warmup.")
     min_lr_ratio: float = _f(0.0, "Final LR as a fraction of the peak (cosine/linear).")
 
@@ -167,11 +174,34 @@ class DataConfig:
     split: str = _f("train", "Split to read from a hub dataset or a saved DatasetDict.")
     seq_len: int = _f(256, "Tokens per training row (text is packed to it; longer rows are truncated).")
     truncate: bool = _f(True, "Truncate instruction/chat rows longer than seq_len (else it is an error).")
+    template: Literal["auto", "chat", "plain"] = _f(
+        "auto",
+        "format=instruction: chat = the prompt as the user turn and the response as the assistant turn through "
+        "the tokenizer's chat template (as TRL does for prompt/completion data); plain = prompt + ' ' + "
+        "response + EOS; auto = chat when the tokenizer has a template (instruct models), else plain.",
+    )
+    packing: bool = _f(
+        False,
+        "format=instruction / chat: pack several rows into each seq_len row (in order, as many as fit), with "
+        "position ids restarting per row so no token attends to another row's (the loss of every row is what it "
+        "is unpacked). format=text is always packed (one stream).",
+    )
+    cache_dir: str = _f(
+        "",
+        "Where rank 0 writes the tokenised data (datasets' Arrow files, keyed by data, tokenizer and these "
+        "settings) for every rank to read, and a rerun or resume to reuse; empty = <output.dir>/data_cache.",
+    )
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = _f(100, "Optimizer steps in total (selection phase included).")
+    max_steps: int = _f(100, "Optimizer steps in total (selection phase included); see train.epochs.")
+    epochs: float = _f(
+        0.0,
+        "> 0: train this many passes over the training rows instead of train.max_steps (set one of the two); "
+        "max_steps = ceil(epochs x optimizer steps per epoch). selection.steps_fraction and optim.warmup_ratio "
+        "size the selection phase and the warmup from it.",
+    )
     micro_batch_size: int = _f(4, "Rows per rank per forward/backward.")
     grad_accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step.")
     seed: int = _f(0, "Seed for init, dropout and data order (same on every rank).")
@@ -430,12 +460,46 @@ def _apply_preset(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# (field that sizes from the run, field it replaces): setting both is a contradiction.
+_EITHER_OR = (
+    ("train.epochs", "train.max_steps"),
+    ("selection.steps_fraction", "selection.steps"),
+    ("optim.warmup_ratio", "optim.warmup_steps"),
+)
+
+
+def _both_set(data: dict[str, Any]) -> list[str]:
+    """A ratio field and the count it replaces, both given by the user."""
+    out = []
+    for ratio, count in _EITHER_OR:
+        (sec, r), (_, c) = ratio.split("."), count.split(".")
+        node = data.get(sec)
+        if isinstance(node, dict) and node.get(r) and c in node:
+            out.append(f"{ratio}: {node[r]!r} and {count}: {node[c]!r} both set; keep one of the two")
+    return out
+
+
+def size_run(cfg: RunConfig, steps_per_epoch: int) -> list[str]:
+    """Turn train.epochs / selection.steps_fraction / optim.warmup_ratio into step counts,
+    once the data say how many optimizer steps one epoch is; return what no longer fits."""
+    t, s, o = cfg.train, cfg.selection, cfg.optim
+    if t.epochs > 0:
+        t.max_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
+    if s.steps_fraction > 0:
+        unit = max(1, s.rounds)
+        s.steps = max(unit, round(s.steps_fraction * t.max_steps / unit) * unit)
+    if o.warmup_ratio > 0:
+        o.warmup_steps = round(o.warmup_ratio * t.max_steps)
+    t.epochs, s.steps_fraction, o.warmup_ratio = 0.0, 0.0, 0.0  # now counts: the checks below see them
+    return validate(cfg)
+
+
 def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     data = _apply_preset(data)
     problems: list[str] = []
     cfg = _build(RunConfig, data, "", problems)
     if not problems:
-        problems += validate(cfg)
+        problems += _both_set(data) + validate(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -518,13 +582,20 @@ def validate(cfg: RunConfig) -> list[str]:
         )
     if s.steps < 0:
         p.append(f"selection.steps: {s.steps} must be >= 0")
-    if s.method != "none" and s.steps > t.max_steps:
+    if t.epochs < 0:
+        p.append(f"train.epochs: {t.epochs} must be >= 0 (0 = train.max_steps sets the length)")
+    if not 0 <= s.steps_fraction < 1:
+        p.append(f"selection.steps_fraction: {s.steps_fraction} must be in [0, 1)")
+    if not 0 <= o.warmup_ratio < 1:
+        p.append(f"optim.warmup_ratio: {o.warmup_ratio} must be in [0, 1)")
+    sized_later = t.epochs > 0  # max_steps follows from the data (size_run)
+    if s.method != "none" and s.steps > t.max_steps and not sized_later and not s.steps_fraction:
         p.append(f"selection.steps: {s.steps} exceeds train.max_steps={t.max_steps}; lower it or raise max_steps")
     if s.rounds < 0:
         p.append(f"selection.rounds: {s.rounds} must be >= 0")
     if s.rounds > 0 and s.method != "topk":
         p.append(f"selection.rounds: {s.rounds} (WeightLoRA+) needs selection.method=topk, not {s.method}")
-    if s.rounds > 0 and (s.steps < s.rounds or s.steps % s.rounds):
+    if s.rounds > 0 and not s.steps_fraction and (s.steps < s.rounds or s.steps % s.rounds):
         p.append(
             f"selection.rounds: {s.rounds} must divide selection.steps={s.steps} (rounds at steps T/R, 2T/R, ..., T)"
         )
@@ -538,7 +609,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"optim.betas: {o.betas} must be two numbers in [0, 1)")
     if o.max_grad_norm < 0:
         p.append(f"optim.max_grad_norm: {o.max_grad_norm} must be >= 0 (0 disables clipping)")
-    if o.warmup_steps < 0 or o.warmup_steps > t.max_steps:
+    if o.warmup_steps < 0 or (o.warmup_steps > t.max_steps and not sized_later and not o.warmup_ratio):
         p.append(f"optim.warmup_steps: {o.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
     if not 0 <= o.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio: {o.min_lr_ratio} must be in [0, 1]")

@@ -2,9 +2,13 @@
 into one of three formats, and sharded so each data-parallel rank reads its own rows.
 
 - text:        causal LM, rows joined with EOS and packed into seq_len blocks
-- instruction: prompt + response, loss only on the response tokens
+- instruction: prompt + response (through the chat template as a user / assistant turn
+               when the tokenizer has one, data.template), loss only on the response tokens
 - chat:        a list of {role, content} messages through the tokenizer's chat template,
                loss only on the assistant turns
+
+data.packing puts several instruction / chat rows in one seq_len row without attention
+across them; tokenise_once has rank 0 tokenise for every rank (data.cache_dir).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from wlora_dist.config import DataConfig
+from wlora_dist.data import cache as data_cache
 from wlora_dist.errors import UserError
 from wlora_dist.paths import looks_local
 
@@ -137,6 +142,8 @@ def tokenize(
     )
     if len(out) == 0:
         raise DataError(f"no training rows after tokenising: fewer than data.seq_len={cfg.seq_len} tokens in all")
+    if cfg.packing and cfg.format != "text":
+        out = pack_rows(out, cfg.seq_len)
     return out
 
 
@@ -168,17 +175,33 @@ def _fit(ids: list[int], labels: list[int], row: str, cfg: DataConfig) -> tuple[
     return ids, labels
 
 
+def instruction_template(tokenizer: Any, cfg: DataConfig) -> str:
+    """'chat' or 'plain': what data.template means for this tokenizer."""
+    if cfg.template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) is not None else "plain"
+    return cfg.template
+
+
 def _instruction(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
     out: dict[str, list] = {"input_ids": [], "labels": []}
+    chat = instruction_template(tokenizer, cfg) == "chat"
+    if chat:
+        require_chat_template(tokenizer, fmt="instruction")
     for i, prompt, response in zip(rows, batch[cfg.prompt_field], batch[cfg.response_field], strict=True):
         if not isinstance(prompt, str) or not isinstance(response, str):
             kinds = f"{type(prompt).__name__}/{type(response).__name__}"
             raise DataError(
                 f"{i}: data.prompt_field / data.response_field must be text, got {kinds}; fix or drop that row"
             )
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        r = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
-        ids, labels = _fit(p + r, [IGNORE] * len(p) + r, i, cfg)
+        if chat:  # the prompt is the user turn, the response the assistant turn
+            ids, labels = _chat_row(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenizer
+            )
+        else:
+            p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            r = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+            ids, labels = p + r, [IGNORE] * len(p) + r
+        ids, labels = _fit(ids, labels, i, cfg)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return out
@@ -189,13 +212,19 @@ def _template(tokenizer: Any, messages: list[dict], gen: bool = False) -> list[i
     return list(ids)
 
 
-def require_chat_template(tokenizer: Any, model_path: str | None = None) -> None:
-    """data.format=chat renders rows through the tokenizer's chat template: refuse one without."""
+def require_chat_template(tokenizer: Any, model_path: str | None = None, fmt: str = "chat") -> None:
+    """data.format=chat (or instruction with data.template=chat) renders rows through the
+    tokenizer's chat template: refuse one without."""
     if getattr(tokenizer, "chat_template", None) is None:
         whose = f"the one in model.path={model_path!r}" if model_path else "this model's"
+        what, instead = (
+            ("data.format=chat", "data.format=instruction / text")
+            if fmt == "chat"
+            else ("data.template=chat", "data.template=plain or auto")
+        )
         raise DataError(
-            f"data.format=chat needs a tokenizer with a chat template; {whose} has none "
-            "(use the instruct model's folder, or data.format=instruction / text)"
+            f"{what} needs a tokenizer with a chat template; {whose} has none (use the instruct model's folder, "
+            f"or {instead})"
         )
 
 
@@ -205,25 +234,85 @@ def _chat(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict
     for i, messages in zip(rows, batch[cfg.messages_field], strict=True):
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DataError(f"{i}: {cfg.messages_field!r} must be a list of {{role, content}} messages")
-        ids = _template(tokenizer, messages)
-        labels = [IGNORE] * len(ids)
-        for t, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            # The assistant turn is what the template adds between the prompt for turn t and
-            # the conversation up to turn t (templates render prefixes consistently).
-            start = len(_template(tokenizer, messages[:t], gen=True))
-            end = len(_template(tokenizer, messages[: t + 1]))
-            labels[start:end] = ids[start:end]
-        ids, labels = _fit(ids, labels, i, cfg)
+        ids, labels = _fit(*_chat_row(messages, tokenizer), i, cfg)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return out
 
 
+def _chat_row(messages: list[dict], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """A conversation's tokens, labelled on the assistant turns only."""
+    ids = _template(tokenizer, messages)
+    labels = [IGNORE] * len(ids)
+    for t, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        # The assistant turn is what the template adds between the prompt for turn t and
+        # the conversation up to turn t (templates render prefixes consistently).
+        start = len(_template(tokenizer, messages[:t], gen=True))
+        end = len(_template(tokenizer, messages[: t + 1]))
+        labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def pack_rows(ds: datasets.Dataset, seq_len: int) -> datasets.Dataset:
+    """Instruction / chat rows packed in order into rows of at most ``seq_len`` tokens, each
+    with ``position_ids`` restarting at 0 where a source row starts. transformers reads the
+    restarts as sequence boundaries when no attention mask is given (masking_utils'
+    find_packed_sequence_indices: sdpa / eager get a block-diagonal causal mask, flash
+    attention its cu_seqlens), so no token attends to another row's. The first label of
+    each row is IGNORE: unpacked, the shifted loss never predicts a row's first token; packed,
+    it would be predicted from the previous row's last."""
+
+    def pack(batch: dict) -> dict:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        cur: dict[str, list] = {k: [] for k in out}
+        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+            if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > seq_len:
+                for k in out:
+                    out[k].append(cur[k])
+                cur = {k: [] for k in out}
+            cur["input_ids"] += ids
+            cur["labels"] += [IGNORE, *labels[1:]]
+            cur["position_ids"] += range(len(ids))
+        if cur["input_ids"]:
+            for k in out:
+                out[k].append(cur[k])
+        return out
+
+    return ds.map(pack, batched=True, remove_columns=ds.column_names, desc="packing")
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (not padding) tokens of a collated batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["num_tokens"])
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a collated batch the model's forward takes."""
+    return {k: v for k, v in batch.items() if k != "num_tokens"}
+
+
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row; padding has attention 0 and label IGNORE."""
+    """Right-pad to the longest row; padding has attention 0 and label IGNORE. Packed rows
+    (with position_ids) get no attention mask, which would hide their boundaries from
+    transformers: their padding is one more sequence (positions from 0), attended by
+    nothing before it, and ``num_tokens`` counts the real tokens."""
     width = max(len(r["input_ids"]) for r in rows)
+    if "position_ids" in rows[0]:
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        pos = torch.arange(width).repeat(len(rows), 1)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            pos[i, :n] = torch.tensor(r["position_ids"])
+            pos[i, n:] -= n
+        n_real = sum(len(r["input_ids"]) for r in rows)
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(n_real)}
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -293,18 +382,73 @@ def train_eval_split(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, data
     return parts["train"], parts["test"]
 
 
+def _tokenise_pair(
+    cfg: DataConfig, tokenizer: Any, train_rows: datasets.Dataset, eval_rows: datasets.Dataset | None
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    train = tokenize(train_rows, tokenizer, cfg, cfg.train)
+    return train, None if eval_rows is None else tokenize(eval_rows, tokenizer, cfg, cfg.eval or cfg.train)
+
+
+def tokenise_once(
+    cfg: DataConfig, seed: int, tokenizer: Any, cache_root: Path, rank: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Collective. Rank 0 reads and tokenises (or finds the cache of an earlier run) and
+    saves the result under ``cache_root``; the other ranks load that copy. A rank that
+    cannot see it (a node-local cache_dir on another node) tokenises for itself."""
+    # Imported here: data.pipeline stays importable without torch.distributed set up.
+    from wlora_dist.distributed.env import gather_objects
+
+    status: dict[str, str] = {}
+    if rank == 0:
+        try:
+            train_rows, eval_rows = train_eval_split(cfg, seed)
+            path = cache_root / data_cache.cache_key(cfg, seed, tokenizer, train_rows, eval_rows)
+            found = data_cache.load(path)
+            if found is not None:
+                log.info("tokenised data: reusing %s", path)
+                train, eval_ds = found
+            else:
+                train, eval_ds = _tokenise_pair(cfg, tokenizer, train_rows, eval_rows)
+                if data_cache.save(path, train, eval_ds):
+                    log.info("tokenised data: %d train / %s eval rows saved in %s", len(train), _n(eval_ds), path)
+                    train, eval_ds = data_cache.load(path) or (train, eval_ds)  # memory-mapped, as other ranks
+            status = {"path": str(path)} if (path / "DONE").is_file() else {}
+        except UserError as e:
+            status = {"error": str(e), "kind": type(e).__name__}
+            gather_objects(status)
+            raise
+    first = gather_objects(status)[0]
+    if "error" in first:
+        raise DataError(f"(found by rank 0) {first['error']}")
+    if rank == 0:
+        return train, eval_ds
+    found = data_cache.load(Path(first["path"])) if "path" in first else None
+    if found is None:
+        if "path" in first:
+            log.warning(
+                "rank %d cannot see rank 0's tokenised data at %s; tokenising here too (put data.cache_dir on a "
+                "folder every node sees to avoid it)",
+                rank,
+                first["path"],
+            )
+        found = _tokenise_pair(cfg, tokenizer, *train_eval_split(cfg, seed))
+    return found
+
+
+def _n(ds: datasets.Dataset | None) -> str:
+    return "no" if ds is None else str(len(ds))
+
+
 def build_loaders(
-    cfg: DataConfig, micro_batch: int, seed: int, tokenizer, rank: int, world_size: int
+    cfg: DataConfig, micro_batch: int, seed: int, tokenizer, rank: int, world_size: int, cache_root: Path
 ) -> tuple[DataLoader, DataLoader | None]:
     """This rank's training loader and its eval loader (None without eval data, or with
-    fewer eval rows than one micro-batch per rank)."""
-    train_rows, eval_rows = train_eval_split(cfg, seed)
+    fewer eval rows than one micro-batch per rank). Collective: see tokenise_once."""
+    train_ds, eval_ds = tokenise_once(cfg, seed, tokenizer, cache_root, rank)
     pad = tokenizer.pad_token_id
-    train_ds = tokenize(train_rows, tokenizer, cfg, cfg.train)
     train = make_loader(train_ds, micro_batch, pad, rank, world_size, seed, True)
-    if eval_rows is None:
+    if eval_ds is None:
         return train, None
-    eval_ds = tokenize(eval_rows, tokenizer, cfg, cfg.eval or cfg.train)
     if len(eval_ds) < world_size * micro_batch:
         log.warning("eval data has %d rows, fewer than one batch per rank: no eval", len(eval_ds))
         return train, None

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from wlora_dist.data.pipeline import IGNORE
+from wlora_dist.data.pipeline import IGNORE, model_inputs
 from wlora_dist.distributed.env import all_reduce_sum_
 
 Batch = dict[str, torch.Tensor]
@@ -36,7 +36,7 @@ def evaluate(module: nn.Module, batches: Iterable[Batch], limit: int, device: to
             break
         n = int((batch["labels"][:, 1:] != IGNORE).sum())  # the host copy: no device sync
         with autocast():
-            loss = module(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss = module(**{k: v.to(device) for k, v in model_inputs(batch).items()}).loss
         sums[0] += loss.detach().double() * n
         sums[1] += n
     all_reduce_sum_(sums)

@@ -39,8 +39,8 @@ def preflight(cfg: RunConfig) -> Preflight:
     config = check_model_type(cfg.model)
     architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
     n = _check_adapters_fit(cfg)
-    if cfg.data.format == "chat":
-        require_chat_template(load_tokenizer(cfg.model), cfg.model.path)
+    if cfg.data.format == "chat" or (cfg.data.format == "instruction" and cfg.data.template == "chat"):
+        require_chat_template(load_tokenizer(cfg.model), cfg.model.path, cfg.data.format)
     adapter_dir, _, ckpt_root = run_paths(cfg)
     check_output_free(cfg, adapter_dir, ckpt_root, resumes=cfg.checkpoint.resume_from is not None)
     return Preflight(architecture, n)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from wlora_dist.config import ConfigError, RunConfig
+from wlora_dist.config import ConfigError, RunConfig, size_run
 from wlora_dist.data import pipeline as data_mod
 from wlora_dist.distributed.base import WeightsSource
 from wlora_dist.distributed.env import REPLICA_SYNC, DistEnv, all_reduce_mean_
@@ -95,6 +95,9 @@ class Trainer:
 
     def _setup_model(self, base: nn.Module) -> None:
         cfg, env = self.cfg, self.env
+        # No KV cache in training; packed rows depend on it: transformers reads restarting
+        # position ids as row boundaries only when there is no cache (masking_utils).
+        base.config.use_cache = False
         self.wl = wl = WeightLoRA.attach(base, cfg.adapter)
         if cfg.train.loss_shards:
             from wlora_dist.model.loss import tiled_causal_lm_loss
@@ -127,7 +130,13 @@ class Trainer:
             load_tokenizer(cfg.model),
             env.global_rank,
             env.world_size,
+            Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "data_cache",
         )
+        # train.epochs / selection.steps_fraction / optim.warmup_ratio -> step counts.
+        problems = size_run(cfg, len(train) // cfg.train.grad_accum_steps)
+        if problems:
+            raise ConfigError(problems, f"run sized from the data ({len(train)} micro-batches per rank per epoch)")
+        self.saves.max_steps = cfg.train.max_steps
         return train
 
     def _resume(self, path: Path) -> None:
@@ -198,8 +207,8 @@ class Trainer:
         loss_sum, tokens, accum = torch.zeros((), device=env.device), 0, cfg.train.grad_accum_steps
         for micro in range(accum):
             cpu_batch = next(self.train_iter)
-            tokens += int(cpu_batch["attention_mask"].sum())  # counted on the host copy: no device sync
-            self._last_batch = {k: v.to(env.device) for k, v in cpu_batch.items()}
+            tokens += data_mod.count_tokens(cpu_batch)  # counted on the host copy: no device sync
+            self._last_batch = {k: v.to(env.device) for k, v in data_mod.model_inputs(cpu_batch).items()}
             with self._autocast():
                 loss = self.backend.module(**self._last_batch).loss
             self.backend.backward(loss / accum, last_micro_step=micro == accum - 1)
