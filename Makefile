@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then echo "torch already installed"; \
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q $(TORCH_CPU); fi
-	$(BIN)/pip install -q -e ".[dev,deepspeed,int8]"
+	$(BIN)/pip install -q -e ".[dev,deepspeed,int8,trackers]"
 	touch $@
 
 setup: $(VENV)/.installed

@@ -136,3 +136,41 @@ def dequantised_twin(wl8, model_dir: Path, dtype=None, device=None):
                 getattr(wl8.lora_layer(site), part)[ADAPTER].weight.copy_(w)
                 getattr(wlf.lora_layer(site), part)[ADAPTER].weight.copy_(w)
     return wlf
+
+
+def wandb_records(run_dir: Path) -> dict[str, list]:
+    """History rows and config items of an offline W&B run folder, read from its
+    run-<id>.wandb file. wandb 0.31 ships no Python reader for it; the file is LevelDB's log
+    format (32 KiB blocks of records with a 7-byte header: crc32, length, kind 1 = full,
+    2/3/4 = first/middle/last piece) after a 7-byte ':W&B' file header, each record one
+    wandb_internal_pb2.Record."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    out: dict[str, list] = {"history": [], "config": []}
+    pos, piece, block = 7, b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        piece += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(piece)
+            piece = b""
+            which = record.WhichOneof("record_type")
+            if which == "history":
+                out["history"].append(
+                    {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                )
+            elif which in ("config", "run"):
+                items = record.config.update if which == "config" else record.run.config.update
+                out["config"] += [(i.key, json.loads(i.value_json)) for i in items]
+    return out

@@ -221,9 +221,14 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     every: int = _f(10, "Write a plain log line and tracker values every N optimizer steps.")
-    trackers: list[Literal["tensorboard", "jsonl"]] = _f(
-        ["jsonl", "tensorboard"], "accelerate trackers to write (rank 0) under <output.dir>/logs."
+    trackers: list[Literal["tensorboard", "jsonl", "wandb", "mlflow"]] = _f(
+        ["jsonl", "tensorboard"],
+        "Trackers written by rank 0 (accelerate's tracker classes): jsonl and tensorboard under <output.dir>/logs; "
+        "wandb (Weights & Biases; WANDB_MODE=offline works without an account) and mlflow (MLFLOW_TRACKING_URI, "
+        "else an SQLite store in <output.dir>/logs/mlflow.db) need `pip install 'wlora-dist[trackers]'`.",
     )
+    project: str = _f("wlora_dist", "W&B project / MLflow experiment the run is logged under.")
+    run_name: str = _f("", "Name of the run in W&B / MLflow; empty = the output folder's name.")
     progress_bar: bool = _f(True, "tqdm progress bar on rank 0.")
 
 

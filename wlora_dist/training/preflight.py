@@ -8,7 +8,10 @@ process group exists; ``wlora-dist config --check`` runs exactly the same.
 
 from __future__ import annotations
 
+import importlib.util
+import netrc
 import os
+import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,7 @@ class Preflight:
 def preflight(cfg: RunConfig) -> Preflight:
     """Raise a UserError (naming the field, the file and the fix) for the first problem."""
     check_backend_supports(cfg, resolve_backend(cfg.distributed))
+    check_trackers(cfg.log.trackers)
     _check_data_files(cfg)
     check_model_path(cfg.model.path)
     check_checkpoint_quantization(cfg.model.path, cfg.model.quantization)
@@ -44,6 +48,44 @@ def preflight(cfg: RunConfig) -> Preflight:
     adapter_dir, _, ckpt_root = run_paths(cfg)
     check_output_free(cfg, adapter_dir, ckpt_root, resumes=cfg.checkpoint.resume_from is not None)
     return Preflight(architecture, n)
+
+
+_TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow-skinny")}
+_WANDB_QUIET_MODES = ("offline", "disabled", "dryrun")
+
+
+def check_trackers(trackers: list[str]) -> None:
+    """W&B / MLflow installed, and W&B able to log in (it would otherwise stop the run
+    after the model load, asking for a key on a terminal no one watches)."""
+    for name in trackers:
+        if name in _TRACKER_PACKAGES:
+            module, package = _TRACKER_PACKAGES[name]
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    [
+                        f"log.trackers: {name!r} needs the {package} package: pip install 'wlora-dist[trackers]' "
+                        f"(or pip install {package}), or remove {name} from log.trackers"
+                    ],
+                    "log",
+                )
+    if "wandb" in trackers and os.environ.get("WANDB_MODE", "online") not in _WANDB_QUIET_MODES:
+        host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+        if not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE") or _netrc_has(host)):
+            raise ConfigError(
+                [
+                    f"log.trackers: wandb logs online but finds no login for {host} (no WANDB_API_KEY, no ~/.netrc "
+                    "entry): run `wandb login` once, export WANDB_API_KEY, or set WANDB_MODE=offline (then "
+                    "`wandb sync <output.dir>/logs/wandb/offline-run-*` later)"
+                ],
+                "log",
+            )
+
+
+def _netrc_has(host: str) -> bool:
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
 
 
 def _check_data_files(cfg: RunConfig) -> None:

@@ -1,11 +1,12 @@
 """What a user watches: a tqdm bar and plain log lines on rank 0, and accelerate trackers
-(TensorBoard, and a JSONL file any tool can read) under <output.dir>/logs.
+(TensorBoard, a JSONL file any tool can read, Weights & Biases, MLflow).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,27 +69,95 @@ class JSONLTracker(GeneralTracker):
         self.file.close()
 
 
+def _run_id(log_dir: Path, tracker: str, resuming: bool) -> str | None:
+    """The W&B / MLflow run a resumed run continues (its id is kept in logs/)."""
+    path = log_dir / f"{tracker}_run_id"
+    return path.read_text().strip() if resuming and path.is_file() else None
+
+
+def mlflow_local_uri(log_dir: Path) -> str:
+    """Where MLflow writes without MLFLOW_TRACKING_URI: an SQLite file in logs/
+    (`mlflow ui --backend-store-uri <this>` shows it)."""
+    return f"sqlite:///{(log_dir / 'mlflow.db').resolve()}"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def make_tracker(name: str, cfg: LogConfig, log_dir: Path, run_config: dict, resuming: bool) -> GeneralTracker:
+    """One started accelerate tracker, its run configuration stored. ``resuming``: a
+    resumed run appends to the same JSONL file and continues the same W&B / MLflow run."""
+    run_name = cfg.run_name or log_dir.parent.name
+    if name == "jsonl":
+        jsonl = JSONLTracker("run", log_dir)
+        jsonl.store_init_configuration(run_config)
+        return jsonl
+    if name in ("wandb", "mlflow"):
+        # accelerate's W&B / MLflow trackers log through its MultiProcessAdapter, which
+        # refuses to run before accelerate's state exists. PartialState adopts the process
+        # group already set up (no collective, nothing initialised a second time).
+        from accelerate import PartialState
+
+        PartialState()
+    if name == "tensorboard":
+        tracker: GeneralTracker = TensorBoardTracker("tensorboard", log_dir)
+    elif name == "wandb":
+        from accelerate.tracking import WandBTracker
+
+        run_id = _run_id(log_dir, "wandb", resuming)
+        (log_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        tracker = WandBTracker(
+            cfg.project, name=run_name, dir=str(log_dir), id=run_id, resume="allow", config=run_config
+        )
+    elif name == "mlflow":
+        import mlflow
+        from accelerate.tracking import MLflowTracker
+
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # MLflow's own local store (its plain-file store is in maintenance mode and refuses).
+            mlflow.set_tracking_uri(mlflow_local_uri(log_dir))
+        run_id = _run_id(log_dir, "mlflow", resuming)
+        tracker = MLflowTracker(cfg.project, run_id=run_id, run_name=run_name)
+    else:
+        raise ValueError(f"unknown tracker {name!r}")
+    tracker.main_process_only = False  # only rank 0 makes trackers; no accelerate state needed
+    tracker.start()
+    if name == "wandb":
+        (log_dir / "wandb_run_id").write_text(tracker.run.id)
+    elif name == "mlflow":
+        (log_dir / "mlflow_run_id").write_text(tracker.active_run.info.run_id)
+        if run_id is None:  # parameters are written once; a resumed run keeps them
+            tracker.store_init_configuration(_flat(run_config))
+    return tracker
+
+
 class RunLogger:
     """Rank 0's bar, log lines and trackers; a silent stand-in on other ranks."""
 
-    def __init__(self, cfg: LogConfig, log_dir: Path, total_steps: int, is_main: bool, run_config: dict) -> None:
+    def __init__(
+        self,
+        cfg: LogConfig,
+        log_dir: Path,
+        total_steps: int,
+        is_main: bool,
+        run_config: dict,
+        resuming: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.is_main = is_main
         self.trackers: list[GeneralTracker] = []
         self.bar = None
         if not is_main:
             return
-        for name in cfg.trackers:
-            if name == "jsonl":
-                self.trackers.append(JSONLTracker("run", log_dir))
-            else:
-                tb = TensorBoardTracker("tensorboard", log_dir)
-                tb.main_process_only = False
-                tb.start()
-                self.trackers.append(tb)
-        for t in self.trackers:
-            if isinstance(t, JSONLTracker):
-                t.store_init_configuration(run_config)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.trackers = [make_tracker(name, cfg, log_dir, run_config, resuming) for name in cfg.trackers]
         if cfg.progress_bar:
             # disable=None: no bar when stderr is not a terminal (CI logs, SLURM files); log lines remain.
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stderr, disable=None)

@@ -79,7 +79,9 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
         # Accepted: only now is anything written (logs/, the trackers' config copy).
-        self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict())
+        self.logger = RunLogger(
+            cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict(), self.start_step > 0
+        )
         # Data position: rows of the global batch already consumed -> this rank's micro-batches.
         start = self.start_step * cfg.train.grad_accum_steps
         self.train_iter = data_mod.forever(loader, start) if loader is not None else batches
