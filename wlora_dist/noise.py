@@ -3,8 +3,12 @@ line installs it before torch, DeepSpeed or bitsandbytes are imported and print)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import warnings
+from collections.abc import Iterator
 
 
 class _DropKnownNoise(logging.Filter):
@@ -21,7 +25,28 @@ class _DropKnownNoise(logging.Filter):
 def silence_known_noise() -> None:
     # transformers' own deprecation, raised from inside transformers / peft on every start.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # torch's deprecation of the collectives DeepSpeed's ZeRO-3 calls on every gather and
+    # reduce (a few hundred lines a run); our own code does not call them.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
     for name in ("DeepSpeed", "bitsandbytes.backends.cpu.ops", "bitsandbytes"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):
             logger.addFilter(_DropKnownNoise())
+
+
+@contextlib.contextmanager
+def drop_printed(*needles: str) -> Iterator[None]:
+    """Run a third-party call that print()s known noise to stdout (DeepSpeed's 'DeepSpeed
+    deepspeed.ops.comm.deepspeed_shm_comm_op built successfully', once per rank): its other
+    output is passed on, those lines are not."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        kept = [line for line in buffer.getvalue().splitlines(True) if not any(n in line for n in needles)]
+        sys.stdout.write("".join(kept))

@@ -50,10 +50,14 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     if dist.is_initialized():
         world_size, global_rank = dist.get_world_size(), dist.get_rank()
     # accelerate's trackers and logging read its shared state; it finds our group and
-    # leaves it as it is.
+    # leaves it as it is (under an accelerate DeepSpeed config it also starts DeepSpeed's
+    # comm layer, which prints a build line per rank).
     from accelerate import PartialState
 
-    PartialState()
+    from wlora_dist.noise import drop_printed
+
+    with drop_printed("deepspeed_shm_comm_op built successfully"):
+        PartialState()
     return DistEnv(global_rank, local_rank, world_size, device)
 
 

@@ -25,6 +25,7 @@ from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.spec import BackendSpec, merge_deepspeed, read_user_deepspeed_json
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
 from wlora_dist.model.sharded_loading import build_zero3_partitioned, fill_zero3_partitions
+from wlora_dist.noise import drop_printed
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -76,7 +77,8 @@ class ZeROBackend(Backend):
 
     def _init_comm(self) -> None:
         if not self.deepspeed.comm.is_initialized():
-            self.deepspeed.init_distributed(dist_backend="nccl" if self.env.device.type == "cuda" else "gloo")
+            with drop_printed("deepspeed_shm_comm_op built successfully"):
+                self.deepspeed.init_distributed(dist_backend="nccl" if self.env.device.type == "cuda" else "gloo")
 
     def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
         """Stage 3: the model is built inside deepspeed.zero.Init, so each parameter is
