@@ -94,9 +94,18 @@ def max_hooks_of_one_kind(model):
 
 
 def main() -> None:
-    cfg = config_from_dict(json.loads(Path(sys.argv[1]).read_text()))
-    env = init_distributed(cfg.distributed.timeout_minutes)
+    """One run config, or a list of them run one after another in the same process group
+    (each writes its records to its own output.dir)."""
+    data = json.loads(Path(sys.argv[1]).read_text())
+    cfgs = [config_from_dict(c) for c in (data if isinstance(data, list) else [data])]
+    env = init_distributed(cfgs[0].distributed.timeout_minutes)
     setup_logging(env.is_main)
+    for cfg in cfgs:
+        run(cfg, env)
+    shutdown()
+
+
+def run(cfg, env) -> None:
     trainer = Trainer(cfg, env)
     trainer.setup()
     int8_forward = watch_int8_forward(trainer.wl.peft_model)
@@ -150,7 +159,6 @@ def main() -> None:
         "eval_loss": result.eval_loss,
     }
     Path(cfg.output.dir, f"rank{env.global_rank}.json").write_text(json.dumps(out))
-    shutdown()
 
 
 if __name__ == "__main__":

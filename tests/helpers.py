@@ -25,10 +25,18 @@ def run_worker(
 ) -> list[dict]:
     """Run tests/dist_worker.py on ``cfg`` in ``nproc`` processes (gloo on CPU, nccl on a
     GPU; 1: plain python unless ``torchrun``); returns each rank's record (rank order)."""
-    out = Path(cfg["output"]["dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "cfg.json"
-    cfg_path.write_text(json.dumps(cfg))
+    return run_worker_many([cfg], nproc, torchrun, env_extra)[0]
+
+
+def run_worker_many(
+    cfgs: list[dict], nproc: int, torchrun: bool = False, env_extra: dict | None = None
+) -> list[list[dict]]:
+    """Several runs one after another in one launch (one process group, one start-up):
+    each run's rank records."""
+    for cfg in cfgs:
+        Path(cfg["output"]["dir"]).mkdir(parents=True, exist_ok=True)
+    cfg_path = Path(cfgs[0]["output"]["dir"]) / "cfgs.json"
+    cfg_path.write_text(json.dumps(cfgs))
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if nproc == 1 and not torchrun:
         cmd = [sys.executable, str(WORKER), str(cfg_path)]
@@ -46,7 +54,8 @@ def run_worker(
         ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
+    outs = [Path(c["output"]["dir"]) for c in cfgs]
+    return [[json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)] for out in outs]
 
 
 def zero3_partitioned_config(out: Path, stage: int = 3) -> dict:

@@ -1,16 +1,16 @@
 """Decoder-only families beside Llama, as tiny random-init models built with transformers'
 own config classes: Qwen2, Qwen3, Mistral, Gemma 1/2/3 (text) and Phi-3 (fused qkv_proj /
-gate_up_proj). Each trains in one process and its exported adapter loads in plain peft;
-Gemma (non-persistent embedding scale, recomputed after sharded loading) and Phi-3 (fused
-linears) also on 2 ranks under FSDP2 and ZeRO-3 against one process; Qwen3 and Gemma with
-the 8-bit base."""
+gate_up_proj). Each trains in one process and its exported adapter loads in plain peft,
+trains on the 8-bit base, runs on 2 ranks under FSDP2 and ZeRO-3 against one process
+(Gemma's non-persistent embedding scale recomputed after sharded loading), and the memory
+planner reads its config.json."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from .helpers import dist_config, run_worker, train_in_process
+from .helpers import dist_config, run_worker_many, train_in_process
 
 FAMILIES = {  # name: (model_type, extra config, adapter kinds per layer)
     "qwen2": ("qwen2", {}, 7),
@@ -77,11 +77,10 @@ def test_family_trains_and_its_adapter_loads_in_plain_peft(family, family_dirs, 
     assert sum("lora_A" in n for n, _ in loaded.named_parameters()) == 3
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_on_the_8bit_base(family, family_dirs, tiny_dir, tmp_path):
-    """The 8-bit base is built on meta and filled row by row: Gemma's embedding scale (a
-    non-persistent buffer) must be recomputed, not read; the run equals its float twin's
-    selection."""
+    """The 8-bit base is built on meta and filled row by row (Gemma's embedding scale, a
+    non-persistent buffer, recomputed, not read); it trains and selects like its float twin."""
     int8, res8 = train_in_process(
         tiny_dir,
         tmp_path / "int8",
@@ -90,37 +89,72 @@ def test_family_on_the_8bit_base(family, family_dirs, tiny_dir, tmp_path):
         train={"max_steps": 4},
     )
     assert all(torch.isfinite(torch.tensor([h["loss"] for h in res8.history])))
+    from wlora_dist.model.int8 import Int8Linear
+
+    n_int8 = sum(isinstance(m, Int8Linear) for m in int8.wl.base_model.modules())
+    assert n_int8 == 2 * FAMILIES[family][2]  # every decoder linear is 8-bit (lm_head skipped)
     emb = int8.wl.base_model.get_submodule("model.embed_tokens")
     if hasattr(emb, "embed_scale"):
         assert float(emb.embed_scale) == pytest.approx(32**0.5, rel=1e-2)
 
 
-def _family_run(tiny_dir: Path, out: Path, family_dir: Path, backend: str, nproc: int) -> list[dict]:
-    cfg = dist_config(tiny_dir, out / backend, backend, 8 // nproc)
+def _family_cfg(tiny_dir: Path, out: Path, family: str, family_dir: Path, backend: str, nproc: int) -> dict:
+    cfg = dist_config(tiny_dir, out / f"{family}-{backend}", backend, 8 // nproc)
     cfg["model"]["path"] = str(family_dir)
-    return run_worker(cfg, nproc, out)
+    return cfg
+
+
+def _families_run(
+    family_dirs, tiny_dir: Path, out: Path, backend: str, nproc: int, int8: bool = False
+) -> dict[str, list[dict]]:
+    """Every family (and with ``int8`` each on the 8-bit base too, keyed 'name+int8'), one
+    after another in one launch of ``nproc`` ranks."""
+    runs = {}
+    for f in sorted(FAMILIES):
+        runs[f] = _family_cfg(tiny_dir, out, f, family_dirs[f], backend, nproc)
+        if int8:
+            runs[f + "+int8"] = _family_cfg(tiny_dir, out / "int8", f, family_dirs[f], backend, nproc)
+            runs[f + "+int8"]["model"]["quantization"] = "int8"
+    return dict(zip(runs, run_worker_many(list(runs.values()), nproc), strict=True))
 
 
 @pytest.fixture(scope="module")
 def one_process(family_dirs, tiny_dir, tmp_path_factory):
-    runs: dict[str, dict] = {}
-
-    def get(family: str) -> dict:
-        if family not in runs:
-            out = tmp_path_factory.mktemp(f"one-{family}")
-            runs[family] = _family_run(tiny_dir, out, family_dirs[family], "replicated", 1)[0]
-        return runs[family]
-
-    return get
+    return _families_run(family_dirs, tiny_dir, tmp_path_factory.mktemp("one"), "replicated", 1, int8=True)
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("family", ["gemma", "phi3"])
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
-def test_family_sharded_on_two_ranks_matches_one_process(family, backend, family_dirs, one_process, tiny_dir, tmp_path):
-    one, two = one_process(family), _family_run(tiny_dir, tmp_path, family_dirs[family], backend, 2)
-    assert [r["torch_dist_world_size"] for r in two] == [2, 2]
-    assert two[0]["kept"] == one["kept"] and len({r["params_digest"] for r in two}) == 1
-    for a, b in zip(one["losses"], two[0]["losses"], strict=True):
-        assert abs(a - b) < 2e-4, (one["losses"], two[0]["losses"])
-    assert two[0]["base_local_bytes"] < two[0]["base_total_bytes"]  # really sharded
+def test_every_family_sharded_on_two_ranks_matches_one_process(backend, family_dirs, one_process, tiny_dir, tmp_path):
+    """Each family under FSDP2 (float and 8-bit base) and ZeRO-3 (base partitioned) on 2
+    ranks: the same kept set and losses as one process, the ranks bitwise equal, the base
+    really split."""
+    two_ranks = _families_run(family_dirs, tiny_dir, tmp_path, backend, 2, int8=backend == "fsdp2")
+    assert len(two_ranks) == len(FAMILIES) * (2 if backend == "fsdp2" else 1)
+    for family, two in two_ranks.items():
+        one = one_process[family][0]
+        assert [r["torch_dist_world_size"] for r in two] == [2, 2], family
+        assert two[0]["kept"] == one["kept"] and len({r["params_digest"] for r in two}) == 1, family
+        for a, b in zip(one["losses"], two[0]["losses"], strict=True):
+            assert abs(a - b) < 2e-4, (family, one["losses"], two[0]["losses"])
+        assert two[0]["base_local_bytes"] < two[0]["base_total_bytes"], family  # really sharded
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_planner_reads_each_familys_config_json(family, family_dirs):
+    """wlora-dist plan on the family's folder: its linears, adapter sizes and base bytes
+    agree with the model transformers builds from the same config.json."""
+    from wlora_dist.config import AdapterConfig, ModelConfig
+    from wlora_dist.method.weight_lora import WeightLoRA
+    from wlora_dist.model.sharded_loading import build_on_meta
+    from wlora_dist.planning.memory_plan import PlanInput, adapter_numel, base_param_bytes, shape_from, sites
+
+    shape = shape_from(str(family_dirs[family]))
+    model = build_on_meta(ModelConfig(path=str(family_dirs[family]), dtype="float32"), torch.device("cpu"))
+    wl = WeightLoRA.attach(model, AdapterConfig(lora_rank=4))
+    inp = PlanInput(shape, lora_rank=4, base="fp32", compute="fp32")
+    assert sorted((s.layer, s.kind) for s in wl.sites) == sorted(sites(inp))
+    assert adapter_numel(inp, sites(inp)) == sum(p.numel() for p in wl.trainable_parameters() if p.dim() == 2)
+    real = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)  # the frozen base
+    layers, root, _ = base_param_bytes(inp)
+    assert abs(layers + root - real) / real < 0.02  # biases, q/k norms and extra norms are left out

@@ -132,7 +132,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from wlora_dist.distributed.spec import BackendSpec, resolve_backend
     from wlora_dist.planning.memory_plan import (
-        LINEARS,
+        ALL_KINDS,
         PlanInput,
         format_plan,
         plan,
@@ -174,9 +174,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "loss_shards": args.loss_shards,
     }
     kw.update({k: v for k, v in flags.items() if v is not None})
-    bad = [t for t in kw.get("targets", LINEARS) if t not in LINEARS]
+    bad = [t for t in kw.get("targets", ALL_KINDS) if t not in ALL_KINDS]
     if bad:
-        raise UserError(f"--targets: {bad} are not Llama linears; choose from {','.join(LINEARS)}")
+        raise UserError(f"--targets: {bad} are not decoder linears; choose from {','.join(ALL_KINDS)}")
     if args.world_size < 1:
         raise UserError(f"--world-size {args.world_size}: must be >= 1")
     if args.gpu_gib <= args.reserve_gib:

@@ -132,7 +132,7 @@ class CheckpointReader:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) (dim 0) of parameter ``name`` (peft's ``.base_layer.`` removed)."""
         module, _, leaf = name.rpartition(".")
-        if module not in self.int8:
+        if module not in self.int8 or leaf not in ("weight", "SCB"):  # a bias (Qwen2's q/k/v) is read as it is
             return self._read(name, start, stop)
         if module + ".SCB" in self.files:  # saved in bnb 8-bit: read as it is
             t = self._read(f"{module}.{leaf}", start, stop)

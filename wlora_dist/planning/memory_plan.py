@@ -18,14 +18,20 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
-from wlora_dist.config import LLAMA_LINEARS
+from wlora_dist.config import FUSED_LINEARS, LLAMA_LINEARS
 from wlora_dist.distributed.spec import BackendSpec
 
 if TYPE_CHECKING:
     from wlora_dist.config import RunConfig
 
 GiB = 2**30
-LINEARS = LLAMA_LINEARS  # the module kinds of a decoder layer the planner counts
+LINEARS = LLAMA_LINEARS  # the module kinds of a Llama decoder layer
+ALL_KINDS = (*LLAMA_LINEARS, *FUSED_LINEARS)  # every linear name of the supported families
+
+
+# model_type of the families whose attention and MLP input projections are fused
+# (Phi-3: qkv_proj, gate_up_proj); every other supported family has Llama's seven linears.
+FUSED_FAMILIES = ("phi3",)
 
 
 @dataclass(frozen=True)
@@ -38,14 +44,22 @@ class ModelShape:
     vocab: int
     head_dim: int = 0  # 0 = hidden // heads
     tied: bool = False
+    fused: bool = False  # Phi-3: qkv_proj and gate_up_proj instead of q/k/v and gate/up
 
     @property
     def d(self) -> int:
         return self.head_dim or self.hidden // self.heads
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The linear module names of one decoder layer, in layer order."""
+        return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if self.fused else LINEARS
+
     def linear_dims(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each Llama linear of one decoder layer."""
+        """(in, out) of each linear of one decoder layer."""
         h, f, q, kv = self.hidden, self.intermediate, self.heads * self.d, self.kv_heads * self.d
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * f), "down_proj": (f, h)}
         return {
             "q_proj": (h, q),
             "k_proj": (h, kv),
@@ -58,6 +72,10 @@ class ModelShape:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> ModelShape:
+        """From a config.json's fields. A saved config leaves out the values equal to its
+        class's defaults (Gemma's tied embeddings, for one): transformers' config class for
+        the model_type fills them in; the text part of a multimodal config is used."""
+        cfg = complete_hf_config(cfg)
         return cls(
             hidden=int(cfg["hidden_size"]),
             intermediate=int(cfg["intermediate_size"]),
@@ -67,7 +85,24 @@ class ModelShape:
             vocab=int(cfg["vocab_size"]),
             head_dim=int(cfg.get("head_dim") or 0),
             tied=bool(cfg.get("tie_word_embeddings", False)),
+            fused=cfg.get("model_type") in FUSED_FAMILIES,
         )
+
+
+def complete_hf_config(cfg: dict) -> dict:
+    """``cfg`` with its class defaults, through transformers' AutoConfig (the text config
+    of a multimodal one); as it is when transformers does not know its model_type."""
+    from transformers import AutoConfig
+
+    fields = dict(cfg.get("text_config") or cfg)
+    model_type = fields.pop("model_type", None) or cfg.get("model_type")
+    if not model_type:
+        return fields
+    try:
+        full = AutoConfig.for_model(model_type, **fields).get_text_config()
+    except (ValueError, KeyError, TypeError):
+        return {**fields, "model_type": model_type}
+    return {**full.to_dict(), "model_type": full.model_type}
 
 
 PRESETS: dict[str, ModelShape] = {
@@ -75,6 +110,12 @@ PRESETS: dict[str, ModelShape] = {
     "llama3.2-3b": ModelShape(3072, 8192, 28, 24, 8, 128256, 128, tied=True),
     "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128256),
     "llama3-70b": ModelShape(8192, 28672, 80, 64, 8, 128256),
+    # Other families, from their config.json on the hub (or give the file / folder itself).
+    "qwen2.5-7b": ModelShape(3584, 18944, 28, 28, 4, 152064),
+    "qwen3-8b": ModelShape(4096, 12288, 36, 32, 8, 151936, 128),
+    "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 32768),
+    "gemma2-9b": ModelShape(3584, 14336, 42, 16, 8, 256000, 256, tied=True),
+    "phi3-mini": ModelShape(3072, 8192, 32, 32, 32, 32064, fused=True),
 }
 
 
@@ -86,7 +127,7 @@ class PlanInput:
     base: Literal["bf16", "fp32", "int8"] = "bf16"
     compute: Literal["bf16", "fp32"] = "bf16"  # activations (autocast / FSDP2 param_dtype)
     lora_rank: int = 16
-    targets: tuple[str, ...] = LINEARS
+    targets: tuple[str, ...] = ALL_KINDS  # those the model has are counted
     lora_layers: tuple[int, ...] | None = None  # None = every layer
     lora_dropout: float = 0.0
     k: int = 32  # adapters kept after the prune event
@@ -145,7 +186,7 @@ class Plan:
 
 def sites(inp: PlanInput) -> list[tuple[int, str]]:
     layers = range(inp.shape.layers) if inp.lora_layers is None else inp.lora_layers
-    return [(i, t) for i in layers for t in LINEARS if t in inp.targets]
+    return [(i, t) for i in layers for t in inp.shape.kinds if t in inp.targets]
 
 
 def kept_sites(inp: PlanInput) -> list[tuple[int, str]]:
@@ -214,9 +255,9 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
     h, f, q, kv = s.hidden, s.intermediate, s.heads * s.d, s.kv_heads * s.d
     dims = s.linear_dims()
     norm = 4 * h + 4  # fp32 input + rsqrt
-    attn_live = grad_in or bool(layer_sites & {"q_proj", "k_proj", "v_proj"})
+    attn_live = grad_in or bool(layer_sites & {"q_proj", "k_proj", "v_proj", "qkv_proj"})
     resid_live = attn_live or "o_proj" in layer_sites  # the residual after attention
-    mlp_live = resid_live or bool(layer_sites & {"gate_proj", "up_proj"})
+    mlp_live = resid_live or bool(layer_sites & {"gate_proj", "up_proj", "gate_up_proj"})
     total = 0.0
     if grad_in:
         total += norm
@@ -225,10 +266,13 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
     if resid_live:
         total += norm
     if mlp_live:
-        total += 3 * c * f  # silu in, silu out, up out
+        total += 3 * c * f  # silu in, silu out, up out (fused gate_up: its 2f output, silu out)
     per_site_copy = inp.compute == "bf16" and inp.backend.kind == "replicated"  # fp32 adapters, bf16 x
     dropout = inp.lora_dropout > 0
-    shared_inputs = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "gate_proj": "n2", "up_proj": "n2"}
+    shared_inputs = {
+        **{t: "n1" for t in ("q_proj", "k_proj", "v_proj", "qkv_proj")},
+        **{t: "n2" for t in ("gate_proj", "up_proj", "gate_up_proj")},
+    }
     inputs_kept: set[str] = set()
     for t in layer_sites:
         i = dims[t][0]
@@ -527,10 +571,13 @@ def shape_from(model: str) -> ModelShape:
         )
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
-    cfg = cfg.get("text_config", cfg)
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size") if k not in cfg]
+    full = complete_hf_config(cfg)
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size") if k not in full]
     if missing:
         from wlora_dist.errors import UserError
 
-        raise UserError(f"{path}: no {', '.join(missing)}; the planner knows Llama-like decoder configs")
+        raise UserError(
+            f"{path}: no {', '.join(missing)} (model_type {full.get('model_type')!r}); the planner knows decoder "
+            "configs of the Llama, Qwen2/3, Mistral, Gemma 1/2/3 and Phi-3 kind"
+        )
     return ModelShape.from_hf_config(cfg)
