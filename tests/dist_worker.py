@@ -44,20 +44,32 @@ def resident_bytes(t):
     return local_bytes(t)
 
 
-def watch_int8_forward(model):
-    """What the first Int8Linear holds while its forward runs (gathered under FSDP2 / ZeRO-3)."""
+def _quantised():
     from wlora_dist.model.int8 import Int8Linear
+    from wlora_dist.model.nf4 import Linear4bit
 
+    return Int8Linear, Linear4bit
+
+
+def _stored(m):
+    """A quantised linear's stored tensors: (int8 weight, SCB) or (packed 4-bit, absmax)."""
+    return (m.weight, m.SCB) if hasattr(m, "SCB") else (m.weight, m.absmax)
+
+
+def watch_int8_forward(model):
+    """What the first quantised linear holds while its forward runs (gathered under FSDP2 /
+    ZeRO-3)."""
     seen = {}
     for m in model.modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, _quantised()):
 
             def hook(mod, args):
+                weight, scale = _stored(mod)
                 seen.update(
-                    weight_dtype=str(mod.weight.dtype),
-                    weight_shape=list(mod.weight.shape),
-                    weight_type=type(mod.weight).__name__,
-                    scb_dtype=str(mod.SCB.dtype),
+                    weight_dtype=str(weight.dtype),
+                    weight_shape=list(weight.shape),
+                    weight_type=type(weight).__name__,
+                    scb_dtype=str(scale.dtype),
                 )
 
             m.register_forward_pre_hook(hook)
@@ -66,14 +78,13 @@ def watch_int8_forward(model):
 
 
 def int8_info(trainer):
-    """Every Int8Linear's int8 weight and scales: names, this rank's bytes, total bytes and a
-    digest of the full (gathered) values."""
-    from wlora_dist.model.int8 import Int8Linear
-
-    mods = [(n, m) for n, m in trainer.wl.peft_model.named_modules() if isinstance(m, Int8Linear)]
+    """Every quantised linear's stored tensors (int8 weight and scales, or packed 4-bit codes
+    and absmax): names, this rank's bytes, total bytes and a digest of the full (gathered)
+    values."""
+    mods = [(n, m) for n, m in trainer.wl.peft_model.named_modules() if isinstance(m, _quantised())]
     if not mods:
         return None
-    params = [t for _, m in mods for t in (m.weight, m.SCB)]
+    params = [t for _, m in mods for t in _stored(m)]
     shapes = [getattr(p, "ds_shape", p.shape) for p in params]
     return {
         "names": [n.split("base_model.model.", 1)[-1].replace(".base_layer", "") for n, _ in mods],
@@ -100,12 +111,14 @@ def main() -> None:
     cfgs = [config_from_dict(c) for c in (data if isinstance(data, list) else [data])]
     env = init_distributed(cfgs[0].distributed.timeout_minutes)
     setup_logging(env.is_main)
-    for cfg in cfgs:
-        run(cfg, env)
+    # The trainers stay alive until the group is left: torn down first, a rank's gloo
+    # threads could still be in use and abort the process at exit.
+    trainers = [run(cfg, env) for cfg in cfgs]
     shutdown()
+    del trainers
 
 
-def run(cfg, env) -> None:
+def run(cfg, env) -> Trainer:
     trainer = Trainer(cfg, env)
     trainer.setup()
     int8_forward = watch_int8_forward(trainer.wl.peft_model)
@@ -159,6 +172,7 @@ def run(cfg, env) -> None:
         "eval_loss": result.eval_loss,
     }
     Path(cfg.output.dir, f"rank{env.global_rank}.json").write_text(json.dumps(out))
+    return trainer
 
 
 if __name__ == "__main__":

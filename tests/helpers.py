@@ -84,6 +84,8 @@ def dist_config(tiny_dir: Path, out: Path, backend: str, micro_batch: int, quant
         train={"max_steps": 9, "grad_accum_steps": 2, "micro_batch_size": micro_batch},
     )
     cfg["model"]["quantization"] = quantization
+    if quantization in ("nf4", "fp4"):
+        cfg["model"]["bnb_4bit_blocksize"] = 32  # the tiny model's hidden size
     cfg["distributed"] = {"backend": backend}
     if backend.startswith("zero"):
         cfg["distributed"] = zero3_partitioned_config(out, int(backend[-1]))
@@ -108,20 +110,23 @@ def train_in_process(tiny_dir: Path, tmp_path: Path, **sections):
 
 
 def int8_modules(model) -> dict:
-    """Every Int8Linear of ``model`` by its base-model name (peft's prefixes removed)."""
+    """Every quantised linear (Int8Linear, Linear4bit) of ``model`` by its base-model name
+    (peft's prefixes removed)."""
     from wlora_dist.model.int8 import Int8Linear
+    from wlora_dist.model.nf4 import Linear4bit
 
     return {
         n.split("base_model.model.", 1)[-1].replace(".base_layer", ""): m
         for n, m in model.named_modules()
-        if isinstance(m, Int8Linear)
+        if isinstance(m, (Int8Linear, Linear4bit))
     }
 
 
 def dequantised_twin(wl8, model_dir: Path, dtype=None, device=None):
-    """WeightLoRA on a float model holding ``wl8``'s dequantised int8 weights (``dtype``,
-    default float32, on ``device``), and every A and B of both set to the same random values
-    (B non-zero, so the gates get gradients): the reference an 8-bit run must match."""
+    """WeightLoRA on a float model holding ``wl8``'s dequantised weights (8- or 4-bit;
+    ``dtype``, default float32, on ``device``), and every A and B of both set to the same
+    random values (B non-zero, so the gates get gradients): the reference a quantised run
+    must match."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -31,37 +31,43 @@ CASES = [
     ("zero1", 2, "none"),
     ("zero2", 2, "none"),
     ("zero3", 2, "none"),
-    # More than 2 ranks: 4 here with the 8-bit base below, and 3 (a world size that divides
-    # nothing) in tests/test_uneven_world.py.
+    # More than 2 ranks: 3 (a world size that divides nothing) with the 4-bit base below and
+    # with the float base in tests/test_uneven_world.py; 4 in test_checkpoint's resume on
+    # another world size.
     # The 8-bit base (int8 weights + per-row scales, Int8Linear): replicated under ZeRO-2,
     # sharded under FSDP2 and ZeRO-3; compared with the 1-process 8-bit run.
     ("zero2", 2, "int8"),
     ("fsdp2", 2, "int8"),
-    ("fsdp2", 4, "int8"),
     ("zero3", 2, "int8"),
-    ("zero3", 4, "int8"),
+    # The 4-bit base (packed NF4 codes + per-block absmax, Linear4bit), sharded on 2 and 3
+    # ranks; compared with the 1-process NF4 run.
+    ("fsdp2", 2, "nf4"),
+    ("fsdp2", 3, "nf4"),
+    ("zero3", 3, "nf4"),
 ]
 
 
 @pytest.fixture(scope="module")
 def references(tiny_dir, tmp_path_factory):
-    """The 1-process run of the float and of the 8-bit base, made when first asked for."""
+    """The 1-process runs (float, 8-bit, 4-bit base; a global batch), made when first asked for."""
     runs: dict[str, dict] = {}
 
-    def get(quantization: str) -> dict:
-        if quantization not in runs:
-            tmp = tmp_path_factory.mktemp(f"ref-{quantization}")
-            runs[quantization] = run_worker(dist_config(tiny_dir, tmp / "one", "replicated", 8, quantization), 1, tmp)[
-                0
-            ]
-        return runs[quantization]
+    def get(quantization: str, micro_batch: int) -> dict:
+        key = f"{quantization}-{micro_batch}"
+        if key not in runs:
+            tmp = tmp_path_factory.mktemp(f"ref-{key}")
+            cfg = dist_config(tiny_dir, tmp / "one", "replicated", micro_batch, quantization)
+            runs[key] = run_worker(cfg, 1, tmp)[0]
+        return runs[key]
 
     return get
 
 
 @pytest.fixture
 def reference(ranks, references):
-    return references(ranks[0]["quantization"])
+    """The 1-process run with the same global batch (8 rows, 6 on 3 ranks)."""
+    n = len(ranks)
+    return references(ranks[0]["quantization"], 8 // n * n)
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{b}-{n}ranks-{q}" for b, n, q in CASES])
@@ -102,20 +108,29 @@ def test_base_sharded_only_under_fsdp2_and_zero3(ranks, tiny_dir):
     n = len(ranks)
     total = ranks[0]["base_total_bytes"]
     backend, quantization = ranks[0]["backend"], ranks[0]["quantization"]
-    if backend == "fsdp2" or (backend == "zero3" and quantization == "int8"):
+    if backend == "fsdp2" or (backend == "zero3" and quantization != "none"):
         # Built on meta / in zero.Init; each rank read only its own rows (FSDP2) or flat
         # partition (ZeRO-3) of the checkpoint: about 1/n of its bytes. (An 8-bit base is
         # read from a float32 checkpoint here: 4 bytes per int8 weight read.)
         ckpt = _checkpoint_bytes(tiny_dir / "model")
         read = [r["load_bytes_read"] for r in ranks]
-        assert abs(sum(read) - ckpt) <= 0.02 * ckpt and all(abs(b - ckpt / n) <= 0.03 * ckpt for b in read), read
+        # A ZeRO-3 flat partition of a quantised weight may end inside a row, whose float row
+        # both neighbours read to quantise: at most 2 rows (codes', scales' boundary) of each
+        # of the N linears per boundary (at most 64 float32 here; nothing at 8B).
+        overlap = 2 * N * (n - 1) * 64 * 4 if backend == "zero3" else 0
+        assert abs(sum(read) - ckpt) <= 0.02 * ckpt + overlap, read
+        assert all(abs(b - ckpt / n) <= 0.03 * ckpt for b in read), read
     if backend == "zero3":  # built inside zero.Init: partitioned as created
         assert all(r["loaded_partitioned"] for r in ranks)
     if backend in ("fsdp2", "zero3"):
         assert backend == "zero3" or "DTensor" in ranks[0]["param_types"]
-        assert sum(r["base_local_bytes"] for r in ranks) == total
+        held = sum(r["base_local_bytes"] for r in ranks)
+        # ZeRO-3 pads each tensor's partitions to n equal ones (< n elements of at most 4
+        # bytes; fewer than 3N + 8 base tensors); FSDP2's shards add up exactly.
+        padding = 4 * n * (3 * N + 8) if backend == "zero3" and n % 2 else 0
+        assert total <= held <= total + padding, (held, total)
         for r in ranks:
-            assert abs(r["base_local_bytes"] - total / n) <= 0.02 * total
+            assert abs(r["base_local_bytes"] - total / n) <= (0.03 if n % 2 else 0.02) * total
             # What the rank really holds between steps: its shard and nothing more.
             assert r["base_resident_bytes"] == r["base_local_bytes"]
     else:
@@ -128,34 +143,47 @@ def _checkpoint_bytes(folder: Path) -> int:
     return sum(t.numel() * t.element_size() for t in load_file(str(folder / "model.safetensors")).values())
 
 
-def test_int8_base_what_each_rank_holds(ranks, tiny_dir):
-    """8-bit base: every rank holds int8 weights and int32-stored scales (never float), 1/n
-    of them under FSDP2 / ZeRO-3, and the gathered values are exactly bnb's quantisation
-    of the checkpoint; the forward sees the full int8 weight (all-gathered as int8)."""
-    if ranks[0]["quantization"] != "int8":
+def test_quantised_base_what_each_rank_holds(ranks, tiny_dir):
+    """8-bit base: every rank holds int8 weights and int32-stored scales; 4-bit base: packed
+    uint8 codes and int32-stored absmax (never float), 1/n of them under FSDP2 / ZeRO-3,
+    and the gathered values are exactly bnb's quantisation of the checkpoint; the forward
+    sees the full quantised weight (all-gathered as it is stored)."""
+    quantization = ranks[0]["quantization"]
+    if quantization == "none":
         pytest.skip("float base")
     import torch
     from safetensors.torch import load_file
 
     from wlora_dist.model.int8 import quantize_rows, scb_bits
+    from wlora_dist.model.nf4 import absmax_bits, quantize_rows_4bit
 
     n, info = len(ranks), ranks[0]["int8"]
     assert len(info["names"]) == N  # every linear of the decoder layers; lm_head kept float
     ckpt = load_file(str(tiny_dir / "model/model.safetensors"))
     want = []
     for name in info["names"]:
-        cb, scb = quantize_rows(ckpt[name + ".weight"])
-        want += [cb, scb_bits(scb)]
+        if quantization == "int8":
+            cb, scb = quantize_rows(ckpt[name + ".weight"])
+            want += [cb, scb_bits(scb)]
+        else:
+            packed, absmax = quantize_rows_4bit(ckpt[name + ".weight"], quantization, 32)
+            want += [packed, absmax_bits(absmax)]
+    stored = "torch.int8" if quantization == "int8" else "torch.uint8"
     assert all(r["int8"]["digest"] == _digest(want) for r in ranks)
-    assert all(r["int8"]["dtypes"] == ["torch.int32", "torch.int8"] for r in ranks)
+    assert all(r["int8"]["dtypes"] == ["torch.int32", stored] for r in ranks)
     total = info["total_bytes"]
     assert total == sum(t.numel() * t.element_size() for t in want)
     shard = n if ranks[0]["backend"] in ("fsdp2", "zero3") else 1
-    assert sum(r["int8"]["local_bytes"] for r in ranks) == total * n // shard
-    assert all(abs(r["int8"]["local_bytes"] - total / shard) <= 0.02 * total for r in ranks)
+    held = sum(r["int8"]["local_bytes"] for r in ranks)
+    padding = 4 * n * 2 * N if ranks[0]["backend"] == "zero3" and n % 2 else 0  # ZeRO-3's equal partitions
+    assert total * n // shard <= held <= total * n // shard + padding, (held, total)
+    # FSDP2 splits rows in chunks of ceil(rows / n): the tiny model's 16-row k/v on 3 ranks
+    # are 6, 6, 4 rows; within 6% of an even split then, 2% otherwise.
+    slack = 0.06 if n % 2 else 0.02
+    assert all(abs(r["int8"]["local_bytes"] - total / shard) <= slack * total for r in ranks)
     for r in ranks:
         fwd = r["int8_forward"]
-        assert fwd["weight_dtype"] == "torch.int8" and fwd["scb_dtype"] == "torch.int32", fwd
+        assert fwd["weight_dtype"] == stored and fwd["scb_dtype"] == "torch.int32", fwd
         assert fwd["weight_type"] != "DTensor" and torch.Size(fwd["weight_shape"]).numel() > 0, fwd
 
 
@@ -180,6 +208,9 @@ def test_prune_event_removed_and_freed_adapters_on_every_rank(ranks):
         assert abs(before_loss - after_loss) < 1e-5, r["prune_losses"]  # continuity at the prune event
         assert r["n_trainable"] == 2 * K
         before, after = r["memory"]["before"], r["memory"]["after"]
+        if n % 2:  # 3 ranks: uneven shards (FSDP2's ceil(rows / n) chunks, ZeRO's padded partitions)
+            assert all(after[k] < before[k] for k in ("trainable_param_bytes", "optimizer_state_bytes")), r
+            continue
         if backend.startswith("zero"):
             # ZeRO: fp32 master partition and Adam moments of 1/n of the (kept) adapters, one
             # 4-byte step per flat group; the adapters themselves are partitioned in stage 3.
@@ -195,6 +226,12 @@ def test_prune_event_removed_and_freed_adapters_on_every_rank(ranks):
         # AdamW state: exp_avg + exp_avg_sq of each (sharded) tensor + a 4-byte step each.
         assert after["optimizer_state_bytes"] == 2 * kept_bytes // shard + 4 * 2 * K
         assert before["optimizer_state_bytes"] == 2 * ALL_ADAPTER_BYTES // shard + 4 * 2 * N
+    if n % 2:
+        # Together the ranks hold every adapter element once (ZeRO: plus each tensor's
+        # padding to a multiple of n elements, 4 bytes each).
+        for phase, total, tensors in (("before", ALL_ADAPTER_BYTES, 2 * N), ("after", kept_bytes, 2 * K)):
+            held = sum(r["memory"][phase]["trainable_param_bytes"] for r in ranks)
+            assert total <= held <= total + 4 * n * tensors, (phase, held, total)
 
 
 def test_no_hooks_left_behind_by_a_rebuilt_engine(ranks):

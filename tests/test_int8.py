@@ -124,7 +124,7 @@ def test_storage_survives_mixed_precision_casts():
 def test_training_on_int8_equals_training_on_its_dequantised_weights(tiny_dir, tmp_path):
     """A whole run (selection, prune event, LoRA on K) on the 8-bit base and on a float
     checkpoint of its dequantised weights: same kept adapters, same training losses.
-    (tests/test_distributed.py compares the 8-bit runs on 2 and 4 ranks with this one.)"""
+    (tests/test_distributed.py compares the 8-bit runs on 2 ranks with this one.)"""
     deq = tmp_path / "dequantised"
     shutil.copytree(tiny_dir / "model", deq)
     state = load_file(str(deq / "model.safetensors"))

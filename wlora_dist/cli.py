@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", choices=["fsdp2", "zero", "replicated"], help="default fsdp2, or what --config resolves to"
     )
     pl.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="with --backend zero (default 3)")
-    pl.add_argument("--base", choices=["bf16", "int8"], help="frozen base dtype (default bf16)")
+    pl.add_argument(
+        "--base", choices=["bf16", "int8", "nf4"], help="frozen base: bf16 (default), int8, or nf4 (bnb 4-bit)"
+    )
     pl.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     pl.add_argument("--targets", help="comma-separated linears with adapters (default all seven)")
     pl.add_argument("--k", type=int, help="adapters kept after the prune event (default 32)")

@@ -69,7 +69,7 @@ class Backend(ABC):
         An 8-bit base is built on meta and filled tensor by tensor in prepare(), its weights
         quantised as they are read: never a whole float copy of the model."""
         self.model_path = cfg.path
-        if cfg.quantization == "int8":
+        if cfg.quantization != "none":
             return build_on_meta(cfg, self.env.device)
         return load_base_model(cfg, self.env.device)
 

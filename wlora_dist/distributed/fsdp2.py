@@ -45,7 +45,7 @@ class FSDP2Backend(Backend):
 
     def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
         self.model_path = cfg.path
-        if not cfg.sharded_loading and cfg.quantization != "int8":
+        if not cfg.sharded_loading and cfg.quantization == "none":
             return super().load_base(cfg)
         return build_on_meta(cfg, self.env.device)  # filled shard by shard in prepare()
 

@@ -87,7 +87,7 @@ class ZeROBackend(Backend):
         one is built with Int8Linear and each rank fills its own partitions, quantising
         the rows it reads. Stages 1/2 replicate the base (an 8-bit one streamed in by
         Backend.load_base / prepare)."""
-        if self.stage == 3 and cfg.quantization == "int8":
+        if self.stage == 3 and cfg.quantization != "none":
             self._init_comm()
             model = build_zero3_partitioned(cfg, self.env.device, copy.deepcopy(self.ds_config))
             self.load_stats = fill_zero3_partitions(model, cfg.path)

@@ -207,8 +207,8 @@ def check_checkpoint_quantization(folder: str, quantization: str) -> None:
     saved = checkpoint_quantization(folder)
     if saved == "4bit":
         raise UserError(
-            f"model.path={folder!r} is saved in bitsandbytes 4-bit, which is not supported; "
-            "give the bf16/fp16 folder (with model.quantization: int8 for an 8-bit base)"
+            f"model.path={folder!r} is saved in bitsandbytes 4-bit, which is not read as it is yet; "
+            "give the bf16/fp16 folder (with model.quantization: nf4 / fp4 for a 4-bit base, quantised as it loads)"
         )
     if saved == "int8" and quantization != "int8":
         raise UserError(

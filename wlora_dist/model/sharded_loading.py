@@ -34,6 +34,7 @@ from wlora_dist.model.loading import (
     resolve_dtype,
     unreadable_weights_are_user_errors,
 )
+from wlora_dist.model.nf4 import Linear4bit, to_4bit_linears
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,17 @@ def build_on_meta(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_config(
             config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
         )
+    quantize_linears(model, cfg)
+    return _finish(model, cfg)
+
+
+def quantize_linears(model: nn.Module, cfg: ModelConfig) -> None:
+    """Swap the (empty) linears for the quantised kind model.quantization asks for."""
     if cfg.quantization == "int8":
         to_int8_linears(model, cfg.int8_skip_modules, cfg.int8_threshold)
-    return _finish(model, cfg)
+    elif cfg.quantization in ("nf4", "fp4"):
+        compute = None if cfg.bnb_4bit_compute_dtype == "auto" else getattr(torch, cfg.bnb_4bit_compute_dtype)
+        to_4bit_linears(model, cfg.int8_skip_modules, cfg.quantization, cfg.bnb_4bit_blocksize, compute)
 
 
 def build_zero3_partitioned(cfg: ModelConfig, device: torch.device, ds_config: dict) -> PreTrainedModel:
@@ -86,8 +95,7 @@ def build_zero3_partitioned(cfg: ModelConfig, device: torch.device, ds_config: d
         model = AutoModelForCausalLM.from_config(
             config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
         )
-        if cfg.quantization == "int8":
-            to_int8_linears(model, cfg.int8_skip_modules, cfg.int8_threshold)
+        quantize_linears(model, cfg)
     return _finish(model, cfg)
 
 
@@ -121,6 +129,10 @@ class CheckpointReader:
         self.path = model_path
         self.files = _checkpoint_files(Path(os.path.expanduser(model_path)))
         self.int8 = {name.replace(".base_layer", "") for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+        self.four_bit = {
+            name.replace(".base_layer", ""): m for name, m in model.named_modules() if isinstance(m, Linear4bit)
+        }
+        self._last_4bit: tuple[tuple[str, int, int], dict[str, torch.Tensor]] | None = None
         self.handles: dict[Path, object] = {}
         self.bytes_read = 0
         self.tensors = 0
@@ -132,6 +144,8 @@ class CheckpointReader:
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) (dim 0) of parameter ``name`` (peft's ``.base_layer.`` removed)."""
         module, _, leaf = name.rpartition(".")
+        if module in self.four_bit and leaf in Linear4bit.PACKED:
+            return self._rows_4bit(module, leaf, start, stop)
         if module not in self.int8 or leaf not in ("weight", "SCB"):  # a bias (Qwen2's q/k/v) is read as it is
             return self._read(name, start, stop)
         if module + ".SCB" in self.files:  # saved in bnb 8-bit: read as it is
@@ -145,6 +159,26 @@ class CheckpointReader:
         cols = math.prod(shape[1:]) if len(shape) > 1 else 1
         r0, r1 = start // cols, -(-stop // cols)
         return self.rows(name, r0, r1).reshape(-1)[start - r0 * cols : stop - r0 * cols]
+
+    def _rows_4bit(self, module: str, leaf: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of a Linear4bit's packed codes or absmax, quantised from the float rows. The
+        module's rows quantised so far are kept (rows quantise independently), so its codes
+        and absmax cost one read even where a ZeRO-3 flat partition of each covers other
+        rows (they map to rows differently)."""
+        layer = self.four_bit[module]
+        cached = self._last_4bit
+        if cached is None or cached[0][0] != module:
+            lo, hi, parts = start, stop, layer.quantize(self._read(module + ".weight", start, stop))
+        else:
+            (_, lo, hi), parts = cached
+            if start < lo:
+                new = layer.quantize(self._read(module + ".weight", start, lo))
+                parts, lo = {k: torch.cat([new[k], parts[k]]) for k in parts}, start
+            if stop > hi:
+                new = layer.quantize(self._read(module + ".weight", hi, stop))
+                parts, hi = {k: torch.cat([parts[k], new[k]]) for k in parts}, stop
+        self._last_4bit = ((module, lo, hi), parts)
+        return parts[leaf][start - lo : stop - lo]
 
     def _quantized(self, module: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (module, start, stop)

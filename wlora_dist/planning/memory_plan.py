@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 GiB = 2**30
 LINEARS = LLAMA_LINEARS  # the module kinds of a Llama decoder layer
 ALL_KINDS = (*LLAMA_LINEARS, *FUSED_LINEARS)  # every linear name of the supported families
+QUANTISED = ("int8", "nf4")  # planner bases stored quantised (gathered as stored, not cast)
+QUANT_BASE = {"int8": "int8", "nf4": "nf4", "fp4": "nf4"}  # model.quantization -> planner base
 
 
 # model_type of the families whose attention and MLP input projections are fused
@@ -124,7 +126,8 @@ class PlanInput:
     shape: ModelShape
     world_size: int = 1
     backend: BackendSpec = BackendSpec("fsdp2")  # noqa: RUF009 (frozen: a shared default is safe)
-    base: Literal["bf16", "fp32", "int8"] = "bf16"
+    base: Literal["bf16", "fp32", "int8", "nf4"] = "bf16"  # nf4: bnb 4-bit, fp4 the same size
+    blocksize_4bit: int = 64  # model.bnb_4bit_blocksize: one float32 absmax per this many weights
     compute: Literal["bf16", "fp32"] = "bf16"  # activations (autocast / FSDP2 param_dtype)
     lora_rank: int = 16
     targets: tuple[str, ...] = ALL_KINDS  # those the model has are counted
@@ -210,7 +213,7 @@ def _compute_bytes(inp: PlanInput) -> int:
 
 
 def _float_bytes(inp: PlanInput) -> int:
-    return 4 if inp.base == "fp32" or (inp.base == "int8" and inp.compute == "fp32") else 2
+    return 4 if inp.base == "fp32" or (inp.base in QUANTISED and inp.compute == "fp32") else 2
 
 
 def base_param_bytes(inp: PlanInput) -> tuple[int, int, int]:
@@ -219,10 +222,18 @@ def base_param_bytes(inp: PlanInput) -> tuple[int, int, int]:
     s, fb = inp.shape, _float_bytes(inp)
     per_layer = 0
     for _, (i, o) in s.linear_dims().items():
-        per_layer += i * o + 4 * o if inp.base == "int8" else i * o * fb  # int8 + fp32 row scales
+        if inp.base == "int8":
+            per_layer += i * o + 4 * o  # int8 + fp32 row scales
+        elif inp.base == "nf4":
+            per_layer += i * o // 2 + 4 * (i * o // inp.blocksize_4bit)  # packed codes + fp32 block absmax
+        else:
+            per_layer += i * o * fb
     per_layer += 2 * s.hidden * fb  # two RMSNorm weights
     lm_head = s.vocab * s.hidden
-    lm_bytes = lm_head * (fb if inp.base != "int8" or "lm_head" in inp.int8_skip else 1)
+    if inp.base not in QUANTISED or "lm_head" in inp.int8_skip:
+        lm_bytes = lm_head * fb
+    else:
+        lm_bytes = lm_head if inp.base == "int8" else lm_head // 2 + 4 * (lm_head // inp.blocksize_4bit)
     root = s.vocab * s.hidden * fb + s.hidden * fb + (0 if s.tied else lm_bytes)
     return per_layer * s.layers, root, per_layer
 
@@ -372,7 +383,7 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         # gathered one at a time, the next one prefetched. ZeRO-3 gathers by module too.
         gathered_root = int((root_b if inp.shape.tied else root_b - 2 * head) * cast)
         gathered_head = 0 if inp.shape.tied else int(head * cast)
-        gathered_layer = int(one_layer * (1.0 if inp.base == "int8" else cast))
+        gathered_layer = int(one_layer * (1.0 if inp.base in QUANTISED else cast))
     moments = {
         # Measured (plan_check, FSDP2): the lm_head is gathered by the time the loss's
         # buffers peak, its backward being next.
@@ -407,14 +418,14 @@ def plan(inp: PlanInput) -> Plan:
 def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     """Settings that fit ``inp.gpu_gib`` for the whole run, fastest first by rule of thumb:
     no offload (it moves every shard over PCIe each step) over offload, a bf16 base over
-    int8 (~2x per token at 1B, docs/measurements.md), no activation checkpointing over
+    int8 (~2x per token at 1B, docs/measurements.md) over nf4, no activation checkpointing over
     checkpointing, a larger micro-batch (up to the one asked for) over a smaller one."""
     found: list[tuple[tuple, str, Plan]] = []
     kinds = [BackendSpec("fsdp2"), BackendSpec("zero", 3), BackendSpec("zero", 2)]
     if inp.world_size == 1:
         kinds = [BackendSpec("replicated"), *kinds]
     for order, spec in enumerate(kinds):
-        for base in ("bf16", "int8"):
+        for base in ("bf16", "int8", "nf4"):
             for offload in (False, True):
                 for ckpt in (False, True):
                     mb = inp.micro_batch
@@ -428,7 +439,7 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
                         )
                         p = plan(cand)
                         if p.fits_before and p.fits_after:
-                            cost = (offload, base == "int8", ckpt, -mb, order, p.before.total)
+                            cost = (offload, ("bf16", "int8", "nf4").index(base), ckpt, -mb, order, p.before.total)
                             found.append((cost, describe_settings(cand), p))
                             break
                         mb //= 2
@@ -518,7 +529,8 @@ def run_plan_input(
         shape,
         world_size=world_size,
         backend=backend,
-        base="int8" if cfg.model.quantization == "int8" else float_base,  # type: ignore[arg-type]
+        base=QUANT_BASE.get(cfg.model.quantization, float_base),  # type: ignore[arg-type]
+        blocksize_4bit=cfg.model.bnb_4bit_blocksize,
         compute="bf16" if on_gpu and cfg.train.mixed_precision in ("auto", "bf16") else "fp32",
         lora_rank=cfg.adapter.lora_rank << cfg.selection.rounds,  # WeightLoRA+: the final rank
         targets=tuple(cfg.adapter.target_modules),

@@ -1,0 +1,157 @@
+"""The 4-bit base (nf4.py): bitsandbytes' NF4 / FP4 numbers, in parameters FSDP2 and ZeRO-3
+can shard (the 2- and 3-rank runs are cases of tests/test_distributed.py)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wlora_dist.config import AdapterConfig, ConfigError, ModelConfig, config_from_dict
+from wlora_dist.errors import UserError
+from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.nf4 import Linear4bit, quantize_rows_4bit
+from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
+
+from .conftest import tiny_config_dict
+from .helpers import dequantised_twin, int8_modules
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny64_dir(tmp_path_factory) -> Path:
+    """The tiny Llama at hidden size 64: transformers' 4-bit loader fixes the block size at
+    64, which must divide every linear's input (the suite's tiny model has 32)."""
+    from wlora_dist.model.tiny import write_default
+
+    return write_default(tmp_path_factory.mktemp("tiny64"), rows=50, hidden=64, layers=2, seed=0)
+
+
+def _4bit_wl(model_dir: Path, quant_type: str = "nf4") -> WeightLoRA:
+    cfg = ModelConfig(path=str(model_dir), quantization=quant_type)
+    wl = WeightLoRA.attach(build_on_meta(cfg, CPU), AdapterConfig(lora_rank=4, lora_alpha=8))
+    materialize_sharded(wl, str(model_dir), CPU, 0)
+    return wl
+
+
+def _bnb_model(model_dir: Path, quant_type: str):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.float32)
+
+
+def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 200, (2, 24), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantised_on_load_bitwise_as_transformers_load_in_4bit_with_the_same_logits(tiny64_dir, quant_type):
+    """Row by row on load, the packed codes and absmax are bitwise what transformers +
+    bitsandbytes `load_in_4bit` make of the whole weight, and the logits are theirs."""
+    wl = _4bit_wl(tiny64_dir / "model", quant_type)
+    ours = int8_modules(wl.peft_model)
+    theirs = _bnb_model(tiny64_dir / "model", quant_type)
+    assert len(ours) == 14 and "lm_head" not in ours
+    for name, m in ours.items():
+        ref = theirs.get_submodule(name).weight
+        assert isinstance(m, Linear4bit) and m.weight.dtype == torch.uint8 and m.absmax.dtype == torch.int32
+        assert torch.equal(m.weight.reshape(-1), ref.data.reshape(-1)), name
+        assert torch.equal(m.absmax.view(torch.float32).reshape(-1), ref.quant_state.absmax), name
+    # In train mode: in eval bnb repacks the weight on CPU for an AVX512-BF16 kernel
+    # (packing_format_for_cpu), another computation, not another model.
+    theirs.train()
+    with torch.no_grad(), wl.peft_model.disable_adapter():
+        logits = wl.peft_model(input_ids=_batch()["input_ids"]).logits
+    with torch.no_grad():
+        want = theirs(input_ids=_batch()["input_ids"]).logits
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+
+
+def test_a_ranks_rows_quantise_as_inside_the_whole_weight():
+    w = torch.randn(40, 192)
+    packed, absmax = quantize_rows_4bit(w, "nf4", 64)
+    part_p, part_a = quantize_rows_4bit(w[13:29], "nf4", 64)
+    assert packed.shape == (40, 96) and absmax.shape == (40, 3)
+    assert torch.equal(part_p, packed[13:29]) and torch.equal(part_a, absmax[13:29])
+
+
+def test_loss_and_adapter_and_gate_gradients_match_a_dequantised_reference(tiny64_dir):
+    """Same adapters on the NF4 base and on a float base holding its dequantised weights:
+    the same loss and gradients of every A, B and gate (float32, tolerance 1e-5)."""
+    wl4 = _4bit_wl(tiny64_dir / "model")
+    wlf = dequantised_twin(wl4, tiny64_dir / "model")
+    losses = []
+    for wl in (wl4, wlf):
+        wl.peft_model.train()
+        loss = wl.peft_model(**_batch()).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wl4.gates.grad, wlf.gates.grad, rtol=1e-5, atol=1e-6)
+    for p4, pf in zip(wl4.trainable_parameters(), wlf.trainable_parameters(), strict=True):
+        assert p4.grad is not None and float(p4.grad.abs().max()) > 0
+        torch.testing.assert_close(p4.grad, pf.grad, rtol=1e-5, atol=1e-6)
+    frozen = [p for m in int8_modules(wl4.peft_model).values() for p in (m.weight, m.absmax)]
+    assert all(not p.requires_grad and p.grad is None for p in frozen)
+
+
+def test_4bit_settings_are_checked(tiny_dir, tmp_path):
+    def cfg(**model):
+        raw = tiny_config_dict(tiny_dir, tmp_path / "run")
+        raw["model"].update(quantization="nf4", **model)
+        return config_from_dict(raw)
+
+    with pytest.raises(ConfigError, match=r"bnb_4bit_use_double_quant: true is not supported yet"):
+        cfg(bnb_4bit_use_double_quant=True)
+    with pytest.raises(ConfigError, match=r"bnb_4bit_blocksize: 48 must be a power of two"):
+        cfg(bnb_4bit_blocksize=48)
+    with pytest.raises(UserError, match=r"has 32 input features, not a multiple of model.bnb_4bit_blocksize=64"):
+        build_on_meta(cfg().model, CPU)
+
+
+def test_the_planner_counts_the_4bit_base_as_stored(tiny64_dir):
+    """`wlora-dist plan --base nf4`: packed codes (half a byte per weight) and one float32
+    absmax per block, the byte count the model really stores."""
+    from wlora_dist.planning.memory_plan import PlanInput, base_param_bytes, shape_from
+
+    model = build_on_meta(ModelConfig(path=str(tiny64_dir / "model"), quantization="nf4"), CPU)
+    stored = sum(p.numel() * p.element_size() for p in model.parameters())
+    layers, root, _ = base_param_bytes(PlanInput(shape_from(str(tiny64_dir / "model")), base="nf4", compute="fp32"))
+    assert layers + root == stored
+
+
+def test_trained_on_nf4_its_adapter_loads_on_the_float_and_on_a_bnb_4bit_base(tiny64_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .helpers import train_in_process
+
+    _, result = train_in_process(
+        tiny64_dir,
+        tmp_path,
+        model={"path": str(tiny64_dir / "model"), "quantization": "nf4"},
+        selection={"steps": 2, "k": 3},
+        train={"max_steps": 4},
+    )
+    assert all(torch.isfinite(torch.tensor([h["loss"] for h in result.history])))
+    ids = _batch()["input_ids"]
+    for base in (
+        AutoModelForCausalLM.from_pretrained(str(tiny64_dir / "model")),
+        _bnb_model(tiny64_dir / "model", "nf4"),
+    ):
+        model = PeftModel.from_pretrained(base, str(result.adapter_dir))
+        assert sum("lora_A" in n for n, _ in model.named_parameters()) == 3
+        model.train()  # bnb's CPU eval path repacks the weight (see above)
+        with torch.no_grad():
+            tuned = model(input_ids=ids).logits
+            with model.disable_adapter():
+                plain = model(input_ids=ids).logits
+        assert (tuned - plain).abs().max() > 1e-4  # the trained adapters act on either base
