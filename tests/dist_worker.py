@@ -92,6 +92,15 @@ def int8_info(trainer):
         "total_bytes": sum(torch.Size(s).numel() * p.element_size() for s, p in zip(shapes, params, strict=True)),
         "dtypes": sorted({str(getattr(p, "ds_tensor", p).dtype) for p in params}),
         "digest": digest(trainer.backend.gather_full(params)),
+        # Double quantisation's second-level state: buffers every rank keeps whole.
+        "nested_digest": digest(
+            [
+                b
+                for _, m in mods
+                for b in (getattr(m, "nested_absmax", None), getattr(m, "nested_offset", None))
+                if b is not None
+            ]
+        ),
     }
 
 
@@ -156,7 +165,7 @@ def run(cfg, env) -> Trainer:
             {float(st["step"]) for st in getattr(trainer.backend.optimizer, "state", {}).values() if "step" in st}
         ),
         "backend": trainer.backend.name,
-        "quantization": cfg.model.quantization,
+        "quantization": cfg.model.quantization + ("-dq" if cfg.model.bnb_4bit_use_double_quant else ""),
         "base_local_bytes": sum(local_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad),
         "base_total_bytes": sum(
             torch.Size(getattr(p, "ds_shape", p.shape)).numel() * p.element_size()

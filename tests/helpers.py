@@ -83,8 +83,10 @@ def dist_config(tiny_dir: Path, out: Path, backend: str, micro_batch: int, quant
         selection={"steps": 5, "k": K, "project_every": 5},
         train={"max_steps": 9, "grad_accum_steps": 2, "micro_batch_size": micro_batch},
     )
-    cfg["model"]["quantization"] = quantization
-    if quantization in ("nf4", "fp4"):
+    cfg["model"]["quantization"] = quantization.removesuffix("-dq")
+    if quantization.endswith("-dq"):  # bitsandbytes' double quantisation of the absmax
+        cfg["model"]["bnb_4bit_use_double_quant"] = True
+    if quantization.removesuffix("-dq") in ("nf4", "fp4"):
         cfg["model"]["bnb_4bit_blocksize"] = 32  # the tiny model's hidden size
     cfg["distributed"] = {"backend": backend}
     if backend.startswith("zero"):

@@ -40,10 +40,11 @@ CASES = [
     ("fsdp2", 2, "int8"),
     ("zero3", 2, "int8"),
     # The 4-bit base (packed NF4 codes + per-block absmax, Linear4bit), sharded on 2 and 3
-    # ranks; compared with the 1-process NF4 run.
+    # ranks; compared with the 1-process NF4 run. On 3 ranks with double quantisation (the
+    # absmax quantised once more over the whole layer: gathered from every rank's rows).
     ("fsdp2", 2, "nf4"),
-    ("fsdp2", 3, "nf4"),
-    ("zero3", 3, "nf4"),
+    ("fsdp2", 3, "nf4-dq"),
+    ("zero3", 3, "nf4-dq"),
 ]
 
 
@@ -160,17 +161,29 @@ def test_quantised_base_what_each_rank_holds(ranks, tiny_dir):
     n, info = len(ranks), ranks[0]["int8"]
     assert len(info["names"]) == N  # every linear of the decoder layers; lm_head kept float
     ckpt = load_file(str(tiny_dir / "model/model.safetensors"))
-    want = []
+    want, nested = [], []
     for name in info["names"]:
         if quantization == "int8":
             cb, scb = quantize_rows(ckpt[name + ".weight"])
             want += [cb, scb_bits(scb)]
+        elif quantization.endswith("-dq"):  # bnb's quantize_4bit(compress_statistics=True), whole weight
+            bnb = pytest.importorskip("bitsandbytes")
+            packed, state = bnb.functional.quantize_4bit(
+                ckpt[name + ".weight"], blocksize=32, compress_statistics=True, quant_type="nf4"
+            )
+            want += [packed.reshape(-1), state.absmax]
+            nested += [absmax_bits(state.state2.absmax), absmax_bits(state.offset.reshape(1))]
         else:
             packed, absmax = quantize_rows_4bit(ckpt[name + ".weight"], quantization, 32)
             want += [packed, absmax_bits(absmax)]
     stored = "torch.int8" if quantization == "int8" else "torch.uint8"
+    scale = "torch.uint8" if nested else "torch.int32"
     assert all(r["int8"]["digest"] == _digest(want) for r in ranks)
-    assert all(r["int8"]["dtypes"] == ["torch.int32", stored] for r in ranks)
+    if nested:  # the second-level state: whole on every rank, bnb's own numbers
+        assert all(r["int8"]["dtypes"] == ["torch.uint8"] for r in ranks)
+        assert all(r["int8"]["nested_digest"] == _digest(nested) for r in ranks)
+    else:
+        assert all(r["int8"]["dtypes"] == ["torch.int32", stored] for r in ranks)
     total = info["total_bytes"]
     assert total == sum(t.numel() * t.element_size() for t in want)
     shard = n if ranks[0]["backend"] in ("fsdp2", "zero3") else 1
@@ -183,7 +196,7 @@ def test_quantised_base_what_each_rank_holds(ranks, tiny_dir):
     assert all(abs(r["int8"]["local_bytes"] - total / shard) <= slack * total for r in ranks)
     for r in ranks:
         fwd = r["int8_forward"]
-        assert fwd["weight_dtype"] == stored and fwd["scb_dtype"] == "torch.int32", fwd
+        assert fwd["weight_dtype"] == stored and fwd["scb_dtype"] == scale, fwd
         assert fwd["weight_type"] != "DTensor" and torch.Size(fwd["weight_shape"]).numel() > 0, fwd
 
 

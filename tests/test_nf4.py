@@ -27,23 +27,39 @@ def tiny64_dir(tmp_path_factory) -> Path:
     return write_default(tmp_path_factory.mktemp("tiny64"), rows=50, hidden=64, layers=2, seed=0)
 
 
-def _4bit_wl(model_dir: Path, quant_type: str = "nf4") -> WeightLoRA:
-    cfg = ModelConfig(path=str(model_dir), quantization=quant_type)
+def _4bit_wl(model_dir: Path, quant_type: str = "nf4", **model) -> WeightLoRA:
+    cfg = ModelConfig(path=str(model_dir), quantization=quant_type, **model)
     wl = WeightLoRA.attach(build_on_meta(cfg, CPU), AdapterConfig(lora_rank=4, lora_alpha=8))
     materialize_sharded(wl, str(model_dir), CPU, 0)
     return wl
 
 
-def _bnb_model(model_dir: Path, quant_type: str):
+def _bnb_model(model_dir: Path, quant_type: str, double_quant: bool = False):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     q = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=False,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32,
     )
     return AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def saved_4bit(tiny64_dir, tmp_path_factory):
+    """The tiny model saved by transformers + bitsandbytes in 4-bit (nf4; double
+    quantisation off and on), made when first asked for."""
+    folders: dict[bool, Path] = {}
+
+    def get(double_quant: bool) -> Path:
+        if double_quant not in folders:
+            out = tmp_path_factory.mktemp(f"saved4-dq{int(double_quant)}")
+            _bnb_model(tiny64_dir / "model", "nf4", double_quant).save_pretrained(str(out))
+            folders[double_quant] = out
+        return folders[double_quant]
+
+    return get
 
 
 def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -73,6 +89,82 @@ def test_quantised_on_load_bitwise_as_transformers_load_in_4bit_with_the_same_lo
     with torch.no_grad():
         want = theirs(input_ids=_batch()["input_ids"]).logits
     torch.testing.assert_close(logits, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", ["float folder", "saved 4-bit folder"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["dq-off", "dq-on"])
+def test_read_or_quantised_bitwise_as_load_in_4bit_with_and_without_double_quant(
+    tiny64_dir, saved_4bit, source, double_quant
+):
+    """Quantised on load from the float folder, or read as it is from a folder transformers
+    saved in 4-bit: the codes, absmax and (double quantisation) the nested absmax and offset
+    are bitwise transformers' `load_in_4bit`, and so are the logits."""
+    path = tiny64_dir / "model" if source == "float folder" else saved_4bit(double_quant)
+    wl = _4bit_wl(path, bnb_4bit_use_double_quant=double_quant)
+    theirs = _bnb_model(tiny64_dir / "model", "nf4", double_quant)
+    for name, m in int8_modules(wl.peft_model).items():
+        ref, state = theirs.get_submodule(name).weight, theirs.get_submodule(name).weight.quant_state
+        assert m.double_quant == double_quant and m.absmax.dtype == (torch.uint8 if double_quant else torch.int32)
+        assert torch.equal(m.weight.reshape(-1), ref.data.reshape(-1)), name
+        if double_quant:
+            assert torch.equal(m.absmax.reshape(-1), state.absmax), name
+            assert torch.equal(m.nested_absmax.view(torch.float32), state.state2.absmax), name
+            assert torch.equal(m.nested_offset.view(torch.float32).reshape(()), state.offset), name
+        else:
+            assert torch.equal(m.absmax.view(torch.float32).reshape(-1), state.absmax), name
+    theirs.train()  # see above
+    ids = _batch()["input_ids"]
+    with torch.no_grad(), wl.peft_model.disable_adapter():
+        logits = wl.peft_model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["dq-off", "dq-on"])
+def test_zero3_partitions_and_fsdp2_rows_of_a_saved_4bit_folder_are_the_quantised_ones(
+    tiny64_dir, saved_4bit, double_quant
+):
+    """What FSDP2 (rows) and ZeRO-3 (flat element ranges, ending mid-row) read from a
+    4-bit folder equals what they quantise from the float folder, for every split."""
+    from wlora_dist.model.sharded_loading import CheckpointReader
+
+    cfg = ModelConfig(path=str(tiny64_dir / "model"), quantization="nf4", bnb_4bit_use_double_quant=double_quant)
+    model = build_on_meta(cfg, CPU)
+    model.to_empty(device=CPU)
+    readers = [CheckpointReader(str(p), model) for p in (tiny64_dir / "model", saved_4bit(double_quant))]
+    name = "model.layers.1.mlp.down_proj"  # 64 rows of 128 inputs: 64 codes bytes, 2 blocks per row
+    for leaf in ("weight", "absmax"):
+        for r in readers:
+            r.prepare(f"{name}.{leaf}")
+        shape = model.get_submodule(name).get_parameter(leaf).shape
+        for start, stop in [(0, 64), (5, 17), (40, 64)]:
+            a, b = (r.rows(f"{name}.{leaf}", start, stop) for r in readers)
+            assert a.dtype == b.dtype and torch.equal(a, b), (leaf, start, stop)
+        numel = shape.numel()
+        for start, stop in [(0, numel // 3), (numel // 3, 2 * numel // 3 + 1), (2 * numel // 3 + 1, numel)]:
+            a, b = (r.flat(f"{name}.{leaf}", start, stop, shape) for r in readers)
+            assert torch.equal(a, b), (leaf, start, stop)
+    # The folder's packed codes are read, not a float weight: 64 rows x 64 bytes.
+    fresh = CheckpointReader(str(saved_4bit(double_quant)), model)
+    fresh.rows(f"{name}.weight", 0, 64)
+    assert fresh.bytes_read == 64 * 64
+
+
+def test_a_saved_4bit_folder_with_other_settings_is_refused_naming_them(tiny64_dir, saved_4bit, tmp_path):
+    from wlora_dist.model.int8 import check_checkpoint_quantization
+
+    folder = str(saved_4bit(True))
+    with pytest.raises(UserError, match=r"set model.quantization: nf4, model.bnb_4bit_use_double_quant: true to"):
+        check_checkpoint_quantization(ModelConfig(path=folder))
+    with pytest.raises(UserError, match=r"nf4, blocksize 64, double quantisation on.*set model.bnb_4bit_blocksize: 64"):
+        check_checkpoint_quantization(
+            ModelConfig(path=folder, quantization="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_blocksize=128)
+        )
+    with pytest.raises(UserError, match=r"set model.quantization: nf4 to"):
+        check_checkpoint_quantization(ModelConfig(path=str(saved_4bit(False)), quantization="fp4"))
+    # A module the folder stores in 4-bit but the run would keep in model.dtype.
+    with pytest.raises(UserError, match=r"down_proj is stored in 4-bit there.*out of model.int8_skip_modules"):
+        _4bit_wl(saved_4bit(True), bnb_4bit_use_double_quant=True, int8_skip_modules=["lm_head", "down_proj"])
 
 
 def test_a_ranks_rows_quantise_as_inside_the_whole_weight():
@@ -109,22 +201,27 @@ def test_4bit_settings_are_checked(tiny_dir, tmp_path):
         raw["model"].update(quantization="nf4", **model)
         return config_from_dict(raw)
 
-    with pytest.raises(ConfigError, match=r"bnb_4bit_use_double_quant: true is not supported yet"):
-        cfg(bnb_4bit_use_double_quant=True)
+    assert cfg(bnb_4bit_use_double_quant=True).model.bnb_4bit_use_double_quant
     with pytest.raises(ConfigError, match=r"bnb_4bit_blocksize: 48 must be a power of two"):
         cfg(bnb_4bit_blocksize=48)
     with pytest.raises(UserError, match=r"has 32 input features, not a multiple of model.bnb_4bit_blocksize=64"):
         build_on_meta(cfg().model, CPU)
 
 
-def test_the_planner_counts_the_4bit_base_as_stored(tiny64_dir):
+@pytest.mark.parametrize("double_quant", [False, True], ids=["dq-off", "dq-on"])
+def test_the_planner_counts_the_4bit_base_as_stored(tiny64_dir, double_quant):
     """`wlora-dist plan --base nf4`: packed codes (half a byte per weight) and one float32
-    absmax per block, the byte count the model really stores."""
+    absmax per block, or under double quantisation one byte per block plus the nested state
+    (4 bytes per 256 blocks and the offset): the byte count the model really stores."""
     from wlora_dist.planning.memory_plan import PlanInput, base_param_bytes, shape_from
 
-    model = build_on_meta(ModelConfig(path=str(tiny64_dir / "model"), quantization="nf4"), CPU)
-    stored = sum(p.numel() * p.element_size() for p in model.parameters())
-    layers, root, _ = base_param_bytes(PlanInput(shape_from(str(tiny64_dir / "model")), base="nf4", compute="fp32"))
+    cfg = ModelConfig(path=str(tiny64_dir / "model"), quantization="nf4", bnb_4bit_use_double_quant=double_quant)
+    model = build_on_meta(cfg, CPU)
+    nested = [b for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers(recurse=False)]
+    assert len(nested) == (28 if double_quant else 0)
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *nested])
+    inp = PlanInput(shape_from(str(tiny64_dir / "model")), base="nf4", compute="fp32", double_quant_4bit=double_quant)
+    layers, root, _ = base_param_bytes(inp)
     assert layers + root == stored
 
 

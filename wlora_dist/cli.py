@@ -152,6 +152,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         base = run_plan_input(cfg, shape_from(model), args.world_size, resolve_backend(cfg.distributed))
         keys = ("backend", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
         keys += ("micro_batch", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
+        keys += ("blocksize_4bit", "double_quant_4bit")
         kw = {k: getattr(base, k) for k in keys}
     elif args.accelerate_config:
         raise UserError("--accelerate-config needs --config (the run config it launches)")
@@ -164,6 +165,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         kw["backend"] = BackendSpec(kind, stage, given.offload if args.offload is None else args.offload)
     flags = {
         "base": args.base,
+        "double_quant_4bit": args.double_quant,
         "lora_rank": args.rank,
         "targets": tuple(args.targets.split(",")) if args.targets else None,
         "k": args.k,
@@ -304,6 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="with --backend zero (default 3)")
     pl.add_argument(
         "--base", choices=["bf16", "int8", "nf4"], help="frozen base: bf16 (default), int8, or nf4 (bnb 4-bit)"
+    )
+    pl.add_argument(
+        "--double-quant",
+        action="store_true",
+        default=None,
+        help="with --base nf4: bitsandbytes' double quantisation of the absmax (model.bnb_4bit_use_double_quant)",
     )
     pl.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     pl.add_argument("--targets", help="comma-separated linears with adapters (default all seven)")

@@ -203,13 +203,15 @@ def checkpoint_quantization(folder: str) -> str:
     return "none"
 
 
-def check_checkpoint_quantization(folder: str, quantization: str) -> None:
+def check_checkpoint_quantization(cfg) -> None:
+    """A folder saved quantised is trained only with the matching model.* settings
+    (``cfg``: the run's ModelConfig)."""
+    folder, quantization = cfg.path, cfg.quantization
     saved = checkpoint_quantization(folder)
     if saved == "4bit":
-        raise UserError(
-            f"model.path={folder!r} is saved in bitsandbytes 4-bit, which is not read as it is yet; "
-            "give the bf16/fp16 folder (with model.quantization: nf4 / fp4 for a 4-bit base, quantised as it loads)"
-        )
+        from wlora_dist.model.nf4 import check_saved_4bit
+
+        check_saved_4bit(cfg)
     if saved == "int8" and quantization != "int8":
         raise UserError(
             f"model.path={folder!r} is saved in bitsandbytes 8-bit; set model.quantization: int8 to train on it "

@@ -129,7 +129,7 @@ def load_tokenizer(cfg: ModelConfig):
 def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     """The frozen base in ``model.dtype``; every base parameter has requires_grad False."""
     check_model_path(cfg.path)
-    check_checkpoint_quantization(cfg.path, cfg.quantization)
+    check_checkpoint_quantization(cfg)
     with unreadable_weights_are_user_errors(cfg.path):
         model = AutoModelForCausalLM.from_pretrained(
             os.path.expanduser(cfg.path),

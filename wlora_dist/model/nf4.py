@@ -22,9 +22,16 @@ backward is the input gradient only, through ``dequantize_4bit`` (a frozen base 
 weight gradient, and bnb's autograd keeps the weight in ``ctx`` where activation
 checkpointing cannot drop it).
 
-Not here yet: double quantisation (bnb_4bit_use_double_quant: its second-level statistics
-are taken over blocks that cross rows and over the whole tensor's mean, so a rank cannot
-compute them from its rows alone), and reading a folder saved by transformers in 4-bit.
+Double quantisation (``bnb_4bit_use_double_quant``, QLoRA's): bnb quantises the float32
+absmax once more, minus their mean over the whole tensor, in blocks of 256 that cross
+rows. Then ``absmax`` holds those uint8 codes (still one per block, row-sharded with the
+weight) and the second-level state, 4 bytes per 256 blocks plus the mean, is two small
+buffers every rank keeps whole (``nested_absmax``, ``nested_offset``, float32 bits). A rank
+cannot compute them from its rows, so the loader gathers the first-level absmax of every
+row (float32, 1/16 of the packed codes) from all ranks first (sharded_loading.py).
+
+A folder saved by transformers in 4-bit is read as it is: its flat codes and absmax are
+row-major, so a rank's rows are a contiguous slice of each.
 """
 
 from __future__ import annotations
@@ -60,6 +67,35 @@ def absmax_bits(absmax: torch.Tensor) -> torch.Tensor:
     return absmax.float().contiguous().view(torch.int32)
 
 
+NESTED_BLOCKSIZE = 256  # bnb's block size for the second quantisation of the absmax
+
+
+def nested_blocks(out_features: int, in_features: int, blocksize: int) -> int:
+    return -(-(out_features * in_features // blocksize) // NESTED_BLOCKSIZE)
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bnb's second quantisation of a whole weight's float32 absmax [out, in/blocksize]
+    (``quantize_4bit(..., compress_statistics=True)``, the same operations on the same
+    flat tensor, so bitwise its numbers): (uint8 codes [out, in/blocksize], nested absmax
+    float32 [ceil(blocks / 256)], offset float32 [1])."""
+    functional = require_bitsandbytes().functional
+    flat = absmax.float().reshape(-1)
+    offset = flat.mean()
+    codes, state2 = functional.quantize_blockwise(flat - offset, blocksize=NESTED_BLOCKSIZE)
+    return codes.view(absmax.shape), state2.absmax.float(), offset.reshape(1)
+
+
+_DYNAMIC: dict[torch.device, torch.Tensor] = {}
+
+
+def _dynamic_map(device: torch.device) -> torch.Tensor:
+    """bnb's code for the nested absmax (what ``quantize_blockwise`` uses by default)."""
+    if device not in _DYNAMIC:
+        _DYNAMIC[device] = require_bitsandbytes().functional.create_dynamic_map().to(device)
+    return _DYNAMIC[device]
+
+
 class Linear4bit(nn.Linear):
     """A frozen NF4 / FP4 linear whose storage is two plain parameters (see the module doc).
     A subclass of nn.Linear, so peft wraps it with its ordinary lora.Linear."""
@@ -74,19 +110,25 @@ class Linear4bit(nn.Linear):
         quant_type: str = "nf4",
         blocksize: int = 64,
         compute_dtype: torch.dtype | None = None,
+        double_quant: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize = quant_type, blocksize
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.double_quant = compute_dtype, double_quant
         self.weight = nn.Parameter(
             torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device), requires_grad=False
         )
+        absmax_dtype = torch.uint8 if double_quant else torch.int32
         self.absmax = nn.Parameter(
-            torch.empty(out_features, in_features // blocksize, dtype=torch.int32, device=device), requires_grad=False
+            torch.empty(out_features, in_features // blocksize, dtype=absmax_dtype, device=device), requires_grad=False
         )
+        if double_quant:  # replicated: 4 bytes per 256 blocks (a 70B model's are 17 MB in all)
+            nested = nested_blocks(out_features, in_features, blocksize)
+            self.register_buffer("nested_absmax", torch.empty(nested, dtype=torch.int32, device=device))
+            self.register_buffer("nested_offset", torch.empty(1, dtype=torch.int32, device=device))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
         else:
@@ -96,20 +138,39 @@ class Linear4bit(nn.Linear):
         pass  # loaded from a checkpoint, never initialised
 
     def quantize(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This layer's stored tensors for float weight ``rows`` (a rank's own, or all)."""
+        """This layer's first-level tensors for float weight ``rows`` (a rank's own, or all):
+        packed codes and the float32 absmax as int32 bits (under double quantisation the
+        loader quantises the whole layer's absmax once more, ``double_quantize``)."""
         packed, absmax = quantize_rows_4bit(rows, self.quant_type, self.blocksize)
         return {"weight": packed, "absmax": absmax_bits(absmax)}
+
+    @torch.no_grad()
+    def set_nested(self, nested_absmax: torch.Tensor, offset: torch.Tensor) -> None:
+        self.nested_absmax.copy_(nested_absmax.float().reshape(-1).view(torch.int32))
+        self.nested_offset.copy_(offset.float().reshape(1).view(torch.int32))
 
     def quant_state(self, weight: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype):
         """bnb's QuantState over (gathered) ``weight`` / ``absmax``."""
         functional = require_bitsandbytes().functional
+        nested = {}
+        if self.double_quant:
+            nested = {
+                "offset": self.nested_offset.view(torch.float32).reshape(()),
+                "state2": functional.QuantState(
+                    absmax=self.nested_absmax.view(torch.float32),
+                    code=_dynamic_map(weight.device),
+                    blocksize=NESTED_BLOCKSIZE,
+                    dtype=torch.float32,
+                ),
+            }
         return functional.QuantState(
-            absmax=absmax.view(torch.float32).reshape(-1),
+            absmax=absmax.reshape(-1) if self.double_quant else absmax.view(torch.float32).reshape(-1),
             shape=torch.Size([self.out_features, self.in_features]),
             code=functional.get_4bit_type(self.quant_type, device=weight.device),
             blocksize=self.blocksize,
             quant_type=self.quant_type,
             dtype=dtype,
+            **nested,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +193,7 @@ class Linear4bit(nn.Linear):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"{self.quant_type}, blocksize={self.blocksize}"
+            f"{self.quant_type}, blocksize={self.blocksize}" + (", double_quant" if self.double_quant else "")
         )
 
 
@@ -159,7 +220,12 @@ class _Frozen4bitMatMul(torch.autograd.Function):
 
 
 def to_4bit_linears(
-    model: nn.Module, skip: list[str], quant_type: str, blocksize: int, compute_dtype: torch.dtype | None
+    model: nn.Module,
+    skip: list[str],
+    quant_type: str,
+    blocksize: int,
+    compute_dtype: torch.dtype | None,
+    double_quant: bool = False,
 ) -> list[str]:
     """Replace every nn.Linear whose last name is not in ``skip`` by an (empty) Linear4bit on
     the same device; returns the replaced names. Run on a meta model (or inside
@@ -183,6 +249,7 @@ def to_4bit_linears(
             quant_type=quant_type,
             blocksize=blocksize,
             compute_dtype=compute_dtype,
+            double_quant=double_quant,
             device=module.weight.device,
             dtype=module.weight.dtype,
         )
@@ -193,3 +260,58 @@ def to_4bit_linears(
             f"model.quantization={quant_type}: no linear layer to quantise (model.int8_skip_modules={skip})"
         )
     return replaced
+
+
+# ---------------------------------------------------------------- folders saved in 4-bit
+
+QUANT_STATE_KEY = ".weight.quant_state.bitsandbytes__"  # + nf4 / fp4: bnb's packed non-tensor state
+
+
+def read_quant_state(file, key: str) -> dict:
+    """The non-tensor part of a saved bnb 4-bit weight's state (quant_type, blocksize,
+    shape, nested_offset, ...), unpacked as bnb's ``QuantState.from_dict`` does."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt", device="cpu") as f:
+        packed = f.get_tensor(key)
+    return require_bitsandbytes().functional.unpack_tensor_to_dict(packed)
+
+
+def saved_4bit_settings(folder: str) -> dict:
+    """What a folder saved by transformers in bnb 4-bit was quantised with."""
+    import json
+    import os
+    from pathlib import Path
+
+    from wlora_dist.model.sharded_loading import _checkpoint_files
+
+    root = Path(os.path.expanduser(folder))
+    q = json.loads((root / "config.json").read_text()).get("quantization_config") or {}
+    files = _checkpoint_files(root)
+    key = next((k for k in files if QUANT_STATE_KEY in k), None)
+    if key is None:
+        raise UserError(f"model.path={folder!r}: config.json says 4-bit, but no tensor has a bitsandbytes quant_state")
+    state = read_quant_state(files[key], key)
+    return {
+        "quant_type": state.get("quant_type", q.get("bnb_4bit_quant_type", "fp4")),
+        "double_quant": "nested_offset" in state,
+        "blocksize": int(state["blocksize"]),
+    }
+
+
+def check_saved_4bit(cfg) -> None:
+    """A 4-bit folder is read as it is: the run's model.* settings must be the folder's."""
+    saved = saved_4bit_settings(cfg.path)
+    fix = []
+    if cfg.quantization != saved["quant_type"]:
+        fix.append(f"model.quantization: {saved['quant_type']}")
+    if bool(cfg.bnb_4bit_use_double_quant) != saved["double_quant"]:
+        fix.append(f"model.bnb_4bit_use_double_quant: {str(saved['double_quant']).lower()}")
+    if cfg.quantization in ("nf4", "fp4") and cfg.bnb_4bit_blocksize != saved["blocksize"]:
+        fix.append(f"model.bnb_4bit_blocksize: {saved['blocksize']}")
+    if fix:
+        raise UserError(
+            f"model.path={cfg.path!r} is saved in bitsandbytes 4-bit ({saved['quant_type']}, blocksize "
+            f"{saved['blocksize']}, double quantisation {'on' if saved['double_quant'] else 'off'}) and is read as "
+            f"it is; set {', '.join(fix)} to train on it (or give the bf16/fp16 folder, quantised as it loads)"
+        )

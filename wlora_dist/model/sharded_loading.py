@@ -34,7 +34,7 @@ from wlora_dist.model.loading import (
     resolve_dtype,
     unreadable_weights_are_user_errors,
 )
-from wlora_dist.model.nf4 import Linear4bit, to_4bit_linears
+from wlora_dist.model.nf4 import QUANT_STATE_KEY, Linear4bit, double_quantize, read_quant_state, to_4bit_linears
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class LoadStats:
 
 def _hf_config(cfg: ModelConfig):
     check_model_path(cfg.path)
-    check_checkpoint_quantization(cfg.path, cfg.quantization)
+    check_checkpoint_quantization(cfg)
     config = AutoConfig.from_pretrained(os.path.expanduser(cfg.path), trust_remote_code=cfg.trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         # A folder saved in bnb 8-bit: we build plain linears and make them Int8Linear ourselves.
@@ -79,7 +79,8 @@ def quantize_linears(model: nn.Module, cfg: ModelConfig) -> None:
         to_int8_linears(model, cfg.int8_skip_modules, cfg.int8_threshold)
     elif cfg.quantization in ("nf4", "fp4"):
         compute = None if cfg.bnb_4bit_compute_dtype == "auto" else getattr(torch, cfg.bnb_4bit_compute_dtype)
-        to_4bit_linears(model, cfg.int8_skip_modules, cfg.quantization, cfg.bnb_4bit_blocksize, compute)
+        double = cfg.bnb_4bit_use_double_quant
+        to_4bit_linears(model, cfg.int8_skip_modules, cfg.quantization, cfg.bnb_4bit_blocksize, compute, double)
 
 
 def build_zero3_partitioned(cfg: ModelConfig, device: torch.device, ds_config: dict) -> PreTrainedModel:
@@ -119,6 +120,9 @@ def _checkpoint_files(folder: Path) -> dict[str, Path]:
         return dict.fromkeys(f.keys(), single)
 
 
+_ITEM_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4}  # safetensors dtypes a 4-bit folder stores codes in
+
+
 class CheckpointReader:
     """Rows of the base model's tensors, read from its safetensors files and named as our
     model names its parameters. For an Int8Linear, ``weight`` / ``SCB`` rows come as saved
@@ -133,6 +137,7 @@ class CheckpointReader:
             name.replace(".base_layer", ""): m for name, m in model.named_modules() if isinstance(m, Linear4bit)
         }
         self._last_4bit: tuple[tuple[str, int, int], dict[str, torch.Tensor]] | None = None
+        self._double: tuple[str, torch.Tensor | None] | None = None  # (module, its second-level absmax codes)
         self.handles: dict[Path, object] = {}
         self.bytes_read = 0
         self.tensors = 0
@@ -146,6 +151,12 @@ class CheckpointReader:
         module, _, leaf = name.rpartition(".")
         if module in self.four_bit and leaf in Linear4bit.PACKED:
             return self._rows_4bit(module, leaf, start, stop)
+        if leaf == "weight" and any(module + QUANT_STATE_KEY + t in self.files for t in ("nf4", "fp4")):
+            raise UserError(
+                f"model.path={self.path!r}: {module} is stored in 4-bit there, but this run keeps it in "
+                f"model.dtype; take its name out of model.int8_skip_modules (the folder's own list is in its "
+                "config.json, quantization_config.llm_int8_skip_modules)"
+            )
         if module not in self.int8 or leaf not in ("weight", "SCB"):  # a bias (Qwen2's q/k/v) is read as it is
             return self._read(name, start, stop)
         if module + ".SCB" in self.files:  # saved in bnb 8-bit: read as it is
@@ -160,8 +171,65 @@ class CheckpointReader:
         r0, r1 = start // cols, -(-stop // cols)
         return self.rows(name, r0, r1).reshape(-1)[start - r0 * cols : stop - r0 * cols]
 
+    def prepare(self, name: str) -> None:
+        """Called by every rank, in the same order, before parameter ``name`` is read (even
+        where a rank holds none of it). Under double quantisation the first parameter of a
+        4-bit layer starts the layer: its whole absmax is gathered from all ranks' rows and
+        quantised once more, and the second-level state set on the layer (every rank the
+        same). Nothing to do otherwise."""
+        module, _, leaf = name.rpartition(".")
+        layer = self.four_bit.get(module)
+        if layer is None or not layer.double_quant or leaf not in Linear4bit.PACKED:
+            return
+        if self._double is not None and self._double[0] == module:
+            return
+        if self._saved_4bit(module):
+            state = read_quant_state(self.files[self._state_key(module)], self._state_key(module))
+            nested = self._read(module + ".weight.nested_absmax", 0, layer.nested_absmax.numel())
+            layer.set_nested(nested, torch.tensor([float(state["nested_offset"])]))
+            self._double = (module, None)  # the codes are read as saved
+            return
+        codes, nested, offset = double_quantize(self._whole_absmax(module, layer))
+        layer.set_nested(nested, offset)
+        self._double = (module, codes)
+
+    def _whole_absmax(self, module: str, layer: Linear4bit) -> torch.Tensor:
+        """The first-level float32 absmax of every row of ``layer`` [out, in / blocksize]:
+        each rank quantises rows [rank * c, (rank + 1) * c) (c = ceil(out / world), FSDP2's
+        own rows, so they stay cached for it) and all ranks all-gather the absmax."""
+        import torch.distributed as dist
+
+        out, blocks = layer.out_features, layer.in_features // layer.blocksize
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self._quantised_rows(module, 0, out)["absmax"].view(torch.float32)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        c = -(-out // world)
+        lo, hi = min(rank * c, out), min((rank + 1) * c, out)
+        mine = torch.zeros(c, blocks, dtype=torch.float32)
+        if hi > lo:
+            mine[: hi - lo] = self._quantised_rows(module, lo, hi)["absmax"].view(torch.float32)
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else mine.device
+        parts = [torch.empty(c, blocks, dtype=torch.float32, device=device) for _ in range(world)]
+        dist.all_gather(parts, mine.to(device))
+        return torch.cat(parts)[:out].cpu()
+
     def _rows_4bit(self, module: str, leaf: str, start: int, stop: int) -> torch.Tensor:
-        """Rows of a Linear4bit's packed codes or absmax, quantised from the float rows. The
+        """Rows of a Linear4bit's packed codes or absmax: read as saved in a 4-bit folder, or
+        quantised from the float rows (under double quantisation the absmax codes come from
+        ``prepare``'s whole-layer quantisation)."""
+        layer = self.four_bit[module]
+        if self._saved_4bit(module):
+            return self._saved_rows(module, leaf, layer, start, stop)
+        if leaf == "absmax" and layer.double_quant:
+            if self._double is None or self._double[0] != module:
+                self.prepare(module + ".weight")  # one process: no collective involved
+            codes = self._double[1]  # type: ignore[index]
+            assert codes is not None
+            return codes[start:stop]
+        return self._quantised_rows(module, start, stop)[leaf]
+
+    def _quantised_rows(self, module: str, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """The first-level quantisation (packed codes, absmax bits) of rows [start, stop). The
         module's rows quantised so far are kept (rows quantise independently), so its codes
         and absmax cost one read even where a ZeRO-3 flat partition of each covers other
         rows (they map to rows differently)."""
@@ -178,7 +246,34 @@ class CheckpointReader:
                 new = layer.quantize(self._read(module + ".weight", hi, stop))
                 parts, hi = {k: torch.cat([parts[k], new[k]]) for k in parts}, stop
         self._last_4bit = ((module, lo, hi), parts)
-        return parts[leaf][start - lo : stop - lo]
+        return {k: v[start - lo : stop - lo] for k, v in parts.items()}
+
+    def _state_key(self, module: str) -> str:
+        layer = self.four_bit[module]
+        return module + QUANT_STATE_KEY + layer.quant_type
+
+    def _saved_4bit(self, module: str) -> bool:
+        return self._state_key(module) in self.files
+
+    def _saved_rows(self, module: str, leaf: str, layer: Linear4bit, start: int, stop: int) -> torch.Tensor:
+        """Rows of a layer saved by transformers in 4-bit: its codes (``weight``, flat
+        [numel / 2, 1] in the folder's quant_storage dtype) and absmax (flat, one per block)
+        are row-major, so rows [start, stop) are one contiguous slice of each."""
+        if leaf == "weight":
+            key, row_bytes = module + ".weight", layer.in_features // 2
+        else:
+            key = module + ".weight.absmax"
+            row_bytes = (layer.in_features // layer.blocksize) * (1 if layer.double_quant else 4)
+        file = self.files[key]
+        with unreadable_weights_are_user_errors(self.path):
+            if file not in self.handles:
+                self.handles[file] = safe_open(str(file), "pt", device="cpu")
+            item = _ITEM_BYTES[self.handles[file].get_slice(key).get_dtype()]  # type: ignore[attr-defined]
+        per_row = row_bytes // item
+        t = self._read(key, start * per_row, stop * per_row).contiguous().view(torch.uint8).view(stop - start, -1)
+        if leaf == "weight" or layer.double_quant:
+            return t
+        return t.view(torch.float32).view(torch.int32)  # float32 absmax, stored as its bits
 
     def _quantized(self, module: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (module, start, stop)
@@ -239,7 +334,10 @@ def materialize_sharded(
     reader = reader or CheckpointReader(model_path, wl.base_model)
     try:
         with torch.no_grad():
+            prepare = getattr(reader, "prepare", None)
             for name, param in _loading_bar(list(_base_params(wl.base_model))):
+                if prepare is not None:
+                    prepare(name)
                 local, start = local_rows(param)
                 if local.numel() == 0:
                     continue
@@ -271,6 +369,7 @@ def fill_zero3_partitions(model: nn.Module, model_path: str) -> LoadStats:
     try:
         with torch.no_grad():
             for name, param in _loading_bar(list(_base_params(model))):
+                reader.prepare(name)
                 part = param.ds_tensor
                 size = part.ds_numel
                 start = size * dist.get_rank(group=param.ds_process_group)

@@ -128,6 +128,7 @@ class PlanInput:
     backend: BackendSpec = BackendSpec("fsdp2")  # noqa: RUF009 (frozen: a shared default is safe)
     base: Literal["bf16", "fp32", "int8", "nf4"] = "bf16"  # nf4: bnb 4-bit, fp4 the same size
     blocksize_4bit: int = 64  # model.bnb_4bit_blocksize: one float32 absmax per this many weights
+    double_quant_4bit: bool = False  # model.bnb_4bit_use_double_quant: a uint8 absmax + 4 bytes per 256 blocks
     compute: Literal["bf16", "fp32"] = "bf16"  # activations (autocast / FSDP2 param_dtype)
     lora_rank: int = 16
     targets: tuple[str, ...] = ALL_KINDS  # those the model has are counted
@@ -216,6 +217,17 @@ def _float_bytes(inp: PlanInput) -> int:
     return 4 if inp.base == "fp32" or (inp.base in QUANTISED and inp.compute == "fp32") else 2
 
 
+def _4bit_bytes(numel: int, inp: PlanInput) -> int:
+    """A 4-bit linear's storage: packed codes, then one float32 absmax per block, or under
+    double quantisation one uint8 per block plus the nested state (a float32 per 256
+    blocks and the offset; kept whole on every rank, 1/16384 of the weights: counted
+    with the sharded part)."""
+    blocks = numel // inp.blocksize_4bit
+    if inp.double_quant_4bit:
+        return numel // 2 + blocks + 4 * -(-blocks // 256) + 4
+    return numel // 2 + 4 * blocks
+
+
 def base_param_bytes(inp: PlanInput) -> tuple[int, int, int]:
     """(decoder layers, root modules: embedding + final norm + lm_head, one layer) bytes
     of the frozen base, whole model."""
@@ -225,7 +237,7 @@ def base_param_bytes(inp: PlanInput) -> tuple[int, int, int]:
         if inp.base == "int8":
             per_layer += i * o + 4 * o  # int8 + fp32 row scales
         elif inp.base == "nf4":
-            per_layer += i * o // 2 + 4 * (i * o // inp.blocksize_4bit)  # packed codes + fp32 block absmax
+            per_layer += _4bit_bytes(i * o, inp)
         else:
             per_layer += i * o * fb
     per_layer += 2 * s.hidden * fb  # two RMSNorm weights
@@ -233,7 +245,7 @@ def base_param_bytes(inp: PlanInput) -> tuple[int, int, int]:
     if inp.base not in QUANTISED or "lm_head" in inp.int8_skip:
         lm_bytes = lm_head * fb
     else:
-        lm_bytes = lm_head if inp.base == "int8" else lm_head // 2 + 4 * (lm_head // inp.blocksize_4bit)
+        lm_bytes = lm_head if inp.base == "int8" else _4bit_bytes(lm_head, inp)
     root = s.vocab * s.hidden * fb + s.hidden * fb + (0 if s.tied else lm_bytes)
     return per_layer * s.layers, root, per_layer
 
@@ -531,6 +543,7 @@ def run_plan_input(
         backend=backend,
         base=QUANT_BASE.get(cfg.model.quantization, float_base),  # type: ignore[arg-type]
         blocksize_4bit=cfg.model.bnb_4bit_blocksize,
+        double_quant_4bit=cfg.model.bnb_4bit_use_double_quant,
         compute="bf16" if on_gpu and cfg.train.mixed_precision in ("auto", "bf16") else "fp32",
         lora_rank=cfg.adapter.lora_rank << cfg.selection.rounds,  # WeightLoRA+: the final rank
         targets=tuple(cfg.adapter.target_modules),

@@ -39,7 +39,7 @@ def preflight(cfg: RunConfig) -> Preflight:
     check_trackers(cfg.log.trackers)
     _check_data_files(cfg)
     check_model_path(cfg.model.path)
-    check_checkpoint_quantization(cfg.model.path, cfg.model.quantization)
+    check_checkpoint_quantization(cfg.model)
     config = check_model_type(cfg.model)
     architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
     n = _check_adapters_fit(cfg)
