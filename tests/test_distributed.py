@@ -28,9 +28,10 @@ ALL_ADAPTER_BYTES = 2 * 4 * sum(PARAMS_OF.values())
 CASES = [
     ("replicated", 2, "none"),
     ("fsdp2", 2, "none"),
-    ("zero1", 2, "none"),
     ("zero2", 2, "none"),
     ("zero3", 2, "none"),
+    # ZeRO-1 (the base replicated as under ZeRO-2) is compared with one process on the 4-bit
+    # base in tests/test_nf4_runs.py.
     # More than 2 ranks: 3 (a world size that divides nothing) with the 4-bit base below and
     # with the float base in tests/test_uneven_world.py; 4 in test_checkpoint's resume on
     # another world size.

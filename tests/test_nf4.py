@@ -175,10 +175,11 @@ def test_a_ranks_rows_quantise_as_inside_the_whole_weight():
     assert torch.equal(part_p, packed[13:29]) and torch.equal(part_a, absmax[13:29])
 
 
-def test_loss_and_adapter_and_gate_gradients_match_a_dequantised_reference(tiny64_dir):
+@pytest.mark.parametrize("double_quant", [False, True], ids=["dq-off", "dq-on"])
+def test_loss_and_adapter_and_gate_gradients_match_a_dequantised_reference(tiny64_dir, double_quant):
     """Same adapters on the NF4 base and on a float base holding its dequantised weights:
     the same loss and gradients of every A, B and gate (float32, tolerance 1e-5)."""
-    wl4 = _4bit_wl(tiny64_dir / "model")
+    wl4 = _4bit_wl(tiny64_dir / "model", bnb_4bit_use_double_quant=double_quant)
     wlf = dequantised_twin(wl4, tiny64_dir / "model")
     losses = []
     for wl in (wl4, wlf):

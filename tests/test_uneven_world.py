@@ -63,8 +63,11 @@ def test_three_ranks_match_one_process_through_a_round_and_the_prune_event(three
 @pytest.mark.parametrize("step", [3, 5], ids=["between-rounds", "after-prune"])
 def test_resume_on_three_ranks_is_bitwise(three, tiny_dir, tmp_path, step):
     """Step 3: 7 adapters at rank 8 (after the round), the Adam state written back into
-    padded ZeRO-3 partitions; step 5: the K kept adapters after the prune event."""
+    padded ZeRO-3 partitions (FSDP2 resumes after the prune event only); step 5: the K kept
+    adapters after the prune event."""
     backend, ranks, ckpts = three
+    if backend == "fsdp2" and step == 3:
+        pytest.skip("between the rounds: ZeRO-3's padded partitions are the case; FSDP2 resumes at step 5")
     cfg = _cfg(tiny_dir, tmp_path / "resumed", backend, NPROC, resume_from=str(ckpts / f"step-{step:08d}"))
     resumed = run_worker(cfg, NPROC, tmp_path)
     assert resumed[0]["losses"] == ranks[0]["losses"][step:]
@@ -77,14 +80,19 @@ def test_export_of_a_three_rank_checkpoint_equals_the_one_process_export(three, 
     exports = {}
     for name, folder in (("one", one[1]), (backend, ckpts)):
         out = tmp_path / f"export-{name}"
-        proc = subprocess.run(
-            [sys.executable, "-m", "wlora_dist.cli", "export", str(folder / "step-00000007"), "--out", str(out)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if backend == "fsdp2":  # the command itself; under zero3 its main() in this process
+            proc = subprocess.run(
+                [sys.executable, "-m", "wlora_dist.cli", "export", str(folder / "step-00000007"), "--out", str(out)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=300,
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            from wlora_dist.cli import main
+
+            assert main(["export", str(folder / "step-00000007"), "--out", str(out)]) == 0
         exports[name] = load_file(str(out / "adapter_model.safetensors"))
         assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert sorted(exports[backend]) == sorted(exports["one"]) and exports["one"]
