@@ -94,6 +94,37 @@ def dist_config(tiny_dir: Path, out: Path, backend: str, micro_batch: int, quant
     return cfg
 
 
+def rounds_config(
+    tiny_dir: Path, out: Path, backend: str, micro_batch: int, quantization: str = "none", **checkpoint
+) -> dict:
+    """``dist_config`` with a WeightLoRA+ round at step 2 and the prune event at step 4,
+    dropout off (each rank draws its own masks: compared across world sizes without) and a
+    checkpoint every step unless ``checkpoint`` says otherwise (e.g. resume_from)."""
+    cfg = dist_config(tiny_dir, out, backend, micro_batch, quantization)
+    cfg["selection"].update(steps=4, rounds=2)
+    cfg["adapter"]["lora_dropout"] = 0.0
+    cfg["checkpoint"] = checkpoint or {"every": 1, "keep_last": 20}
+    return cfg
+
+
+def assert_same_loss_and_gradients(wl_quantised, wl_float, batch: dict) -> None:
+    """One forward and backward of each on ``batch``: the same loss (1e-6) and the same
+    gradient of every gate, A and B (1e-5), all of them non-zero."""
+    import torch
+
+    losses = []
+    for wl in (wl_quantised, wl_float):
+        wl.peft_model.train()
+        loss = wl.peft_model(**batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wl_quantised.gates.grad, wl_float.gates.grad, rtol=1e-5, atol=1e-6)
+    for pq, pf in zip(wl_quantised.trainable_parameters(), wl_float.trainable_parameters(), strict=True):
+        assert pq.grad is not None and float(pq.grad.abs().max()) > 0
+        torch.testing.assert_close(pq.grad, pf.grad, rtol=1e-5, atol=1e-6)
+
+
 def train_in_process(tiny_dir: Path, tmp_path: Path, **sections):
     """A 1-process run of ``tiny_config_dict`` (with ``sections``) in this process:
     (trainer, result)."""

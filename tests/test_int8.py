@@ -15,7 +15,7 @@ from wlora_dist.model.int8 import Int8Linear, dequantize, quantize_rows, scb_bit
 from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
 
 from .conftest import tiny_config_dict
-from .helpers import dequantised_twin, dist_config, int8_modules, run_worker
+from .helpers import assert_same_loss_and_gradients, dequantised_twin, dist_config, int8_modules, run_worker
 
 CPU = torch.device("cpu")
 
@@ -75,18 +75,7 @@ def test_loss_and_adapter_gradients_match_a_dequantised_reference(tiny_dir):
     dequantised int8 weights: same loss, same gradients of every A, B and gate."""
     wl8 = _int8_wl(tiny_dir / "model")
     ints = int8_modules(wl8.peft_model)
-    wlf = dequantised_twin(wl8, tiny_dir / "model")
-    losses = []
-    for wl in (wl8, wlf):
-        wl.peft_model.train()
-        loss = wl.peft_model(**_batch()).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(wl8.gates.grad, wlf.gates.grad, rtol=1e-5, atol=1e-6)
-    for p8, pf in zip(wl8.trainable_parameters(), wlf.trainable_parameters(), strict=True):
-        assert p8.grad is not None and float(p8.grad.abs().max()) > 0
-        torch.testing.assert_close(p8.grad, pf.grad, rtol=1e-5, atol=1e-6)
+    assert_same_loss_and_gradients(wl8, dequantised_twin(wl8, tiny_dir / "model"), _batch())
     assert all(not p.requires_grad and p.grad is None for m in ints.values() for p in (m.weight, m.SCB))
 
 

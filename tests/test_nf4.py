@@ -13,7 +13,7 @@ from wlora_dist.model.nf4 import Linear4bit, quantize_rows_4bit
 from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
 
 from .conftest import tiny_config_dict
-from .helpers import dequantised_twin, int8_modules
+from .helpers import assert_same_loss_and_gradients, dequantised_twin, int8_modules
 
 CPU = torch.device("cpu")
 
@@ -180,18 +180,7 @@ def test_loss_and_adapter_and_gate_gradients_match_a_dequantised_reference(tiny6
     """Same adapters on the NF4 base and on a float base holding its dequantised weights:
     the same loss and gradients of every A, B and gate (float32, tolerance 1e-5)."""
     wl4 = _4bit_wl(tiny64_dir / "model", bnb_4bit_use_double_quant=double_quant)
-    wlf = dequantised_twin(wl4, tiny64_dir / "model")
-    losses = []
-    for wl in (wl4, wlf):
-        wl.peft_model.train()
-        loss = wl.peft_model(**_batch()).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(wl4.gates.grad, wlf.gates.grad, rtol=1e-5, atol=1e-6)
-    for p4, pf in zip(wl4.trainable_parameters(), wlf.trainable_parameters(), strict=True):
-        assert p4.grad is not None and float(p4.grad.abs().max()) > 0
-        torch.testing.assert_close(p4.grad, pf.grad, rtol=1e-5, atol=1e-6)
+    assert_same_loss_and_gradients(wl4, dequantised_twin(wl4, tiny64_dir / "model"), _batch())
     frozen = [p for m in int8_modules(wl4.peft_model).values() for p in (m.weight, m.absmax)]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
 

@@ -7,18 +7,15 @@ import json
 
 import pytest
 
-from .helpers import dist_config, run_worker
+from .helpers import rounds_config, run_worker
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 GLOBAL_ROWS = 8
 
 
 def _cfg(tiny_dir, out, backend: str, nproc: int, **checkpoint) -> dict:
-    cfg = dist_config(tiny_dir, out, backend, GLOBAL_ROWS // nproc, "nf4-dq")
-    cfg["selection"].update(steps=4, rounds=2)  # a WeightLoRA+ round at step 2, prune at 4
+    cfg = rounds_config(tiny_dir, out, backend, GLOBAL_ROWS // nproc, "nf4-dq", **checkpoint)
     cfg["train"]["max_steps"] = 6
-    cfg["adapter"]["lora_dropout"] = 0.0  # each rank draws its own masks: compared across sizes without
-    cfg["checkpoint"] = checkpoint or {"every": 1, "keep_last": 20}
     return cfg
 
 

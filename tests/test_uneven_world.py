@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import ROOT
-from .helpers import dist_config, run_worker
+from .helpers import rounds_config, run_worker
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 NPROC = 3
@@ -23,11 +23,7 @@ GLOBAL_ROWS = 6
 
 
 def _cfg(tiny_dir, out, backend: str, nproc: int, **checkpoint) -> dict:
-    cfg = dist_config(tiny_dir, out, backend, GLOBAL_ROWS // nproc)
-    cfg["selection"].update(steps=4, rounds=2)  # a WeightLoRA+ round at step 2, prune at 4
-    cfg["adapter"]["lora_dropout"] = 0.0  # each rank draws its own masks: compared across sizes without
-    cfg["checkpoint"] = checkpoint or {"every": 1, "keep_last": 20}
-    return cfg
+    return rounds_config(tiny_dir, out, backend, GLOBAL_ROWS // nproc, **checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,8 @@ class CheckpointReader:
             return self._saved_rows(module, leaf, layer, start, stop)
         if leaf == "absmax" and layer.double_quant:
             if self._double is None or self._double[0] != module:
-                self.prepare(module + ".weight")  # one process: no collective involved
+                # A reader used outside the loaders (which call prepare on every rank): alone.
+                self.prepare(module + ".weight")
             codes = self._double[1]  # type: ignore[index]
             assert codes is not None
             return codes[start:stop]
@@ -264,16 +265,11 @@ class CheckpointReader:
         else:
             key = module + ".weight.absmax"
             row_bytes = (layer.in_features // layer.blocksize) * (1 if layer.double_quant else 4)
-        file = self.files[key]
-        with unreadable_weights_are_user_errors(self.path):
-            if file not in self.handles:
-                self.handles[file] = safe_open(str(file), "pt", device="cpu")
-            item = _ITEM_BYTES[self.handles[file].get_slice(key).get_dtype()]  # type: ignore[attr-defined]
-        per_row = row_bytes // item
+        per_row = row_bytes // _ITEM_BYTES[self._slice(key).get_dtype()]
         t = self._read(key, start * per_row, stop * per_row).contiguous().view(torch.uint8).view(stop - start, -1)
         if leaf == "weight" or layer.double_quant:
             return t
-        return t.view(torch.float32).view(torch.int32)  # float32 absmax, stored as its bits
+        return t.view(torch.int32)  # the float32 absmax's bytes, as its bits
 
     def _quantized(self, module: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (module, start, stop)
@@ -286,14 +282,20 @@ class CheckpointReader:
             raise UserError(f"{self.path}: {name} is {t.dtype} next to an SCB; not a bitsandbytes 8-bit checkpoint")
         return t
 
-    def _read(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def _slice(self, key: str):
+        """safetensors' lazy slice of tensor ``key`` (its file opened once)."""
         if key not in self.files:
             raise UserError(f"model.path={self.path!r}: the checkpoint has no tensor {key!r}; is it this model's?")
         file = self.files[key]
         with unreadable_weights_are_user_errors(self.path):
             if file not in self.handles:
                 self.handles[file] = safe_open(str(file), "pt", device="cpu")
-            rows = self.handles[file].get_slice(key)[start:stop]  # type: ignore[attr-defined]
+            return self.handles[file].get_slice(key)  # type: ignore[attr-defined]
+
+    def _read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        sliced = self._slice(key)
+        with unreadable_weights_are_user_errors(self.path):
+            rows = sliced[start:stop]
         self.bytes_read += rows.numel() * rows.element_size()
         self.tensors += 1
         return rows
