@@ -202,6 +202,20 @@ class Harness:
         return {"resident_bytes": resident, "peak_bytes": resident + peak_extra, **_json_safe(metrics)}
 
 
+def exit_now(*keep_alive: object) -> None:
+    """Leave a finished worker process without the interpreter's teardown (its results
+    written, its process group left; ``keep_alive``: what must not be torn down before, such
+    as trainers whose DeepSpeed engines hold gloo work handles): a rank's teardown of C++ threads (gloo, DeepSpeed)
+    has nothing to add, and once in a while on a loaded machine it aborted a finished run
+    ('terminate called without an active exception', exit -6)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 @contextlib.contextmanager
 def fake_world(world_size: int, backend: str = "replicated") -> Iterator[None]:
     """Rank 0 of ``world_size`` alone in this process (torch's fake process group: every

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.harness import exit_now
 from wlora_dist.config import config_from_dict
 from wlora_dist.distributed.env import init_distributed, shutdown
 from wlora_dist.training.tracking import setup_logging
@@ -42,6 +43,10 @@ def resident_bytes(t):
     if hasattr(t, "ds_tensor"):
         return local_bytes(t) + t.data.numel() * t.element_size()
     return local_bytes(t)
+
+
+def base_resident(trainer) -> int:
+    return sum(resident_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad)
 
 
 def _quantised():
@@ -124,12 +129,14 @@ def main() -> None:
     # threads could still be in use and abort the process at exit.
     trainers = [run(cfg, env) for cfg in cfgs]
     shutdown()
-    del trainers
+    exit_now(trainers)
 
 
 def run(cfg, env) -> Trainer:
     trainer = Trainer(cfg, env)
     trainer.setup()
+    # What each rank holds of the base once set up: loaded, or loaded and resumed.
+    base_after_setup = base_resident(trainer)
     int8_forward = watch_int8_forward(trainer.wl.peft_model)
     result = trainer.train()
     trainer.cleanup()
@@ -172,9 +179,8 @@ def run(cfg, env) -> Trainer:
             for p in trainer.wl.peft_model.parameters()
             if not p.requires_grad
         ),
-        "base_resident_bytes": sum(
-            resident_bytes(p) for p in trainer.wl.peft_model.parameters() if not p.requires_grad
-        ),
+        "base_resident_bytes": base_resident(trainer),
+        "base_resident_after_setup": base_after_setup,
         "int8": int8_info(trainer),
         "int8_forward": int8_forward,
         "param_types": sorted({type(p).__name__ for p in trainer.wl.peft_model.parameters()}),

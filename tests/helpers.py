@@ -2,16 +2,69 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .conftest import ROOT, tiny_config_dict
 
 WORKER = ROOT / "tests" / "dist_worker.py"
+
+# ---------------------------------------------------------------- launched processes
+# Every command a test launches (torchrun and its ranks, accelerate, the CLI) runs in a
+# session of its own, so its whole process tree dies with the test: on failure, timeout,
+# Ctrl-C of pytest (KeyboardInterrupt) or SIGTERM to pytest. subprocess.run alone kills
+# only the launcher, and the ranks it started lived on with parent 1.
+
+_LIVE: set[int] = set()  # process-group ids (= launcher pids) of commands still running
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    _LIVE.discard(pgid)
+
+
+def kill_all_launched() -> None:
+    for pgid in list(_LIVE):
+        _kill_group(pgid)
+
+
+atexit.register(kill_all_launched)
+
+
+def start(cmd: Sequence[str], **popen: object) -> subprocess.Popen:
+    """``subprocess.Popen`` in a new session; ``stop`` (or pytest's exit) kills its tree."""
+    proc = subprocess.Popen(list(cmd), start_new_session=True, **popen)  # type: ignore[call-overload]
+    _LIVE.add(proc.pid)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill what is left of ``proc``'s process tree (ranks a dead launcher left behind)."""
+    _kill_group(proc.pid)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+
+
+def run_command(
+    cmd: Sequence[str], timeout: float, env: dict | None = None, cwd: Path | str | None = None
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` whose whole process tree is
+    killed when it ends, times out or the test is interrupted."""
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        stop(proc)
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
 
 
 def free_port() -> int:
@@ -37,9 +90,17 @@ def run_worker_many(
         Path(cfg["output"]["dir"]).mkdir(parents=True, exist_ok=True)
     cfg_path = Path(cfgs[0]["output"]["dir"]) / "cfgs.json"
     cfg_path.write_text(json.dumps(cfgs))
+    launch(WORKER, cfg_path, nproc, torchrun, env_extra)
+    outs = [Path(c["output"]["dir"]) for c in cfgs]
+    return [[json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)] for out in outs]
+
+
+def launch(worker: Path, arg: Path, nproc: int, torchrun: bool = False, env_extra: dict | None = None) -> None:
+    """``worker arg`` in ``nproc`` processes (gloo on CPU, nccl on a GPU; 1: plain python
+    unless ``torchrun``); fails the test with the ranks' stderr if it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     if nproc == 1 and not torchrun:
-        cmd = [sys.executable, str(WORKER), str(cfg_path)]
+        cmd = [sys.executable, str(worker), str(arg)]
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(k, None)
     else:
@@ -49,13 +110,11 @@ def run_worker_many(
             "torch.distributed.run",
             f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}",
-            str(WORKER),
-            str(cfg_path),
+            str(worker),
+            str(arg),
         ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    proc = run_command(cmd, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    outs = [Path(c["output"]["dir"]) for c in cfgs]
-    return [[json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)] for out in outs]
 
 
 def zero3_partitioned_config(out: Path, stage: int = 3) -> dict:
@@ -105,6 +164,16 @@ def rounds_config(
     cfg["adapter"]["lora_dropout"] = 0.0
     cfg["checkpoint"] = checkpoint or {"every": 1, "keep_last": 20}
     return cfg
+
+
+def assert_base_held_as_uninterrupted(resumed: list[dict], uninterrupted: list[dict]) -> None:
+    """A resumed run's ranks hold what the uninterrupted run's held of the frozen base, byte
+    for byte: once set up (loaded and resumed) and at the end (after the final eval)."""
+    for key in ("base_resident_after_setup", "base_resident_bytes"):
+        assert [r[key] for r in resumed] == [r[key] for r in uninterrupted], key
+    # Not the whole base where it is sharded: the count sees a gathered base.
+    if resumed[0]["backend"] in ("fsdp2", "zero3"):
+        assert max(r["base_resident_bytes"] for r in resumed) < resumed[0]["base_total_bytes"] / len(resumed) * 1.1
 
 
 def assert_same_loss_and_gradients(wl_quantised, wl_float, batch: dict) -> None:

@@ -18,7 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import WORKER, dist_config, free_port, run_worker
+from .helpers import (
+    WORKER,
+    assert_base_held_as_uninterrupted,
+    dist_config,
+    free_port,
+    run_command,
+    run_worker,
+    start,
+    stop,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -42,7 +51,8 @@ def full_runs(tiny_dir, tmp_path_factory):
         if (backend, dropout) not in runs:
             tmp = tmp_path_factory.mktemp(f"full-{backend}-{dropout}")
             cfg = _ckpt_cfg(tiny_dir, tmp / "run", backend, 2, dropout, every=1, keep_last=20)
-            runs[backend, dropout] = (run_worker(cfg, 2, tmp)[0], tmp / "run" / "checkpoints")
+            ranks = run_worker(cfg, 2, tmp)
+            runs[backend, dropout] = ({**ranks[0], "ranks": ranks}, tmp / "run" / "checkpoints")
         return runs[backend, dropout]
 
     return get
@@ -66,6 +76,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(backend, step, full_runs, tiny_
     assert {r["params_digest"] for r in resumed} == {full["params_digest"]}
     assert {r["gates_digest"] for r in resumed} == {full["gates_digest"]}
     assert resumed[0]["kept"] == full["kept"]
+    assert_base_held_as_uninterrupted(resumed, full["ranks"])
 
 
 def test_checkpointing_does_not_change_the_run(full_runs, tiny_dir, tmp_path):
@@ -83,6 +94,11 @@ def test_resume_on_another_world_size_2_to_4_and_4_to_2(full_runs, tiny_dir, tmp
     cfg4 = _ckpt_cfg(tiny_dir, tmp_path / "four", "fsdp2", 4, 0.0, resume_from=str(ckpts / "step-00000005"), every=1)
     four = run_worker(cfg4, 4, tmp_path)
     assert four[0]["world_size"] == 4 and four[0]["kept"] == full["kept"]
+    # Resumed on 4 ranks, each holds half what a rank of the 2-rank run held (its rows of
+    # the base: vocabulary rows split unevenly, hence the tolerance).
+    for key in ("base_resident_after_setup", "base_resident_bytes"):
+        two_ranks = max(r[key] for r in full["ranks"])
+        assert all(abs(r[key] - two_ranks / 2) <= 0.03 * two_ranks for r in four), key
     assert len({r["params_digest"] for r in four}) == 1
     for a, b in zip(four[0]["losses"], full["losses"][5:], strict=True):
         assert abs(a - b) < 1e-4
@@ -90,6 +106,7 @@ def test_resume_on_another_world_size_2_to_4_and_4_to_2(full_runs, tiny_dir, tmp
     assert json.loads((back / "meta.json").read_text())["world_size"] == 4
     two = run_worker(_ckpt_cfg(tiny_dir, tmp_path / "two", "fsdp2", 2, 0.0, resume_from=str(back)), 2, tmp_path)
     assert two[0]["kept"] == full["kept"]
+    assert_base_held_as_uninterrupted(two, full["ranks"])
     for a, b in zip(two[0]["losses"], full["losses"][7:], strict=True):
         assert abs(a - b) < 1e-4
 
@@ -141,7 +158,7 @@ def test_export_merged_weights_compute_what_base_plus_adapter_computes(full_runs
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "wlora_dist.cli", *args], capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, "-m", "wlora_dist.cli", *args], timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -171,7 +188,7 @@ def _start(cfg: dict, log: Path) -> subprocess.Popen:
         str(out / "cfg.json"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return start(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
 def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -228,9 +245,12 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_the_same(uninterrup
     log = tmp_path / "log.txt"
     cfg = _long_cfg(tiny_dir, tmp_path / "run", every=5, resume_from="auto")
     proc = _start(cfg, log)
-    _wait_for_step(log, 13, proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
+    try:
+        _wait_for_step(log, 13, proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        stop(proc)
     text = log.read_text()
     assert "stop signal received: checkpoint of step" in text, text[-3000:]
     ckpts = sorted((tmp_path / "run/checkpoints").iterdir())
@@ -250,13 +270,16 @@ def test_a_rank_killed_does_not_hang_the_others_and_the_run_resumes(uninterrupte
     cfg = _long_cfg(tiny_dir, tmp_path / "run", every=5, resume_from="auto")
     cfg["distributed"]["timeout_minutes"] = 1.0
     proc = _start(cfg, log)
-    _wait_for_step(log, 12, proc)
-    workers = _children(proc.pid)
-    assert len(workers) == 2, workers
-    os.kill(max(workers), signal.SIGKILL)
-    t0 = time.time()
-    proc.wait(timeout=180)
-    assert proc.returncode != 0 and time.time() - t0 < 180
+    try:
+        _wait_for_step(log, 12, proc)
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(max(workers), signal.SIGKILL)
+        t0 = time.time()
+        proc.wait(timeout=180)
+        assert proc.returncode != 0 and time.time() - t0 < 180
+    finally:
+        stop(proc)
     ckpts = [p for p in (tmp_path / "run/checkpoints").iterdir() if (p / "meta.json").is_file()]
     assert ckpts and not (tmp_path / "run/adapter").exists()
     resumed = run_worker(cfg, 2, tmp_path)

@@ -3,7 +3,6 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -13,6 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from .conftest import ROOT, tiny_config_dict
+from .helpers import run_command
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,7 @@ def _run(args, timeout=600, **env):
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         full_env.pop(k, None)
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+    return run_command(args, timeout=timeout, cwd=ROOT, env=full_env)
 
 
 def _write_cfg(tmp_path, tiny_dir, name="run", **sections):

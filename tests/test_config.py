@@ -1,12 +1,13 @@
 """Config: every shipped YAML loads; every problem is reported at once with field and fix."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from wlora_dist.config import ConfigError, RunConfig, config_from_dict, describe, load_config
+
+from .helpers import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"path": "m"}, "data": {"train": ["d.jsonl"]}}
@@ -92,9 +93,7 @@ def test_describe_documents_every_field():
 def test_cli_bad_config_exits_2_with_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: m}\ndata: {train: [x.jsonl]}\nselection: {k: -3}\n")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--config", str(bad)], capture_output=True, text=True, timeout=120
-    )
+    proc = run_command([sys.executable, str(ROOT / "train.py"), "--config", str(bad)], timeout=120)
     assert proc.returncode == 2
     assert "selection.k: -3 must be >= 1" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -154,15 +154,14 @@ def test_fsdp2_bf16_mixed_precision_leaves_int8_and_scales_uncast(tmp_path):
     the int8 weight and the int32-stored scales reach the forward uncast (a bf16 scale
     would cost 0.4% on every row); only the activations are bf16."""
     import os
-    import subprocess
     import sys
 
     from .conftest import ROOT
-    from .helpers import free_port
+    from .helpers import free_port, run_command
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     worker = ROOT / "tests" / "int8_fsdp2_mp_worker.py"
-    proc = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=300)
+    proc = run_command([sys.executable, str(worker)], timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (out["w"], out["scb"], out["stored"]) == ("torch.int8", "torch.int32", "torch.int8")

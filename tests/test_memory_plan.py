@@ -8,7 +8,6 @@ own step on a random-init Llama; FSDP2 world sizes 2-8 through the fake process 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import replace
 
@@ -22,12 +21,15 @@ from wlora_dist.planning.memory_plan import (
     GiB,
     ModelShape,
     PlanInput,
+    adapter_numel,
     breakdown,
     plan,
     recommend,
     replan_after_prune,
     sites,
 )
+
+from .helpers import run_command
 
 
 def test_static_counts_are_exact():
@@ -145,13 +147,8 @@ CASES = [
 @pytest.mark.slow
 def test_planned_within_10_percent_of_measured():
     """One process runs every case (fake process group for world sizes > 1)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.plan_check", json.dumps(CASES)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    )
+    out = run_command([sys.executable, "-m", "benchmarks.plan_check", json.dumps(CASES)], timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(results) == len(CASES)
     for r in results:
@@ -195,3 +192,25 @@ def test_replan_at_prune_switches_checkpointing_off_same_math(tiny_dir, tmp_path
     kept_on, _ = _train(tiny_dir, tmp_path / "d", model=ckpt, memory=tight)
     assert kept_on.replanned is None, kept_on.replanned
     assert all(m.gradient_checkpointing for m in kept_on.wl.base_model.model.layers)
+
+
+def test_zero_limits_are_sized_by_the_model_not_deepspeeds_defaults():
+    """DeepSpeed's defaults (5e8-element gradient buckets: 1 GiB in bf16; ZeRO-3 keeping up
+    to 1e9 gathered parameters) are replaced by sizes of this model: buckets of the
+    trainable count, one decoder layer prefetched and reused, two live."""
+    from wlora_dist.distributed.zero import memory_limits
+
+    assert memory_limits(3, layer_numel=1000, trainable_numel=301) == {
+        "reduce_bucket_size": 302,  # even (stage 1/2 alignment)
+        "stage3_prefetch_bucket_size": 1000,
+        "stage3_max_live_parameters": 2000,
+        "stage3_max_reuse_distance": 1000,
+    }
+    assert memory_limits(2, 1000, 10**10) == {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
+    # The planner counts the same bucket: at 8B, 224 adapters of rank 16 in bf16.
+    inp = PlanInput(PRESETS["llama3-8b"], 8, BackendSpec("zero", 3))
+    p = plan(inp)
+    numel = adapter_numel(inp, sites(inp))
+    assert p.before.detail["zero_grad_bucket"] == 2 * numel < GiB // 8
+    assert p.after.detail["zero_grad_bucket"] < p.before.detail["zero_grad_bucket"]  # the kept adapters' only
+    assert plan(PlanInput(PRESETS["llama3-8b"], 8, BackendSpec("fsdp2"))).before.detail["zero_grad_bucket"] == 0

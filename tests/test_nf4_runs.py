@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from .helpers import rounds_config, run_worker
+from .helpers import assert_base_held_as_uninterrupted, rounds_config, run_worker
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 GLOBAL_ROWS = 8
@@ -65,3 +65,4 @@ def test_zero2_on_nf4_resumes_between_the_rounds_bitwise(two, tiny_dir, tmp_path
     assert {r["params_digest"] for r in resumed} == {ranks[0]["params_digest"]}
     assert {r["gates_digest"] for r in resumed} == {ranks[0]["gates_digest"]}
     assert resumed[0]["kept"] == ranks[0]["kept"]
+    assert_base_held_as_uninterrupted(resumed, ranks)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from .conftest import ROOT, tiny_config_dict
-from .helpers import free_port
+from .helpers import free_port, run_command, start, stop
 
 pytestmark = pytest.mark.e2e
 SHIMS = ROOT / "tests" / "slurm_shims"
@@ -53,8 +53,8 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
 def _sbatch(script: str, tmp: Path, env: dict, *args: str, wait: bool = True):
     cmd = ["sbatch", f"--output={tmp}/%x-%j.out", str(SLURM / script), *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        return start(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    return run_command(cmd, timeout=900, env=env, cwd=ROOT)
 
 
 def _metrics(run_dir: Path) -> list[float]:
@@ -115,11 +115,14 @@ def test_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(tin
     job = _sbatch("single_node.sbatch", tmp_path, env, str(cfg), wait=False)
     log = tmp_path / "wlora-77.out"
     t0 = time.time()
-    while "step 12 |" not in (log.read_text() if log.exists() else ""):
-        assert job.poll() is None and time.time() - t0 < 300, log.read_text()[-3000:] if log.exists() else ""
-        time.sleep(0.05)
-    os.kill(int((tmp_path / "shim/batch.pid").read_text()), signal.SIGUSR1)
-    assert job.wait(timeout=180) == 0, log.read_text()[-3000:]
+    try:
+        while "step 12 |" not in (log.read_text() if log.exists() else ""):
+            assert job.poll() is None and time.time() - t0 < 300, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.05)
+        os.kill(int((tmp_path / "shim/batch.pid").read_text()), signal.SIGUSR1)
+        assert job.wait(timeout=180) == 0, log.read_text()[-3000:]
+    finally:
+        stop(job)
     text = log.read_text()
     assert "signal received: asking the trainer to checkpoint" in text
     assert "stop signal received: checkpoint of step" in text

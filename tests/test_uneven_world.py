@@ -7,7 +7,6 @@ batch (6 rows x 2 micro-steps).
 """
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import ROOT
-from .helpers import rounds_config, run_worker
+from .helpers import assert_base_held_as_uninterrupted, rounds_config, run_command, run_worker
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 NPROC = 3
@@ -69,6 +68,7 @@ def test_resume_on_three_ranks_is_bitwise(three, tiny_dir, tmp_path, step):
     assert resumed[0]["losses"] == ranks[0]["losses"][step:]
     assert {r["params_digest"] for r in resumed} == {ranks[0]["params_digest"]}
     assert resumed[0]["kept"] == ranks[0]["kept"]
+    assert_base_held_as_uninterrupted(resumed, ranks)
 
 
 def test_export_of_a_three_rank_checkpoint_equals_the_one_process_export(three, one, tmp_path):
@@ -77,12 +77,10 @@ def test_export_of_a_three_rank_checkpoint_equals_the_one_process_export(three, 
     for name, folder in (("one", one[1]), (backend, ckpts)):
         out = tmp_path / f"export-{name}"
         if backend == "fsdp2":  # the command itself; under zero3 its main() in this process
-            proc = subprocess.run(
+            proc = run_command(
                 [sys.executable, "-m", "wlora_dist.cli", "export", str(folder / "step-00000007"), "--out", str(out)],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
                 timeout=300,
+                cwd=ROOT,
             )
             assert proc.returncode == 0, proc.stderr[-3000:]
         else:

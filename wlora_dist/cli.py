@@ -356,21 +356,40 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C twice, or before training started): no checkpoint written", file=sys.stderr)
+        report_error("interrupted (Ctrl-C twice, or before training started): no checkpoint written")
         return 130
     except OSError as e:  # the operating system said no: a path, permissions, a full disk
         where = f" ({e.filename})" if e.filename else ""
-        print(
-            f"error: {e.strerror or e}{where}; check that the folder exists, is writable and has free space "
-            "(output.dir, checkpoint.dir, model.path)",
-            file=sys.stderr,
+        report_error(
+            f"{e.strerror or e}{where}; check that the folder exists, is writable and has free space "
+            "(output.dir, checkpoint.dir, model.path)"
         )
         return 1
     except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0" or not isinstance(e, ConfigError):  # every rank sees the same config error
-            print(f"error{'' if rank == '0' else f' (rank {rank})'}: {e}", file=sys.stderr)
+        report_error(str(e), same_on_every_rank=isinstance(e, ConfigError))
         return e.exit_code
+
+
+def report_error(message: str, same_on_every_rank: bool = False) -> None:
+    """One error, said once. Under torchrun (and accelerate launch, which runs it) every
+    rank writes it to the launcher's error file (TORCHELASTIC_ERROR_FILE): the launcher's
+    failure summary, the last thing printed, then shows the message where it would say
+    "To enable traceback see ...". Rank 0 prints it first; another rank prints it only
+    where no launcher will show it (and not a config error, which every rank has)."""
+    rank = os.environ.get("RANK", "0")
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        import time
+
+        try:
+            # torchelastic's own format (ErrorHandler.record_exception), the message in place
+            # of the Python call stack its summary prints.
+            info = {"py_callstack": message, "timestamp": str(int(time.time()))}
+            Path(error_file).write_text(json.dumps({"message": {"message": message, "extraInfo": info}}))
+        except OSError:
+            error_file = None  # a full disk: say it on stderr instead
+    if rank == "0" or not (error_file or same_on_every_rank):
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

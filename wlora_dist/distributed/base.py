@@ -162,6 +162,12 @@ class Backend(ABC):
         assert self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
 
+    def release_gathered(self) -> None:
+        """After a forward without backward (eval, the probe loss): free whatever that
+        forward left gathered, so a rank holds its shard again. FSDP2 reshards each unit
+        after its forward by itself; ZeRO-3 does not (zero.py)."""
+        return None
+
     # -- full tensors of sharded parameters ------------------------------------------------
 
     def full_shape(self, param: torch.Tensor) -> torch.Size:
@@ -236,6 +242,16 @@ def base_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
         key = str(held[0].dtype).removeprefix("torch.")
         out[key] = out.get(key, 0) + tensor_bytes(held)
     return out
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks of a causal LM (``model.model.layers``): FSDP2's units,
+    ZeRO-3's gathering granularity."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__}: expected a decoder-only model with model.layers (Llama-like)")
+    return list(layers)
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:

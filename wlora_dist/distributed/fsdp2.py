@@ -23,7 +23,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from transformers import PreTrainedModel
 
 from wlora_dist.config import ModelConfig, RunConfig
-from wlora_dist.distributed.base import Backend, WeightsSource
+from wlora_dist.distributed.base import Backend, WeightsSource, decoder_layers
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.errors import UserError
@@ -67,7 +67,7 @@ class FSDP2Backend(Backend):
         for site in wl.sites:
             layer = wl.lora_layer(site)
             fully_shard([layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]], **kwargs)
-        for layer in _decoder_layers(wl.base_model):
+        for layer in decoder_layers(wl.base_model):
             fully_shard(layer, **kwargs)
         for edge in _vocab_modules(wl.base_model):
             fully_shard(edge, **kwargs)
@@ -93,14 +93,6 @@ class FSDP2Backend(Backend):
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
         pass  # FSDP2 reduce-scatters (mean) every gradient in backward
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__}: expected a decoder-only model with model.layers (Llama-like)")
-    return list(layers)
 
 
 def _vocab_modules(model: nn.Module) -> list[nn.Module]:

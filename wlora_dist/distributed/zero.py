@@ -20,19 +20,24 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from wlora_dist.config import ModelConfig, OptimConfig, RunConfig, TrainConfig, ZeROConfig
-from wlora_dist.distributed.base import Backend, WeightsSource, tensor_bytes
+from wlora_dist.distributed.base import Backend, WeightsSource, decoder_layers, tensor_bytes
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.spec import BackendSpec, merge_deepspeed, read_user_deepspeed_json
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
+from wlora_dist.model.loading import resolve_dtype
 from wlora_dist.model.sharded_loading import build_zero3_partitioned, fill_zero3_partitions
 from wlora_dist.noise import drop_printed
+from wlora_dist.planning.memory_plan import zero_bucket_numel
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def deepspeed_config(zero: ZeROConfig, optim: OptimConfig, train: TrainConfig, bf16: bool) -> dict[str, Any]:
+def deepspeed_config(
+    zero: ZeROConfig, optim: OptimConfig, train: TrainConfig, bf16: bool, limits: dict[str, int] | None = None
+) -> dict[str, Any]:
     """Our settings as a DeepSpeed config; a user JSON (zero.config_file) overrides them,
-    except where it says "auto" (the HF convention), which takes ours."""
+    except where it says "auto" (the HF convention), which takes ours. ``limits``: the
+    ``zero_optimization`` sizes of ``memory_limits`` (known once the model is built)."""
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -47,7 +52,7 @@ def deepspeed_config(zero: ZeROConfig, optim: OptimConfig, train: TrainConfig, b
                 "torch_adam": True,
             },
         },
-        "zero_optimization": {"stage": zero.stage},
+        "zero_optimization": {"stage": zero.stage, **(limits or {})},
         "bf16": {"enabled": bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -59,6 +64,46 @@ def deepspeed_config(zero: ZeROConfig, optim: OptimConfig, train: TrainConfig, b
     return merge_deepspeed(ours, read_user_deepspeed_json(zero.config_file))
 
 
+def memory_limits(stage: int, layer_numel: int, trainable_numel: int) -> dict[str, int]:
+    """The ZeRO sizes a memory-budgeted adapter trainer sets instead of DeepSpeed's
+    defaults, which are tuned for full fine-tuning speed (docs/measurements.md, "ZeRO's
+    buffers"):
+
+    - ``reduce_bucket_size`` (and stages 1/2 ``allgather_bucket_size``): DeepSpeed
+      allocates gradient buckets of 5e8 elements (stage 3 one per gradient dtype at engine
+      start; stages 1/2 one, or two with overlap_comm, every backward): 1 GiB in bf16, 2 in
+      fp32, per rank, for gradients that are only the adapters' (megabytes). Capped at the
+      trainable element count, so a bucket still holds every gradient at once.
+    - stage 3: ``stage3_max_reuse_distance`` and ``stage3_max_live_parameters`` default to
+      1e9 parameters: a gathered parameter is kept while it is reused within 1e9
+      parameters, so a model under 1e9 parameters stays whole on every rank from forward
+      to backward, and a larger one keeps up to 1e9 gathered parameters (2 GiB in bf16) on
+      top of its shard; ``stage3_prefetch_bucket_size`` (5e7) gathers ahead by that much.
+      Set to one decoder layer (prefetch, reuse: the recomputation and the backward of a
+      checkpointed layer share its gathered weights) and two layers live (the one running
+      and the one prefetched): FSDP2's behaviour, one layer gathered and the next
+      prefetched.
+
+    ``layer_numel``: elements of the largest decoder layer (as stored: int8 / packed 4-bit
+    elements for a quantised base)."""
+    bucket = zero_bucket_numel(trainable_numel)
+    out = {"reduce_bucket_size": bucket}
+    if stage == 3:
+        out.update(
+            stage3_prefetch_bucket_size=layer_numel,
+            stage3_max_live_parameters=2 * layer_numel,
+            stage3_max_reuse_distance=layer_numel,
+        )
+    else:
+        out["allgather_bucket_size"] = bucket
+    return out
+
+
+def largest_layer_numel(model: nn.Module) -> int:
+    """Elements of the largest decoder layer (a ZeRO-3 partitioned parameter counts whole)."""
+    return max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in decoder_layers(model))
+
+
 class ZeROBackend(Backend):
     def __init__(self, spec: BackendSpec, env: DistEnv, cfg: RunConfig, weights: WeightsSource | None = None) -> None:
         super().__init__(spec, env, cfg.optim, cfg.train.seed, weights)
@@ -66,7 +111,10 @@ class ZeROBackend(Backend):
 
         self.deepspeed = deepspeed
         bf16 = env.device.type == "cuda" and cfg.train.mixed_precision in ("auto", "bf16")
-        self.ds_config = deepspeed_config(cfg.distributed.zero, cfg.optim, cfg.train, bf16)
+        self._config_args = (cfg.distributed.zero, cfg.optim, cfg.train, bf16)
+        # Loading (zero.Init) reads the partitioning settings only; the engine gets
+        # memory_limits() once the model and the trainable set are known (_initialize).
+        self.ds_config = deepspeed_config(*self._config_args)
         self.stage = spec.zero_stage
         assert self.stage == int(self.ds_config["zero_optimization"]["stage"]), "resolve_backend reads the same JSON"
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -74,6 +122,7 @@ class ZeROBackend(Backend):
         self._get_full_state, self._get_full_fp32 = safe_get_full_optimizer_state, safe_get_full_fp32_param
         self.engine: Any = None
         self.peft_model: nn.Module | None = None
+        self.base_model: nn.Module | None = None
 
     def _init_comm(self) -> None:
         if not self.deepspeed.comm.is_initialized():
@@ -89,7 +138,7 @@ class ZeROBackend(Backend):
         Backend.load_base / prepare)."""
         if self.stage == 3 and cfg.quantization != "none":
             self._init_comm()
-            model = build_zero3_partitioned(cfg, self.env.device, copy.deepcopy(self.ds_config))
+            model = build_zero3_partitioned(cfg, self.env.device, self._partition_config(cfg))
             self.load_stats = fill_zero3_partitions(model, cfg.path)
             self.loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
             return model
@@ -97,25 +146,50 @@ class ZeROBackend(Backend):
             from transformers.integrations import HfDeepSpeedConfig
 
             self._init_comm()
-            self._hf_ds_config = HfDeepSpeedConfig(copy.deepcopy(self.ds_config))  # must stay alive
+            self._hf_ds_config = HfDeepSpeedConfig(self._partition_config(cfg))  # must stay alive
         model = super().load_base(cfg)
         # True when every weight was partitioned as it was created (never whole on a rank).
         self.loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
         return model
 
+    def _partition_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        """The DeepSpeed config the base is built and partitioned with (zero.Init): ours, with
+        the precision flags saying model.dtype. zero.Init casts every floating parameter to
+        the dtype its config enables (float32 unless bf16 / fp16 is on), and the engine turns
+        bf16 on only on a GPU: without this a CPU run asking for a bfloat16 base held it in
+        float32, twice the bytes. The engine's own config is unchanged."""
+        out = copy.deepcopy(self.ds_config)
+        dtype = resolve_dtype(cfg.dtype, self.env.device)
+        out["bf16"] = {"enabled": dtype == torch.bfloat16}
+        out["fp16"] = {"enabled": dtype == torch.float16}
+        return out
+
     def prepare(self, wl: WeightLoRA) -> nn.Module:
         self._init_comm()
         self._materialize_if_meta(wl)
-        self.peft_model = wl.peft_model
+        self.peft_model, self.base_model = wl.peft_model, wl.base_model
         self.peft_model.to(self.env.device)
         self._initialize(wl.trainable_parameters())
         return self.engine
 
     def _initialize(self, params: list[nn.Parameter]) -> None:
+        assert self.peft_model is not None and self.base_model is not None
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        limits = memory_limits(self.stage, largest_layer_numel(self.base_model), trainable)
+        self.ds_config = deepspeed_config(*self._config_args, limits=limits)
         self.engine, self.optimizer, _, _ = self.deepspeed.initialize(
             model=self.peft_model, model_parameters=params, config=copy.deepcopy(self.ds_config)
         )
         self._module = self.engine
+
+    def release_gathered(self) -> None:
+        """ZeRO-3 frees a gathered parameter only when its recorded trace says it is not
+        reused soon: after a forward without backward (eval, the probe loss) the trace's
+        next use is the backward that never comes, and the last layers (with DeepSpeed's
+        defaults, every layer) stay gathered until the next training backward, or for good
+        after the final eval. DeepSpeed's own call for this re-partitions every parameter."""
+        if self.stage == 3 and self.engine is not None:
+            self.engine.empty_partition_cache()
 
     def build_optimizer(self, params: list[nn.Parameter]) -> None:
         pass  # the engine built it from ds_config
@@ -168,6 +242,7 @@ class ZeROBackend(Backend):
         if keep_state:
             saved = {id(p): {k: self._get_full_state(p, k).detach().clone() for k in ADAM_STATE_KEYS} for p in kept}
             step = _adam_step(self.engine.optimizer)
+        self.release_gathered()  # a gathered parameter would outlive the engine that gathered it
         _destroy(self.engine)
         self.engine = self.optimizer = self._module = None
         gc.collect()  # the old engine's partitions hold the removed adapters: free them now

@@ -396,17 +396,23 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         gathered_root = int((root_b if inp.shape.tied else root_b - 2 * head) * cast)
         gathered_head = 0 if inp.shape.tied else int(head * cast)
         gathered_layer = int(one_layer * (1.0 if inp.base in QUANTISED else cast))
+    bucket = zero_grad_bucket_bytes(inp, numel)
     moments = {
         # Measured (plan_check, FSDP2): the lm_head is gathered by the time the loss's
         # buffers peak, its backward being next.
-        "loss": (acts["saved"], acts["loss"], gathered_root + gathered_head),
-        "lm_head backward": (acts["saved"], acts["head"], gathered_root + gathered_head + gathered_layer),
+        "loss": (acts["saved"], acts["loss"], gathered_root + gathered_head + bucket),
+        "lm_head backward": (acts["saved"], acts["head"], gathered_root + gathered_head + gathered_layer + bucket),
     }
     if inp.activation_checkpointing:
-        moments["layer recompute"] = (acts["saved"] + acts["recompute"], 0, gathered_root + 2 * gathered_layer)
+        moments["layer recompute"] = (acts["saved"] + acts["recompute"], 0, gathered_root + 2 * gathered_layer + bucket)
     peak_at = max(moments, key=lambda m: sum(moments[m]))
     act, loss, buffers = moments[peak_at]
-    detail = {"gathered_root": gathered_root, "gathered_lm_head": gathered_head, "gathered_layer": gathered_layer}
+    detail = {
+        "gathered_root": gathered_root,
+        "gathered_lm_head": gathered_head,
+        "gathered_layer": gathered_layer,
+        "zero_grad_bucket": bucket,
+    }
     return Breakdown(
         base=int(base_rank),
         adapters=int(adapters),
@@ -419,6 +425,27 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         detail=detail,
         peak_at=peak_at,
     )
+
+
+# DeepSpeed's default gradient bucket (elements); wlora_dist caps it at the trainable count
+# (distributed/zero.py, memory_limits).
+DEEPSPEED_BUCKET = 500_000_000
+
+
+def zero_bucket_numel(trainable_numel: int) -> int:
+    """The elements of ZeRO's gradient buckets wlora_dist sets: every trainable gradient at
+    once, never more than DeepSpeed's default; even (stage 1/2 alignment)."""
+    return max(2, min(DEEPSPEED_BUCKET, trainable_numel + trainable_numel % 2))
+
+
+def zero_grad_bucket_bytes(inp: PlanInput, trainable_numel: int) -> int:
+    """DeepSpeed's gradient reduction bucket on a rank: stage 3 allocates one at engine start
+    in the gradients' dtype, stages 1/2 one at each backward (fp32 at stage 1, where it
+    stages the fp32 accumulation; the gradients' dtype at stage 2). Sized min(5e8,
+    trainable elements) by wlora_dist, where DeepSpeed's 5e8 alone would be 1 GiB in bf16."""
+    if inp.backend.kind != "zero":
+        return 0
+    return zero_bucket_numel(trainable_numel) * (4 if inp.backend.zero_stage == 1 else _compute_bytes(inp))
 
 
 def plan(inp: PlanInput) -> Plan:
@@ -506,7 +533,7 @@ def format_plan(p: Plan) -> str:
         ("optimizer state", "optimizer"),
         ("activations", "activations"),
         ("logits / loss", "loss"),
-        ("gathered units (FSDP2 / ZeRO-3)", "buffers"),
+        ("gathered units, ZeRO buckets", "buffers"),
     ]
     b, a = p.before, p.after
     out = [

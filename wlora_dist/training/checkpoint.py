@@ -42,9 +42,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from wlora_dist.config import CheckpointConfig
-from wlora_dist.distributed.env import DistEnv, all_reduce_max_, barrier
+from wlora_dist.distributed.env import DistEnv, all_reduce_max_, barrier, gather_objects
 from wlora_dist.errors import UserError
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -229,43 +230,87 @@ def save(
     env: DistEnv,
     keep_last: int,
 ) -> Path:
-    """Collective: every rank calls it with its own tensors; returns the final folder."""
+    """Collective: every rank calls it with its own tensors; returns the final folder.
+
+    Every write is covered, on every rank: the folder, the shards (DCP; a rank that cannot
+    write its own makes DCP fail on every rank), the RNG files, rank 0's metadata and
+    rename. After each stage the ranks agree on whether any failed (one small all-gather):
+    then the temporary folder is removed and every rank raises the same CheckpointError,
+    naming the folder and the OS error (a full disk, a permission), earlier checkpoints
+    untouched. No rank is left waiting in a collective the others abandoned."""
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    if env.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left by a crash: never complete, never read
-        (tmp / "rng").mkdir(parents=True)
-    barrier()
-    writer = HuggingFaceStorageWriter(str(tmp / "state"), save_distributed=env.distributed)
-    dcp.save(tensors, storage_writer=writer, no_dist=not env.distributed)
-    save_file(_rng_state(), str(tmp / "rng" / f"rank-{env.global_rank:05d}.safetensors"))
-    barrier()  # every rank's shards are written
-    if env.is_main:
-        try:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            files = {}
-            for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                _fsync(file)  # every rank's shards, on the disk before the rename makes them count
-                files[str(file.relative_to(tmp))] = [file.stat().st_size, _sha256(file)]
-            (tmp / "meta.json").write_text(json.dumps({**meta.to_dict(), FILES_KEY: files}, indent=2))  # last
-            _fsync(tmp / "meta.json")
-            for folder in (tmp / "state", tmp / "rng", tmp):
-                _fsync(folder)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync(root)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint, under any name
+
+    def stage(main_only: bool, write: Any) -> None:
+        error = None if main_only and not env.is_main else _write_error(write)
+        errors = [e for e in gather_objects(error) if e] if env.distributed else [error] if error else []
+        if errors:
+            if env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint, under any name
+            barrier()
             raise CheckpointError(
-                f"writing checkpoint {final} failed: {e.strerror or e} ({e.filename or tmp}); free space or fix "
-                "permissions there (or set checkpoint.dir elsewhere); earlier checkpoints are untouched"
-            ) from None
+                f"writing checkpoint {final} failed: {errors[0]}; free space or fix permissions there (or set "
+                "checkpoint.dir elsewhere); earlier checkpoints are untouched"
+            )
+
+    stage(True, lambda: _make_tmp(tmp))
+    stage(False, lambda: _save_shards(tmp / "state", tensors, env.distributed))
+    stage(False, lambda: save_file(_rng_state(), str(tmp / "rng" / f"rank-{env.global_rank:05d}.safetensors")))
+    stage(True, lambda: _finish(tmp, final, root, config, meta))  # every rank's shards are written
+    if env.is_main:
         for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _save_shards(folder: Path, tensors: dict[str, torch.Tensor], distributed: bool) -> None:
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=distributed)
+    dcp.save(tensors, storage_writer=writer, no_dist=not distributed)
+
+
+def _make_tmp(tmp: Path) -> None:
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash: never complete, never read
+    (tmp / "rng").mkdir(parents=True)
+
+
+def _finish(tmp: Path, final: Path, root: Path, config: dict[str, Any], meta: CheckpointMeta) -> None:
+    """Rank 0, once every rank's files are in ``tmp``: config, sizes and checksums, meta.json
+    last, everything flushed, then the rename that makes the checkpoint count."""
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    files = {}
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        _fsync(file)  # every rank's shards, on the disk before the rename makes them count
+        files[str(file.relative_to(tmp))] = [file.stat().st_size, _sha256(file)]
+    (tmp / "meta.json").write_text(json.dumps({**meta.to_dict(), FILES_KEY: files}, indent=2))  # last
+    _fsync(tmp / "meta.json")
+    for folder in (tmp / "state", tmp / "rng", tmp):
+        _fsync(folder)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync(root)
+
+
+def _write_error(write: Any) -> str | None:
+    """Run ``write``; None when it worked, else what went wrong in a line. DCP reports a
+    failure on any rank as a CheckpointException (a BaseException) on every rank, holding
+    each failed rank's exception; safetensors reports OS errors as its own error type."""
+    try:
+        write()
+    except CheckpointException as e:
+        rank, (exc, _) = sorted(e.failures.items())[0]
+        return f"{_describe(exc)} (rank {rank})"
+    except Exception as e:
+        return _describe(e)
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}" + (f" ({exc.filename})" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_tensors(path: Path, tensors: dict[str, torch.Tensor], distributed: bool) -> None:

@@ -295,14 +295,18 @@ class Trainer:
 
     def probe_loss(self) -> float:
         """Loss of the last training micro-batch, dropout off."""
-        return evaluation.probe_loss(self.backend.module, self._last_batch, self._autocast)
+        loss = evaluation.probe_loss(self.backend.module, self._last_batch, self._autocast)
+        self.backend.release_gathered()
+        return loss
 
     def evaluate(self) -> dict:
         """Token-weighted eval loss over every rank (eval_batches per rank); {} without eval data."""
         if self.eval_loader is None:
             return {}
         limit = self.cfg.train.eval_batches
-        return evaluation.evaluate(self.backend.module, self.eval_loader, limit, self.env.device, self._autocast)
+        out = evaluation.evaluate(self.backend.module, self.eval_loader, limit, self.env.device, self._autocast)
+        self.backend.release_gathered()
+        return out
 
     def _result(self, history: list[dict], **kw: object) -> TrainResult:
         kept = [s.name for s in self.wl.kept_sites()]
