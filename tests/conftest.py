@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -17,20 +16,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from wlora_dist.model.tiny import make_model, make_tokenizer, write_default  # noqa: E402
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """SIGTERM to pytest (a CI timeout, a scheduler) would end it without running atexit:
-    kill the process trees the tests launched first (helpers.start), then die as asked."""
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        from .helpers import kill_all_launched
-
-        kill_all_launched()
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @pytest.fixture(scope="session")

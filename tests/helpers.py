@@ -40,6 +40,18 @@ def kill_all_launched() -> None:
 atexit.register(kill_all_launched)
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM to pytest (a CI timeout, a scheduler) would end it without atexit: kill the
+    launched trees first, then die as asked."""
+    kill_all_launched()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def start(cmd: Sequence[str], **popen: object) -> subprocess.Popen:
     """``subprocess.Popen`` in a new session; ``stop`` (or pytest's exit) kills its tree."""
     proc = subprocess.Popen(list(cmd), start_new_session=True, **popen)  # type: ignore[call-overload]

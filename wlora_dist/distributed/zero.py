@@ -242,7 +242,7 @@ class ZeROBackend(Backend):
         if keep_state:
             saved = {id(p): {k: self._get_full_state(p, k).detach().clone() for k in ADAM_STATE_KEYS} for p in kept}
             step = _adam_step(self.engine.optimizer)
-        self.release_gathered()  # a gathered parameter would outlive the engine that gathered it
+        _partition_gathered(self.peft_model)  # a gathered parameter would outlive the engine that gathered it
         _destroy(self.engine)
         self.engine = self.optimizer = self._module = None
         gc.collect()  # the old engine's partitions hold the removed adapters: free them now
@@ -360,6 +360,22 @@ def zero3_local_slice(full: torch.Tensor, partition_numel: int, rank: int) -> to
     if n:
         out[:n] = flat[start : start + n]
     return out
+
+
+def _partition_gathered(module: nn.Module | None) -> None:
+    """Re-partition every ZeRO-3 parameter of ``module`` left gathered, through DeepSpeed's
+    per-parameter ``partition``. At a layout change, where the module already holds the new
+    (WeightLoRA+) adapters as plain parameters, which the engine's own
+    ``empty_partition_cache`` cannot walk past."""
+    if module is None:
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    gathered = [p for p in module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]
+    for p in gathered:
+        p.ds_active_sub_modules.clear()
+    if gathered:
+        gathered[0].partition(param_list=gathered)
 
 
 def _destroy(engine: Any) -> None:
