@@ -133,7 +133,7 @@ def main() -> None:
 
 
 def run(cfg, env) -> Trainer:
-    trainer = Trainer(cfg, env)
+    trainer = Trainer(cfg, env, handle_signals=True)  # as the command line runs it
     trainer.setup()
     # What each rank holds of the base once set up: loaded, or loaded and resumed.
     base_after_setup = base_resident(trainer)

@@ -63,7 +63,7 @@ def test_ctrl_c_during_a_run_saves_a_checkpoint(tiny_dir, tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)
 
     cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run"))
-    trainer = Trainer(cfg, init_distributed(), [CtrlCAtStep2()])
+    trainer = Trainer(cfg, init_distributed(), [CtrlCAtStep2()], handle_signals=True)
     trainer.setup()
     try:
         result = trainer.train()

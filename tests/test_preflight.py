@@ -4,13 +4,19 @@ built on meta, adapters attached), its tokenizer, the data files and the output 
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
 from wlora_dist.cli import main
-from wlora_dist.config import ConfigError, load_config
+from wlora_dist.config import ConfigError, config_from_dict, load_config
+from wlora_dist.distributed.env import init_distributed
+
+# Imported before any test patches the loaders (no_loading): a module first imported while
+# they are patched would keep the patched names.
+from wlora_dist.training.trainer import Trainer
 
 from .conftest import ROOT, tiny_config_dict
 
@@ -72,6 +78,30 @@ def test_existing_adapter_before_loading(no_loading, tiny_dir, tmp_path, capsys)
     train, check = _both(tiny_dir, tmp_path, capsys)
     for err in (train, check):
         assert "already holds an adapter" in err and "output.overwrite=true" in err
+
+
+def test_a_fresh_run_over_earlier_checkpoints_before_loading(no_loading, tiny_dir, tmp_path, capsys):
+    """resume_from '' (the default) over a folder holding checkpoints: refused by the
+    preflight (it took every run for a resume, '' being a string, not None)."""
+    (tmp_path / "run/checkpoints/step-00000004").mkdir(parents=True)
+    (tmp_path / "run/checkpoints/step-00000004/meta.json").write_text("{}")
+    train, check = _both(tiny_dir, tmp_path, capsys)
+    for err in (train, check):
+        assert "holds checkpoints of an earlier run (step-00000004 the newest)" in err
+
+
+def test_signal_handlers_are_the_command_lines_not_a_trainers(tiny_dir, tmp_path):
+    """A Trainer inside another program leaves its SIGINT / SIGTERM alone unless asked; asked,
+    it restores them after the run."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    for handle in (False, True):
+        cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / f"run-{handle}"))
+        trainer = Trainer(cfg, init_distributed(), handle_signals=handle)
+        trainer.setup()
+        during = {s: signal.getsignal(s) for s in before}
+        trainer.cleanup()
+        assert (during != before) == handle
+        assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_missing_model_and_data_before_loading(no_loading, tiny_dir, tmp_path, capsys):

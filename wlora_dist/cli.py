@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import logging
 
         logging.getLogger("wlora_dist").warning(lone)
-    trainer = Trainer(cfg, env)
+    trainer = Trainer(cfg, env, handle_signals=True)
     try:
         trainer.setup()
         result = trainer.train()

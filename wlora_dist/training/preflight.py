@@ -22,6 +22,7 @@ from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
 from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
 from wlora_dist.paths import looks_local
+from wlora_dist.training.checkpoint import resolve_resume
 from wlora_dist.training.outputs import check_output_free, run_paths
 
 
@@ -46,7 +47,10 @@ def preflight(cfg: RunConfig) -> Preflight:
     if cfg.data.format == "chat" or (cfg.data.format == "instruction" and cfg.data.template == "chat"):
         require_chat_template(load_tokenizer(cfg.model), cfg.model.path, cfg.data.format)
     adapter_dir, _, ckpt_root = run_paths(cfg)
-    check_output_free(cfg, adapter_dir, ckpt_root, resumes=cfg.checkpoint.resume_from is not None)
+    # The checkpoint this run would resume from (a damaged or missing one refused here too):
+    # a fresh run over an earlier run's checkpoints is refused before anything loads.
+    resumes = resolve_resume(cfg.checkpoint.resume_from, ckpt_root) is not None
+    check_output_free(cfg, adapter_dir, ckpt_root, resumes=resumes)
     return Preflight(architecture, n)
 
 

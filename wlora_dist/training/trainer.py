@@ -41,8 +41,15 @@ Batch = dict[str, torch.Tensor]
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, env: DistEnv, callbacks: Sequence[Callback] = ()) -> None:
+    def __init__(
+        self, cfg: RunConfig, env: DistEnv, callbacks: Sequence[Callback] = (), handle_signals: bool = False
+    ) -> None:
+        """``handle_signals``: SIGTERM / SIGUSR1 / SIGINT request a checkpoint and a stop
+        (checkpoint.save_on_signal) from setup() until cleanup(), which restores the
+        handlers there were. Off unless asked: the command line asks; a program that runs a
+        Trainer inside itself (a notebook, a test runner) keeps its own Ctrl-C."""
         self.cfg, self.env, self.callbacks = cfg, env, list(callbacks)
+        self.handle_signals = handle_signals
         self.spec = resolve_backend(cfg.distributed)  # the one place the backend is decided
         check_backend_supports(cfg, self.spec)
         self.out_dir = Path(cfg.output.dir)
@@ -85,7 +92,7 @@ class Trainer:
         # Data position: rows of the global batch already consumed -> this rank's micro-batches.
         start = self.start_step * cfg.train.grad_accum_steps
         self.train_iter = data_mod.forever(loader, start) if loader is not None else batches
-        if cfg.checkpoint.save_on_signal:
+        if self.handle_signals and cfg.checkpoint.save_on_signal:
             self.saves.stopper.install()
         sel, n_params = cfg.selection, sum(self.backend.numel(p) for p in self.params)
         kinds = ",".join(dict.fromkeys(s.kind for s in self.wl.sites))
