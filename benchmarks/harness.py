@@ -140,7 +140,7 @@ class _BytesAtStepEnd(Callback):
         self.last: dict[str, int] = {}
 
     def on_optimizer_step_end(self, trainer: Trainer, optimizer_step: int) -> None:
-        self.last = trainer.backend.memory_report(trainer.params)
+        self.last = trainer.backend.memory_report()
 
 
 @dataclass

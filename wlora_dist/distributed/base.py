@@ -49,6 +49,10 @@ class Backend(ABC):
         self.seed = seed  # of the deterministic adapter init of models built on meta
         self.weights = weights
         self.optimizer: torch.optim.Optimizer | None = None
+        # The trainable parameters as this backend holds them (DTensors under FSDP2, ZeRO-3
+        # parameters): set by prepare() and by every layout change; the one list the
+        # optimizer steps and the trainer reads.
+        self.params: list[nn.Parameter] = []
         self._module: nn.Module | None = None
         self.model_path = ""
         self.load_stats: LoadStats | None = None
@@ -80,24 +84,30 @@ class Backend(ABC):
             reader = self.weights(wl.base_model) if self.weights is not None else None
             self.load_stats = materialize_sharded(wl, self.model_path, device or self.env.device, self.seed, reader)
 
-    @abstractmethod
     def prepare(self, wl: WeightLoRA) -> nn.Module:
         """Place / wrap / shard ``wl.peft_model``, build the optimizer over its trainable
-        parameters; return the module to call for forward."""
+        parameters (then ``self.params``); return the module to call for forward."""
+        module = self._prepare(wl)
+        self.params = wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
+        return module
 
     @abstractmethod
-    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
-        """Make every rank's .grad the mean over the data-parallel group."""
+    def _prepare(self, wl: WeightLoRA) -> nn.Module:
+        """prepare() of one backend."""
+
+    @abstractmethod
+    def reduce_gradients(self) -> None:
+        """Make every rank's .grad of ``self.params`` the mean over the data-parallel group."""
 
     # -- the adapter layout changes (prune event, WeightLoRA+ round, resume) ---------------
 
-    def adapters_changed(self, wl: WeightLoRA, replaced: list[AdapterSite], keep_state: bool) -> list[nn.Parameter]:
+    def adapters_changed(self, wl: WeightLoRA, replaced: list[AdapterSite], keep_state: bool) -> None:
         """The one call after the adapter layout changed: adapters were removed and those of
         ``replaced`` got new modules. Wrap the new ones as prepare() did, drop everything held
-        of the removed ones, and an optimizer over what is left, Adam state carried over for
-        unchanged adapters if ``keep_state``. Returns the trainable parameters."""
+        of the removed ones, and an optimizer over what is left (``self.params``), Adam state
+        carried over for unchanged adapters if ``keep_state``."""
         self._rebuild(wl, replaced, keep_state)
-        return wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
+        self.params = wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
 
     def _rebuild(self, wl: WeightLoRA, replaced: list[AdapterSite], keep_state: bool) -> None:
         self._rebuild_optimizer(wl.trainable_parameters(), keep_state)
@@ -130,11 +140,10 @@ class Backend(ABC):
         """Backward of one micro-step (``loss`` already divided by the accumulation steps)."""
         loss.backward()
 
-    def clip_grad_norm(
-        self, params: list[nn.Parameter], max_norm: float, extra_norm: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float, extra_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Clip to ``max_norm``; ``extra_norm``: the norm of gradients clipped with these
         (the gates' under selection.clip_gates) counts in the total, as one clip over both."""
+        params = self.params
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if hasattr(norm, "full_tensor"):  # DTensor grads (FSDP2): the norm is all-reduced
@@ -145,14 +154,12 @@ class Backend(ABC):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return norm
 
-    def step(
-        self, params: list[nn.Parameter], lr: float, max_grad_norm: float, extra_norm: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def step(self, lr: float, max_grad_norm: float, extra_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Clip, then one optimizer step at ``lr``; returns the gradient norm before clipping
         (a tensor: reading it is a host sync the caller does when it logs). ``extra_norm``:
         see clip_grad_norm."""
         assert self.optimizer is not None
-        norm = self.clip_grad_norm(params, max_grad_norm, extra_norm)
+        norm = self.clip_grad_norm(max_grad_norm, extra_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -214,8 +221,9 @@ class Backend(ABC):
 
     # -- what this rank holds --------------------------------------------------------------
 
-    def memory_report(self, params: list[nn.Parameter]) -> dict[str, int]:
+    def memory_report(self) -> dict[str, int]:
         """This rank's bytes of trainable parameters, gradients and optimizer state."""
+        params = self.params
         state = self.optimizer_state_tensors() if self.optimizer is not None else []
         return {
             "trainable_param_bytes": tensor_bytes([local_part(p) for p in params]),

@@ -57,7 +57,7 @@ class FSDP2Backend(Backend):
         kwargs["offload_policy"] = CPUOffloadPolicy() if self.fsdp_cfg.cpu_offload else OffloadPolicy()
         return kwargs
 
-    def prepare(self, wl: WeightLoRA) -> nn.Module:
+    def _prepare(self, wl: WeightLoRA) -> nn.Module:
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         kwargs = {**self._policies(), "mesh": mesh}
         model = wl.peft_model
@@ -91,7 +91,7 @@ class FSDP2Backend(Backend):
         _forget_removed_units(self.root)
         self._rebuild_optimizer(wl.trainable_parameters(), keep_state)
 
-    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+    def reduce_gradients(self) -> None:
         pass  # FSDP2 reduce-scatters (mean) every gradient in backward
 
 

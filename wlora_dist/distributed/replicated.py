@@ -16,7 +16,7 @@ from wlora_dist.method.weight_lora import WeightLoRA
 
 
 class ReplicatedBackend(Backend):
-    def prepare(self, wl: WeightLoRA) -> nn.Module:
+    def _prepare(self, wl: WeightLoRA) -> nn.Module:
         self._materialize_if_meta(wl)
         wl.peft_model.to(self.env.device)
         self._module = wl.peft_model
@@ -27,10 +27,10 @@ class ReplicatedBackend(Backend):
         self.build_optimizer(wl.trainable_parameters())
         return wl.peft_model
 
-    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+    def reduce_gradients(self) -> None:
         if not self.env.distributed:
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])

@@ -164,7 +164,7 @@ class ZeROBackend(Backend):
         out["fp16"] = {"enabled": dtype == torch.float16}
         return out
 
-    def prepare(self, wl: WeightLoRA) -> nn.Module:
+    def _prepare(self, wl: WeightLoRA) -> nn.Module:
         self._init_comm()
         self._materialize_if_meta(wl)
         self.peft_model, self.base_model = wl.peft_model, wl.base_model
@@ -200,12 +200,10 @@ class ZeROBackend(Backend):
         self.engine.set_gradient_accumulation_boundary(last_micro_step)
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def reduce_gradients(self, params: list[nn.Parameter]) -> None:
+    def reduce_gradients(self) -> None:
         pass  # ZeRO reduces (stage 1: all-reduce, 2/3: reduce-scatter) inside backward
 
-    def step(
-        self, params: list[nn.Parameter], lr: float, max_grad_norm: float, extra_norm: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def step(self, lr: float, max_grad_norm: float, extra_norm: torch.Tensor | None = None) -> torch.Tensor:
         # DeepSpeed clips inside its engine over its own parameters only; selection.clip_gates
         # is refused for zero when the run is set up (Trainer), so extra_norm never comes here.
         assert extra_norm is None, "selection.clip_gates is not available with DeepSpeed ZeRO"
@@ -335,10 +333,10 @@ class ZeROBackend(Backend):
         step = tensors[f"optim.{next(iter(named))}.step"].reshape(()) if named else None
         self._restore_adam_state(params, saved, step)
 
-    def memory_report(self, params: list[nn.Parameter]) -> dict[str, int]:
+    def memory_report(self) -> dict[str, int]:
         """This rank's bytes: its partition of the adapters (stage 3) or all of them, its
         fp32 master partition and the inner optimizer's state (exp_avg, exp_avg_sq, step)."""
-        local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params]
+        local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self.params]
         inner = _inner(self.engine.optimizer)
         state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
         masters = _master_partitions(self.engine.optimizer)

@@ -47,7 +47,7 @@ class AdapterStore(Protocol):
 
     def full_shape(self, param: torch.Tensor) -> torch.Size: ...
 
-    def adapters_changed(self, wl: WeightLoRA, replaced: list[AdapterSite], keep_state: bool) -> list[nn.Parameter]: ...
+    def adapters_changed(self, wl: WeightLoRA, replaced: list[AdapterSite], keep_state: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -176,9 +176,9 @@ class Selector:
         }
         return LayoutChange("resume", step, drop, new_ranks, extend=False, freeze=pruned, keep_state=False)
 
-    def apply(self, change: LayoutChange, store: AdapterStore) -> tuple[LayoutEvent, list[nn.Parameter] | None]:
-        """Carry ``change`` out on every rank; returns the event and the new trainable
-        parameters (None when no module changed and the backend was not called)."""
+    def apply(self, change: LayoutChange, store: AdapterStore) -> LayoutEvent:
+        """Carry ``change`` out on every rank (the backend is told when modules changed);
+        returns what it did."""
         wl = self.wl
         self.sync.check_same(wl.gates, f"gate vector w at the {change.kind} of step {change.step}")
         if change.fold:
@@ -194,11 +194,12 @@ class Selector:
         if change.reinit:
             # Another run seed than the first init's (seed + 1): new values, the same on every rank.
             wl.init_adapters(self.seed + 1, store.assign_full, store.full_shape, kept_only=True)
-        params = store.adapters_changed(wl, replaced, change.keep_state) if change.changes_modules else None
+        if change.changes_modules:
+            store.adapters_changed(wl, replaced, change.keep_state)
         kept = wl.kept_sites()
         event = LayoutEvent(change, [s.name for s in kept], wl.lora_rank(kept[0]) if kept else 0)
         event.removed = [weakref.ref(p) for p in removed]
-        return event, params
+        return event
 
     def _new_rank(
         self, site: AdapterSite, change: LayoutChange, store: AdapterStore

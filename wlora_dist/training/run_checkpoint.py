@@ -100,14 +100,14 @@ def load_state(
 
 def resume(
     path: Path, cfg: RunConfig, env: DistEnv, selector: Selector, backend: Backend, logger: RunLogger
-) -> tuple[CheckpointMeta, LayoutEvent, list[nn.Parameter] | None]:
+) -> tuple[CheckpointMeta, LayoutEvent]:
     """Bring a freshly set-up run to the checkpoint at ``path``: the same adapter layout
     (the selector replays it), then adapters, AdamW state, gates and this rank's RNG.
-    Returns the checkpoint's meta, the layout event and the new trainable parameters."""
+    Returns the checkpoint's meta and the layout event."""
     wl = selector.wl
     meta = checkpoint.read_meta(path)
     checkpoint.check_compatible(meta, run_identity(cfg, wl), path)
-    event, params = selector.apply(selector.resume_change(meta.step, meta.kept, meta.ranks, meta.pruned), backend)
+    event = selector.apply(selector.resume_change(meta.step, meta.kept, meta.ranks, meta.pruned), backend)
     used = load_state(path, meta, cfg, env, wl, backend)
     rows = rows_per_step(cfg, env)
     if meta.rows_consumed != meta.step * rows:
@@ -129,4 +129,4 @@ def resume(
         else f" (world size {meta.world_size} -> {env.world_size}: data order and dropout RNG re-derived, "
         "the run is close to, not bitwise, the uninterrupted one)",
     )
-    return meta, event, params
+    return meta, event

@@ -21,7 +21,7 @@ from transformers import set_seed
 
 from wlora_dist.config import ConfigError, RunConfig, size_run
 from wlora_dist.data import pipeline as data_mod
-from wlora_dist.distributed.base import WeightsSource
+from wlora_dist.distributed.base import Backend, WeightsSource
 from wlora_dist.distributed.env import REPLICA_SYNC, DistEnv, all_reduce_mean_
 from wlora_dist.distributed.registry import make_backend
 from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
@@ -60,9 +60,15 @@ class Trainer:
         self.replanned: replan.Replan | None = None  # memory.replan_at_prune's switch, if it made one
         self.prune_seconds: float | None = None
         self.start_step = 0
-        self.eval_loader = None
         self.saves = checkpoint.SaveSchedule(cfg.checkpoint, cfg.train.max_steps)
         self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, False, {})  # silent until setup
+        # Made by setup(), in this order:
+        self.eval_loader: DataLoader | None = None
+        self.backend: Backend  # owns the trainable parameters (backend.params) and the optimizer
+        self.wl: WeightLoRA  # the model with its adapters and gates
+        self.selector: Selector  # the gate update and the layout changes
+        self.train_iter: Iterator[Batch]  # this rank's training micro-batches, from the data position
+        self._last_batch: Batch = {}  # the last micro-batch: the probe loss around a layout change
 
     # ------------------------------------------------------------------ setup
 
@@ -94,7 +100,7 @@ class Trainer:
         self.train_iter = data_mod.forever(loader, start) if loader is not None else batches
         if self.handle_signals and cfg.checkpoint.save_on_signal:
             self.saves.stopper.install()
-        sel, n_params = cfg.selection, sum(self.backend.numel(p) for p in self.params)
+        sel, n_params = cfg.selection, sum(self.backend.numel(p) for p in self.backend.params)
         kinds = ",".join(dict.fromkeys(s.kind for s in self.wl.sites))
         self.logger.info(
             f"world_size={env.world_size} backend={self.spec.name} adapters n={self.wl.n} "
@@ -125,7 +131,6 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_adapters_attached(self, wl)
         self.backend.prepare(wl)
-        self.params = wl.trainable_parameters()  # after wrapping: DTensors under FSDP2
         wl.gates.data = wl.gates.data.to(env.device)
         self.selector = Selector(wl, cfg.selection, cfg.train.seed, REPLICA_SYNC)
         torch.manual_seed(derive_seed(cfg.train.seed, rank=env.global_rank))  # dropout differs per rank, as in DDP
@@ -149,8 +154,7 @@ class Trainer:
         return train
 
     def _resume(self, path: Path) -> None:
-        meta, event, params = run_checkpoint.resume(path, self.cfg, self.env, self.selector, self.backend, self.logger)
-        self.params = params or self.params
+        meta, event = run_checkpoint.resume(path, self.cfg, self.env, self.selector, self.backend, self.logger)
         self.layout_events.append(event)
         self.rounds_log, self.start_step = list(meta.rounds_log), meta.step
         if self.selector.pruned and self.cfg.memory.replan_at_prune:
@@ -211,9 +215,45 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _optimizer_step(self, step: int) -> dict:
-        cfg, env = self.cfg, self.env
+        """One optimizer step, in this order: the micro-batches (forward, backward) -> the
+        adapters' gradients reduced over ranks -> the gates' gradient reduced -> clip and
+        the optimizer step -> the one host sync (losses and norm, checked finite) -> the
+        gates' step and projection -> the metrics to log."""
+        cfg = self.cfg
         t0 = time.perf_counter()
-        loss_sum, tokens, accum = torch.zeros((), device=env.device), 0, cfg.train.grad_accum_steps
+        loss, tokens = self._micro_batches()
+        self.backend.reduce_gradients()
+        mult = run_lr_multiplier(step, cfg.optim, cfg.selection, cfg.train.max_steps)
+        gates_train = self.selector.trains_gates(step)
+        gate_grad = self.selector.reduce_gate_grad() if gates_train else None
+        gate_norm = self._gate_norm_to_clip(gate_grad)
+        grad_norm = self.backend.step(cfg.optim.lr * mult, cfg.optim.max_grad_norm, gate_norm)
+        local_loss, mean_loss, norm = self._host_sync(step, loss, grad_norm)
+        self._record_memory(step)
+        for cb in self.callbacks:
+            cb.on_optimizer_step_end(self, step)
+        self.backend.zero_grad()
+        metrics: dict = {"gate_grad_norm": 0.0}
+        if gates_train:
+            clip = (cfg.optim.max_grad_norm, grad_norm) if gate_norm is not None else None
+            metrics = self.selector.update_gates(step, cfg.selection.lr_w * mult, clip)
+        elapsed = time.perf_counter() - t0
+        return {
+            "loss": mean_loss,
+            "local_loss": local_loss,
+            "lr": cfg.optim.lr * mult,
+            "grad_norm": norm,
+            "tokens_per_s": tokens * self.env.world_size / elapsed,
+            "kept": int(self.wl.kept.sum()),
+            "step_seconds": elapsed,
+            **metrics,
+        }
+
+    def _micro_batches(self) -> tuple[torch.Tensor, int]:
+        """Forward and backward of the step's micro-batches: (their mean loss on this rank,
+        kept on the device; the tokens they held)."""
+        env, accum = self.env, self.cfg.train.grad_accum_steps
+        loss_sum, tokens = torch.zeros((), device=env.device), 0
         for micro in range(accum):
             cpu_batch = next(self.train_iter)
             tokens += data_mod.count_tokens(cpu_batch)  # counted on the host copy: no device sync
@@ -222,50 +262,41 @@ class Trainer:
                 loss = self.backend.module(**self._last_batch).loss
             self.backend.backward(loss / accum, last_micro_step=micro == accum - 1)
             loss_sum += loss.detach()
-        self.backend.reduce_gradients(self.params)
-        mult = run_lr_multiplier(step, cfg.optim, cfg.selection, cfg.train.max_steps)
-        trains_gates = self.selector.trains_gates(step)
-        gate_grad = self.selector.reduce_gate_grad() if trains_gates else None
-        clip_gates = gate_grad is not None and cfg.selection.clip_gates and cfg.optim.max_grad_norm > 0
-        gate_norm = torch.linalg.vector_norm(gate_grad) if clip_gates else None
-        grad_norm = self.backend.step(self.params, cfg.optim.lr * mult, cfg.optim.max_grad_norm, gate_norm)
-        # One host sync per step: this rank's loss, the mean over ranks and the grad norm.
-        local = loss_sum / accum
-        local_f, mean_f, norm_f = torch.stack([local, all_reduce_mean_(local.clone()), grad_norm.to(local)]).tolist()
-        for value, where in ((local_f, f"rank {env.global_rank}"), (mean_f, "another rank")):
+        return loss_sum / accum, tokens
+
+    def _gate_norm_to_clip(self, gate_grad: torch.Tensor | None) -> torch.Tensor | None:
+        """The gates' gradient norm where selection.clip_gates clips them with the adapters."""
+        cfg = self.cfg
+        if gate_grad is None or not cfg.selection.clip_gates or cfg.optim.max_grad_norm <= 0:
+            return None
+        return torch.linalg.vector_norm(gate_grad)
+
+    def _host_sync(self, step: int, local: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, float]:
+        """The step's one host sync: (this rank's loss, the mean over ranks, the gradient
+        norm); a loss that is not finite on any rank stops the run, naming the rank."""
+        values = torch.stack([local, all_reduce_mean_(local.clone()), grad_norm.to(local)]).tolist()
+        local_f, mean_f, norm_f = values
+        for value, where in ((local_f, f"rank {self.env.global_rank}"), (mean_f, "another rank")):
             if not math.isfinite(value):
                 raise TrainingError(
                     f"loss is {value} at optimizer step {step} on {where}; "
                     "lower optim.lr / selection.lr_w or check the data"
                 )
-        if step in (cfg.selection.steps, cfg.selection.steps + 1) and cfg.selection.method != "none":
-            self.memory["before" if step == cfg.selection.steps else "after"] = self.backend.memory_report(self.params)
-        for cb in self.callbacks:
-            cb.on_optimizer_step_end(self, step)
-        self.backend.zero_grad()
-        metrics: dict = {"gate_grad_norm": 0.0}
-        if trains_gates:
-            clip = (cfg.optim.max_grad_norm, grad_norm) if clip_gates else None
-            metrics = self.selector.update_gates(step, cfg.selection.lr_w * mult, clip)
-        elapsed = time.perf_counter() - t0
-        return {
-            "loss": mean_f,
-            "local_loss": local_f,
-            "lr": cfg.optim.lr * mult,
-            "grad_norm": norm_f,
-            "tokens_per_s": tokens * env.world_size / elapsed,
-            "kept": int(self.wl.kept.sum()),
-            "step_seconds": elapsed,
-            **metrics,
-        }
+        return local_f, mean_f, norm_f
+
+    def _record_memory(self, step: int) -> None:
+        """This rank's trainable / optimizer bytes at the last selection step and the first
+        after the prune event (the final report's before / after)."""
+        sel = self.cfg.selection
+        if step in (sel.steps, sel.steps + 1) and sel.method != "none":
+            self.memory["before" if step == sel.steps else "after"] = self.backend.memory_report()
 
     def _change_layout(self, change: LayoutChange) -> float:
         """A WeightLoRA+ round or the prune event: the selector changes the adapters; here
         the probe loss around it (continuity), the re-plan, the report and the log."""
         t0 = time.perf_counter()
         before = self.probe_loss()
-        event, params = self.selector.apply(change, self.backend)
-        self.params = params or self.params
+        event = self.selector.apply(change, self.backend)
         if change.kind == "prune" and self.cfg.memory.replan_at_prune:
             self._replan()
         event.probe_losses = (before, self.probe_loss())  # equal unless re-initialised
