@@ -41,16 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wlora_dist.distributed.spec import BackendSpec  # noqa: E402
-from wlora_dist.planning.memory_plan import (  # noqa: E402
-    LINEARS,
-    PRESETS,
-    GiB,
-    ModelShape,
-    PlanInput,
-    breakdown,
-    plan,
-    sites,
-)
+from wlora_dist.planning.memory_plan import GiB, PlanInput, breakdown, plan, sites  # noqa: E402
+from wlora_dist.planning.shapes import LINEARS, ModelShape  # noqa: E402
+from wlora_dist.planning.sources import PRESETS  # noqa: E402
 
 
 @dataclass

@@ -24,7 +24,7 @@ from wlora_dist.config import RunConfig, config_from_dict, set_dotted
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.loading import enable_checkpointing
-from wlora_dist.planning.memory_plan import ModelShape
+from wlora_dist.planning.shapes import ModelShape
 from wlora_dist.training.callbacks import Callback
 from wlora_dist.training.trainer import Trainer
 

@@ -19,7 +19,8 @@ import torch
 from benchmarks.harness import Harness, bench_config, fake_world, kept_layer_kinds, random_llama
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.spec import BackendSpec
-from wlora_dist.planning.memory_plan import LINEARS, ModelShape, PlanInput, plan
+from wlora_dist.planning.memory_plan import PlanInput, plan
+from wlora_dist.planning.shapes import LINEARS, ModelShape
 
 CHECK_SHAPE = ModelShape(hidden=256, intermediate=688, layers=4, heads=8, kv_heads=4, vocab=4096)
 

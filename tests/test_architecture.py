@@ -14,7 +14,8 @@ from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.launchers import accelerate_config_env, accelerate_overrides
 from wlora_dist.distributed.registry import make_backend
 from wlora_dist.distributed.spec import BackendSpec, resolve_backend
-from wlora_dist.planning.memory_plan import PRESETS, plan, run_plan_input
+from wlora_dist.planning.memory_plan import plan
+from wlora_dist.planning.sources import PRESETS, run_plan_input
 from wlora_dist.training.trainer import Trainer
 
 from .conftest import ROOT, tiny_config_dict
@@ -44,6 +45,21 @@ def test_method_and_planner_never_import_torch_distributed(path):
         or (name.startswith("wlora_dist.distributed") and not any(name.startswith(m) for m in PURE_MAY_IMPORT))
     }
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("name", ["memory_plan.py", "shapes.py"])
+def test_the_planners_arithmetic_reads_nothing(name):
+    """The planner's arithmetic takes shapes and settings and reads no file, library or
+    process group: planning/sources.py does the reading, planning/text.py the printing."""
+    allowed = {"__future__", "math", "dataclasses", "typing"}
+    allowed |= {"wlora_dist.config", "wlora_dist.distributed.spec", "wlora_dist.planning.shapes"}
+    modules = set()
+    for node in ast.walk(ast.parse((PKG / "planning" / name).read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+    assert modules <= allowed, sorted(modules - allowed)
 
 
 def test_base_backend_does_not_know_its_children():

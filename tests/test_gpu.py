@@ -176,7 +176,7 @@ def test_fsdp2_world_size_8_fake_process_group_shards_and_prunes():
     prune event; every base and adapter parameter is 1/8 on this rank."""
     from benchmarks.harness import Harness, bench_config, fake_world, random_llama
     from wlora_dist.distributed.env import DistEnv
-    from wlora_dist.planning.memory_plan import ModelShape
+    from wlora_dist.planning.shapes import ModelShape
 
     shape = ModelShape(hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=4, vocab=8192)
     with fake_world(8):

@@ -16,10 +16,7 @@ import pytest
 from wlora_dist.cli import main
 from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.planning.memory_plan import (
-    LINEARS,
-    PRESETS,
     GiB,
-    ModelShape,
     PlanInput,
     adapter_numel,
     breakdown,
@@ -28,6 +25,8 @@ from wlora_dist.planning.memory_plan import (
     replan_after_prune,
     sites,
 )
+from wlora_dist.planning.shapes import LINEARS, ModelShape
+from wlora_dist.planning.sources import PRESETS
 
 from .helpers import run_command
 

@@ -152,7 +152,8 @@ def test_the_planner_reads_each_familys_config_json(family, family_dirs):
     from wlora_dist.config import AdapterConfig, ModelConfig
     from wlora_dist.method.weight_lora import WeightLoRA
     from wlora_dist.model.sharded_loading import build_on_meta
-    from wlora_dist.planning.memory_plan import PlanInput, adapter_numel, base_param_bytes, shape_from, sites
+    from wlora_dist.planning.memory_plan import PlanInput, adapter_numel, base_param_bytes, sites
+    from wlora_dist.planning.sources import shape_from
 
     shape = shape_from(str(family_dirs[family]))
     model = build_on_meta(ModelConfig(path=str(family_dirs[family]), dtype="float32"), torch.device("cpu"))

@@ -203,7 +203,8 @@ def test_the_planner_counts_the_4bit_base_as_stored(tiny64_dir, double_quant):
     """`wlora-dist plan --base nf4`: packed codes (half a byte per weight) and one float32
     absmax per block, or under double quantisation one byte per block plus the nested state
     (4 bytes per 256 blocks and the offset): the byte count the model really stores."""
-    from wlora_dist.planning.memory_plan import PlanInput, base_param_bytes, shape_from
+    from wlora_dist.planning.memory_plan import PlanInput, base_param_bytes
+    from wlora_dist.planning.sources import shape_from
 
     cfg = ModelConfig(path=str(tiny64_dir / "model"), quantization="nf4", bnb_4bit_use_double_quant=double_quant)
     model = build_on_meta(cfg, CPU)

@@ -1,6 +1,8 @@
 """Per-rank memory of a run, before and after the prune event, from shapes alone.
 
-Pure arithmetic (no torch): what one rank holds at its peak (the start of backward, when
+Pure arithmetic (no torch, no files: planning/sources.py reads presets, config.json files
+and run configs into the ``PlanInput`` this takes; planning/text.py prints the result):
+what one rank holds at its peak (the start of backward, when
 every saved activation and the loss's vocabulary-sized buffers are alive), split into
 base weights, adapters, gradients, optimizer state, activations and buffers (FSDP2 / ZeRO-3
 all-gathered units, the root's unsharded embedding and lm_head).
@@ -16,109 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from wlora_dist.config import FUSED_LINEARS, LLAMA_LINEARS
 from wlora_dist.distributed.spec import BackendSpec
-
-if TYPE_CHECKING:
-    from wlora_dist.config import RunConfig
+from wlora_dist.planning.shapes import ALL_KINDS, ModelShape
 
 GiB = 2**30
-LINEARS = LLAMA_LINEARS  # the module kinds of a Llama decoder layer
-ALL_KINDS = (*LLAMA_LINEARS, *FUSED_LINEARS)  # every linear name of the supported families
 QUANTISED = ("int8", "nf4")  # planner bases stored quantised (gathered as stored, not cast)
 QUANT_BASE = {"int8": "int8", "nf4": "nf4", "fp4": "nf4"}  # model.quantization -> planner base
-
-
-# model_type of the families whose attention and MLP input projections are fused
-# (Phi-3: qkv_proj, gate_up_proj); every other supported family has Llama's seven linears.
-FUSED_FAMILIES = ("phi3",)
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    head_dim: int = 0  # 0 = hidden // heads
-    tied: bool = False
-    fused: bool = False  # Phi-3: qkv_proj and gate_up_proj instead of q/k/v and gate/up
-
-    @property
-    def d(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """The linear module names of one decoder layer, in layer order."""
-        return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") if self.fused else LINEARS
-
-    def linear_dims(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each linear of one decoder layer."""
-        h, f, q, kv = self.hidden, self.intermediate, self.heads * self.d, self.kv_heads * self.d
-        if self.fused:
-            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * f), "down_proj": (f, h)}
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, f),
-            "up_proj": (h, f),
-            "down_proj": (f, h),
-        }
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict) -> ModelShape:
-        """From a config.json's fields. A saved config leaves out the values equal to its
-        class's defaults (Gemma's tied embeddings, for one): transformers' config class for
-        the model_type fills them in; the text part of a multimodal config is used."""
-        cfg = complete_hf_config(cfg)
-        return cls(
-            hidden=int(cfg["hidden_size"]),
-            intermediate=int(cfg["intermediate_size"]),
-            layers=int(cfg["num_hidden_layers"]),
-            heads=int(cfg["num_attention_heads"]),
-            kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-            vocab=int(cfg["vocab_size"]),
-            head_dim=int(cfg.get("head_dim") or 0),
-            tied=bool(cfg.get("tie_word_embeddings", False)),
-            fused=cfg.get("model_type") in FUSED_FAMILIES,
-        )
-
-
-def complete_hf_config(cfg: dict) -> dict:
-    """``cfg`` with its class defaults, through transformers' AutoConfig (the text config
-    of a multimodal one); as it is when transformers does not know its model_type."""
-    from transformers import AutoConfig
-
-    fields = dict(cfg.get("text_config") or cfg)
-    model_type = fields.pop("model_type", None) or cfg.get("model_type")
-    if not model_type:
-        return fields
-    try:
-        full = AutoConfig.for_model(model_type, **fields).get_text_config()
-    except (ValueError, KeyError, TypeError):
-        return {**fields, "model_type": model_type}
-    return {**full.to_dict(), "model_type": full.model_type}
-
-
-PRESETS: dict[str, ModelShape] = {
-    "llama3.2-1b": ModelShape(2048, 8192, 16, 32, 8, 128256, 64, tied=True),
-    "llama3.2-3b": ModelShape(3072, 8192, 28, 24, 8, 128256, 128, tied=True),
-    "llama3-8b": ModelShape(4096, 14336, 32, 32, 8, 128256),
-    "llama3-70b": ModelShape(8192, 28672, 80, 64, 8, 128256),
-    # Other families, from their config.json on the hub (or give the file / folder itself).
-    "qwen2.5-7b": ModelShape(3584, 18944, 28, 28, 4, 152064),
-    "qwen3-8b": ModelShape(4096, 12288, 36, 32, 8, 151936, 128),
-    "mistral-7b": ModelShape(4096, 14336, 32, 32, 8, 32768),
-    "gemma2-9b": ModelShape(3584, 14336, 42, 16, 8, 256000, 256, tied=True),
-    "phi3-mini": ModelShape(3072, 8192, 32, 32, 32, 32064, fused=True),
-}
 
 
 @dataclass(frozen=True)
@@ -518,118 +425,3 @@ def replan_after_prune(inp: PlanInput) -> PlanInput | None:
         if plan(cand).fits_after:
             return cand
     return None
-
-
-def human(nbytes: float) -> str:
-    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
-
-
-def format_plan(p: Plan) -> str:
-    inp = p.inp
-    rows = [
-        ("base weights", "base"),
-        ("adapters (+ fp32 masters)", "adapters"),
-        ("gradients", "grads"),
-        ("optimizer state", "optimizer"),
-        ("activations", "activations"),
-        ("logits / loss", "loss"),
-        ("gathered units, ZeRO buckets", "buffers"),
-    ]
-    b, a = p.before, p.after
-    out = [
-        f"{describe_settings(inp)}; world size {inp.world_size}; LoRA r={inp.lora_rank}; "
-        f"sequence {inp.seq_len}; n={b.n_adapters} -> K={a.n_adapters}",
-        f"{'per rank, GiB':34s}{'selection (n)':>15s}{'after prune (K)':>17s}",
-    ]
-    for label, key in rows:
-        out.append(f"{label:34s}{getattr(b, key) / GiB:15.2f}{getattr(a, key) / GiB:17.2f}")
-    out.append(f"{'total':34s}{b.total / GiB:15.2f}{a.total / GiB:17.2f}")
-    budget = p.budget / GiB
-    out.append(
-        f"budget {budget:.1f} GiB ({inp.gpu_gib:g} GiB minus {inp.reserve_gib:g} reserved): "
-        f"selection {'fits' if p.fits_before else 'does NOT fit'}, after prune "
-        f"{'fits' if p.fits_after else 'does NOT fit'}"
-    )
-    return "\n".join(out)
-
-
-def run_plan_input(
-    cfg: RunConfig,
-    shape: ModelShape,
-    world_size: int,
-    backend: BackendSpec,
-    on_gpu: bool = True,
-    kept: list[tuple[int, str]] | None = None,
-) -> PlanInput:
-    """The plan of a run config (its adapter, selection, batch and base settings) on
-    ``backend``, the spec ``resolve_backend`` gave the run."""
-    float_base = "bf16" if on_gpu and cfg.model.dtype in ("auto", "bfloat16", "float16") else "fp32"
-    return PlanInput(
-        shape,
-        world_size=world_size,
-        backend=backend,
-        base=QUANT_BASE.get(cfg.model.quantization, float_base),  # type: ignore[arg-type]
-        blocksize_4bit=cfg.model.bnb_4bit_blocksize,
-        double_quant_4bit=cfg.model.bnb_4bit_use_double_quant,
-        compute="bf16" if on_gpu and cfg.train.mixed_precision in ("auto", "bf16") else "fp32",
-        lora_rank=cfg.adapter.lora_rank << cfg.selection.rounds,  # WeightLoRA+: the final rank
-        targets=tuple(cfg.adapter.target_modules),
-        lora_layers=tuple(cfg.adapter.layers) if cfg.adapter.layers is not None else None,
-        lora_dropout=cfg.adapter.lora_dropout,
-        k=cfg.selection.k,
-        micro_batch=cfg.train.micro_batch_size,
-        seq_len=cfg.data.seq_len,
-        activation_checkpointing=cfg.model.gradient_checkpointing,
-        checkpoint_every=cfg.model.checkpoint_every_n_layers,
-        loss_shards=cfg.train.loss_shards,
-        gpu_gib=cfg.memory.budget_gib or 80.0,
-        reserve_gib=cfg.memory.reserve_gib,
-        kept=tuple(kept) if kept is not None else None,
-    )
-
-
-def shape_from(model: str) -> ModelShape:
-    """A preset name, an HF config.json, or a model folder holding one."""
-    import json
-    import os
-
-    if model in PRESETS:
-        return PRESETS[model]
-    path = os.path.expanduser(model)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path) and "/" in model and not os.path.exists(os.path.expanduser(model)):
-        # A hub id: its config.json from the local HF cache (never downloaded here), else
-        # the Llama 3 preset its name says.
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(model, "config.json", local_files_only=True)
-        except Exception:  # not cached: fall back on the name
-            name = model.lower().replace("_", "-")
-            for size, preset in (
-                ("70b", "llama3-70b"),
-                ("8b", "llama3-8b"),
-                ("3b", "llama3.2-3b"),
-                ("1b", "llama3.2-1b"),
-            ):
-                if "llama-3" in name and f"-{size}" in name:
-                    return PRESETS[preset]
-    if not os.path.isfile(path):
-        from wlora_dist.errors import UserError
-
-        raise UserError(
-            f"--model {model!r}: not a preset ({', '.join(PRESETS)}), a config.json or a model folder with one"
-        )
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    full = complete_hf_config(cfg)
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size") if k not in full]
-    if missing:
-        from wlora_dist.errors import UserError
-
-        raise UserError(
-            f"{path}: no {', '.join(missing)} (model_type {full.get('model_type')!r}); the planner knows decoder "
-            "configs of the Llama, Qwen2/3, Mistral, Gemma 1/2/3 and Phi-3 kind"
-        )
-    return ModelShape.from_hf_config(cfg)

@@ -15,16 +15,9 @@ from wlora_dist.config import RunConfig
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.model.loading import enable_checkpointing
-from wlora_dist.planning.memory_plan import (
-    GiB,
-    ModelShape,
-    PlanInput,
-    human,
-    plan,
-    recommend,
-    replan_after_prune,
-    run_plan_input,
-)
+from wlora_dist.planning.memory_plan import GiB, PlanInput, plan, recommend, replan_after_prune
+from wlora_dist.planning.sources import run_plan_input, shape_of_hf_config
+from wlora_dist.planning.text import human
 from wlora_dist.training.tracking import RunLogger, log
 
 
@@ -46,7 +39,7 @@ def plan_input(
     if not budget:
         return None
     try:
-        shape = ModelShape.from_hf_config(model.config.to_dict())
+        shape = shape_of_hf_config(model.config.to_dict())
     except (KeyError, TypeError):  # not a Llama-like config: nothing to say
         return None
     inp = run_plan_input(cfg, shape, env.world_size, spec, env.device.type == "cuda", kept)
