@@ -21,10 +21,9 @@ from wlora_dist.planning.memory_plan import (
     adapter_numel,
     breakdown,
     plan,
-    recommend,
-    replan_after_prune,
     sites,
 )
+from wlora_dist.planning.search import recommend, replan_after_prune
 from wlora_dist.planning.shapes import LINEARS, ModelShape
 from wlora_dist.planning.sources import PRESETS
 

@@ -131,7 +131,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from wlora_dist.distributed.spec import BackendSpec, resolve_backend
-    from wlora_dist.planning.memory_plan import PlanInput, plan, recommend
+    from wlora_dist.planning.memory_plan import PlanInput, plan
+    from wlora_dist.planning.search import recommend
     from wlora_dist.planning.shapes import ALL_KINDS
     from wlora_dist.planning.sources import run_plan_input, shape_from
     from wlora_dist.planning.text import format_plan

@@ -17,7 +17,7 @@ weights only, DeepSpeed's ``estimate_zero*_model_states_mem_needs`` model states
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from wlora_dist.distributed.spec import BackendSpec
@@ -359,69 +359,3 @@ def plan(inp: PlanInput) -> Plan:
     before = breakdown(inp, sites(inp), gates_train=True)
     after = breakdown(inp, kept_sites(inp), gates_train=False)
     return Plan(inp, before, after, int((inp.gpu_gib - inp.reserve_gib) * GiB))
-
-
-def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
-    """Settings that fit ``inp.gpu_gib`` for the whole run, fastest first by rule of thumb:
-    no offload (it moves every shard over PCIe each step) over offload, a bf16 base over
-    int8 (~2x per token at 1B, docs/measurements.md) over nf4, no activation checkpointing over
-    checkpointing, a larger micro-batch (up to the one asked for) over a smaller one."""
-    found: list[tuple[tuple, str, Plan]] = []
-    kinds = [BackendSpec("fsdp2"), BackendSpec("zero", 3), BackendSpec("zero", 2)]
-    if inp.world_size == 1:
-        kinds = [BackendSpec("replicated"), *kinds]
-    for order, spec in enumerate(kinds):
-        for base in ("bf16", "int8", "nf4"):
-            for offload in (False, True):
-                for ckpt in (False, True):
-                    mb = inp.micro_batch
-                    while mb >= 1:
-                        cand = replace(
-                            inp,
-                            backend=replace(spec, offload=offload),
-                            base=base,  # type: ignore[arg-type]
-                            activation_checkpointing=ckpt,
-                            micro_batch=mb,
-                        )
-                        p = plan(cand)
-                        if p.fits_before and p.fits_after:
-                            cost = (offload, ("bf16", "int8", "nf4").index(base), ckpt, -mb, order, p.before.total)
-                            found.append((cost, describe_settings(cand), p))
-                            break
-                        mb //= 2
-    found.sort(key=lambda x: x[0])
-    return [(d, p) for _, d, p in found]
-
-
-def _ckpt_words(inp: PlanInput) -> str:
-    if not inp.activation_checkpointing:
-        return "no activation checkpointing"
-    if inp.checkpoint_every == 1:
-        return "activation checkpointing"
-    return f"activation checkpointing every {inp.checkpoint_every} layers"
-
-
-def describe_settings(inp: PlanInput) -> str:
-    bits = [
-        inp.backend.describe(),
-        f"{inp.base} base",
-        f"micro_batch {inp.micro_batch}",
-        _ckpt_words(inp),
-    ]
-    return ", ".join(bits)
-
-
-def replan_after_prune(inp: PlanInput) -> PlanInput | None:
-    """At the prune event the kept set may need less activation checkpointing: off if the
-    plan fits without it, else the fewest checkpointed layers (the largest N of
-    checkpoint_every) that fit. None when nothing fewer than the current setting fits."""
-    if not inp.activation_checkpointing:
-        return None
-    off = replace(inp, activation_checkpointing=False)
-    if plan(off).fits_after:
-        return off
-    for n in range(inp.shape.layers, inp.checkpoint_every, -1):
-        cand = replace(inp, checkpoint_every=n)
-        if plan(cand).fits_after:
-            return cand
-    return None

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from wlora_dist.planning.memory_plan import GiB, Plan, describe_settings
+from wlora_dist.planning.memory_plan import GiB, Plan
+from wlora_dist.planning.search import describe_settings
 
 
 def human(nbytes: float) -> str:

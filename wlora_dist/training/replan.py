@@ -15,7 +15,8 @@ from wlora_dist.config import RunConfig
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.model.loading import enable_checkpointing
-from wlora_dist.planning.memory_plan import GiB, PlanInput, plan, recommend, replan_after_prune
+from wlora_dist.planning.memory_plan import GiB, PlanInput, plan
+from wlora_dist.planning.search import recommend, replan_after_prune
 from wlora_dist.planning.sources import run_plan_input, shape_of_hf_config
 from wlora_dist.planning.text import human
 from wlora_dist.training.tracking import RunLogger, log
