@@ -41,26 +41,28 @@ def test_all_problems_reported_at_once():
     with pytest.raises(ConfigError) as info:
         config_from_dict(bad)
     text = str(info.value)
+    # Wrong types, unknown fields and out-of-range values, all in one pass.
+    ranges = [
+        "selection.k: 0 must be >= 1",
+        "selection.lr_w: -1.0 must be >= 0",
+        "optim.lr: -0.1 must be >= 0",
+        "optim.betas: [0.9] must be two numbers",
+    ]
     for needle in [
         "model.dtype: got 'fp8'",
         "selection.methd: unknown field; did you mean 'method'",
         "train.max_steps: got 'ten', expected int",
         "bogus: unknown field",
+        *ranges,
     ]:
         assert needle in text, text
-    # Type errors stop before range checks; fix the types and the range problems all show.
     bad["model"]["dtype"] = "auto"
     del bad["selection"]["methd"], bad["bogus"]
     bad["train"]["max_steps"] = 10
     with pytest.raises(ConfigError) as info:
         config_from_dict(bad)
     text = str(info.value)
-    for needle in [
-        "selection.k: 0 must be >= 1",
-        "selection.lr_w: -1.0 must be >= 0",
-        "optim.lr: -0.1 must be >= 0",
-        "optim.betas: [0.9] must be two numbers",
-    ]:
+    for needle in ranges:
         assert needle in text, text
     assert len(info.value.problems) == 4
 

@@ -11,7 +11,6 @@ full serialisation and chat template, and every data.* setting that changes the 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -49,7 +48,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def cache_key(
     cfg: DataConfig, seed: int, tokenizer: Any, train_rows: datasets.Dataset, eval_rows: datasets.Dataset | None
 ) -> str:
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TOKENS}
+    settings = {k: v for k, v in cfg.model_dump().items() if k not in _NOT_TOKENS}
     ident = {
         "version": FORMAT_VERSION,
         "settings": settings,

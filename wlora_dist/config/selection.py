@@ -1,0 +1,99 @@
+"""selection.*: WeightLoRA's selection phase (the gates, their projection, the prune event,
+WeightLoRA+ rounds) and the authors' preset."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from wlora_dist.config.fields import Float, Section, at_least, field, in_unit
+
+# selection.preset: authors -> the authors' LLM pipeline (public code, branch weight_lora).
+PRESETS: dict[str, dict[str, Any]] = {
+    "authors": {
+        "selection.project_every": 1,
+        "selection.topk_by": "signed",
+        "selection.lr_w": 5.0,
+        "selection.schedule": "constant",
+        "selection.reinit_kept": True,
+        "selection.reset_optimizer": True,
+        "selection.clip_gates": True,
+        "adapter.include_lm_head": True,
+        "optim.eps": 1e-6,
+    }
+}
+
+
+class SelectionConfig(Section):
+    preset: Literal["none", "authors"] = field(
+        "none",
+        "authors: the authors' LLM pipeline in one setting (project every step, signed top-K, constant selection "
+        "LR, fresh A/B and AdamW at the prune event, lm_head a candidate, gates clipped with the adapters, AdamW "
+        "eps 1e-6). Fields you set yourself win over the preset.",
+    )
+    method: Literal["topk", "simplex", "none"] = field(
+        "topk", "Projection of the gates: keep the K best (topk), onto the simplex, or none (plain LoRA)."
+    )
+    k: Annotated[int, at_least(1, "number of adapters kept")] = field(
+        4, "Adapters kept by the top-K projection (1 <= k <= n)."
+    )
+    topk_by: Literal["signed", "magnitude"] = field("signed", "Top-K by signed value (the authors' code) or by |w|.")
+    lr_w: Annotated[Float, at_least(0)] = field(
+        5.0,
+        "SGD learning rate of the gates (times the same multiplier as optim.lr, see selection.schedule); authors: 5.0.",
+    )
+    steps: Annotated[int, at_least(0)] = field(
+        10, "Selection phase length T in optimizer steps; the prune event follows step T."
+    )
+    steps_fraction: Annotated[Float, in_unit()] = field(
+        0.0,
+        "> 0: the selection phase is this fraction of the run's steps instead of selection.steps (rounded, at "
+        "least 1; a multiple of selection.rounds); for runs sized by train.epochs.",
+    )
+    project_every: Annotated[int, at_least(0, "0 = once, at step T")] | None = field(
+        None,
+        "Project the gates every P optimizer steps during selection (and always at T); 0 = only at T; null "
+        "(default) = four projections, every ceil(T/4) steps: on planted-subset tasks this recovered the planted "
+        "adapters most reliably (docs/method.md, 'Defaults, by evidence'). The authors project every step (1).",
+    )
+    schedule: Literal["constant", "main"] = field(
+        "constant",
+        "LR during selection: constant (lr and lr_w at their peak, the authors' choice; the warmup/decay schedule "
+        "then starts at the prune event) or main (one warmup/decay schedule over the whole run scales both).",
+    )
+    reinit_kept: bool = field(False, "Re-initialise the kept adapters (and their Adam state) at the prune event.")
+    reset_optimizer: bool = field(False, "Fresh AdamW state for the kept adapters at the prune event (authors: yes).")
+    clip_gates: bool = field(
+        False,
+        "Clip the gates' gradient together with the adapters' (one norm over both, optim.max_grad_norm), as the "
+        "authors' trainer does; false clips the adapters alone. Not available with distributed.backend zero.",
+    )
+    fold_gates: bool = field(False, "At the prune event fold w into B (B <- w*B) and set kept gates to 1.")
+    grad_eps: Float = field(1e-12, "Skip the projection while ||grad_w|| <= grad_eps (true at step 1).")
+    rounds: Annotated[int, at_least(0)] = field(
+        0,
+        "WeightLoRA+ (the authors' FatLoRA): R > 0 halving rounds at steps T/R, 2T/R, ..., T; each round keeps "
+        "the best half (K = n, n/2, ..., n/2^R; selection.k is not used), removes the rest and doubles the "
+        "rank of every kept adapter, so the adapter parameter budget stays the same. 0 = plain WeightLoRA.",
+    )
+    extension: Literal["smart", "dummy", "restart"] = field(
+        "smart",
+        "WeightLoRA+ rank doubling: smart (QR, the product BA and the model output unchanged), dummy ([A; N], "
+        "[B, 0], unchanged too) or restart (fresh A, zero B).",
+    )
+
+    def problems(self) -> list[str]:
+        """What the fields get wrong together."""
+        p = []
+        if self.lr_w == 0 and self.method in ("topk", "simplex"):
+            p.append(
+                f"selection.lr_w: 0 with selection.method={self.method} never moves the gates (all stay tied, so "
+                "the first K in name order would be kept); use a positive value (the authors' is 5.0), or method: none"
+            )
+        if self.rounds > 0 and self.method != "topk":
+            p.append(f"selection.rounds: {self.rounds} (WeightLoRA+) needs selection.method=topk, not {self.method}")
+        if self.rounds > 0 and not self.steps_fraction and (self.steps < self.rounds or self.steps % self.rounds):
+            p.append(
+                f"selection.rounds: {self.rounds} must divide selection.steps={self.steps} "
+                "(rounds at steps T/R, 2T/R, ..., T)"
+            )
+        return p
