@@ -16,6 +16,7 @@ from wlora_dist.distributed.registry import make_backend
 from wlora_dist.distributed.spec import BackendSpec, resolve_backend
 from wlora_dist.planning.memory_plan import plan
 from wlora_dist.planning.sources import PRESETS, run_plan_input
+from wlora_dist.resolved import resolve_run
 from wlora_dist.training.trainer import Trainer
 
 from .conftest import ROOT, tiny_config_dict
@@ -110,12 +111,12 @@ def test_plan_describes_the_backend_that_runs(path, tiny_dir):
     (its spec) equals the planner's input, for the run and for `wlora-dist plan --config`."""
     overrides = [f"model.path={tiny_dir / 'model'}", f"data.train=[{tiny_dir / 'data/train.jsonl'}]"]
     cfg = load_config(ROOT / "configs/tiny_cpu.yaml", overrides, accelerate_overrides(accelerate_config_env(str(path))))
-    spec = resolve_backend(cfg.distributed)
-    assert spec == WANT[path.name]
-    backend = make_backend(spec, cfg, DistEnv(0, 0, 8, torch.device("cpu")))
-    assert backend.spec == spec and backend.name == spec.name
-    inp = run_plan_input(cfg, PRESETS["llama3-8b"], 8, spec)
-    assert inp.backend == spec
+    run = resolve_run(cfg)
+    assert run.spec == WANT[path.name]
+    backend = make_backend(run, DistEnv(0, 0, 8, torch.device("cpu")))
+    assert backend.spec == run.spec and backend.name == run.spec.name
+    inp = run_plan_input(run.cfg, PRESETS["llama3-8b"], 8, run.spec)
+    assert inp.backend == run.spec
 
 
 @pytest.mark.parametrize(

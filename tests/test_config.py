@@ -109,16 +109,23 @@ def _base(**sections):
 
 
 def test_epochs_and_fractions_become_step_counts_from_the_data():
-    from wlora_dist.config import size_run
+    """A resolved run sized from its data: a new frozen config, the loaded one unchanged."""
+    from wlora_dist.resolved import resolve_run
 
     cfg = config_from_dict(_base(train={"epochs": 2.5}, selection={"steps_fraction": 0.2}, optim={"warmup_ratio": 0.1}))
-    assert size_run(cfg, steps_per_epoch=13) == []
-    assert (cfg.train.max_steps, cfg.selection.steps, cfg.optim.warmup_steps) == (33, 7, 3)  # ceil(32.5)
+    run = resolve_run(cfg)
+    assert not run.sized
+    sized = run.sized_by(steps_per_epoch=13)
+    c = sized.cfg
+    assert sized.sized and (c.train.max_steps, c.selection.steps, c.optim.warmup_steps) == (33, 7, 3)  # ceil(32.5)
+    assert (cfg.train.epochs, cfg.train.max_steps) == (2.5, 100)  # the loaded config: as loaded
+    with pytest.raises(Exception, match="frozen"):
+        cfg.train.max_steps = 5  # type: ignore[misc]
     plus = config_from_dict(_base(train={"epochs": 1}, selection={"steps_fraction": 0.3, "rounds": 2}))
-    assert size_run(plus, steps_per_epoch=20) == [] and plus.selection.steps == 6  # a multiple of the rounds
+    assert resolve_run(plus).sized_by(steps_per_epoch=20).cfg.selection.steps == 6  # a multiple of the rounds
     short = config_from_dict(_base(train={"epochs": 1}, selection={"steps": 50}))
-    (problem,) = size_run(short, steps_per_epoch=10)
-    assert "selection.steps: 50 exceeds train.max_steps=10" in problem
+    with pytest.raises(ConfigError, match=r"selection\.steps: 50 exceeds train\.max_steps=10"):
+        resolve_run(short).sized_by(steps_per_epoch=10)
 
 
 def test_a_ratio_and_the_count_it_replaces_are_not_both_set():

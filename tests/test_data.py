@@ -55,7 +55,7 @@ def test_too_long_rows_error_names_the_row_unless_truncating(tmp_path):
     cfg = DataConfig(train=[str(f)], format="instruction", seq_len=20, truncate=False, template="plain")
     with pytest.raises(DataError, match=r"row 1: \d+ tokens > data.seq_len=20"):
         tokenize(load_rows([str(f)]), TOK, cfg)
-    cfg.truncate = True
+    cfg = cfg.model_copy(update={"truncate": True})
     assert max(len(r) for r in tokenize(load_rows([str(f)]), TOK, cfg)["input_ids"]) == 20
 
 
@@ -145,7 +145,7 @@ def test_packing_fills_rows_in_order_with_restarting_positions(tmp_path):
     f = _jsonl(tmp_path / "i.jsonl", _qa_rows(30))
     cfg = DataConfig(train=[str(f)], format="instruction", seq_len=96)
     single = tokenize(load_rows([str(f)]), TOK, cfg)
-    cfg.packing = True
+    cfg = cfg.model_copy(update={"packing": True})
     packed = tokenize(load_rows([str(f)]), TOK, cfg)
     assert len(packed) <= len(single) / 2
     assert all(len(r) <= 96 for r in packed["input_ids"])
@@ -181,7 +181,7 @@ def test_packed_loss_equals_unpacked_loss_per_row(tmp_path, attn):
     f = _jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in msgs])
     cfg = DataConfig(train=[str(f)], format="chat", seq_len=128)
     single = tokenize(load_rows([str(f)]), TOK, cfg)
-    cfg.packing = True
+    cfg = cfg.model_copy(update={"packing": True})
     packed = tokenize(load_rows([str(f)]), TOK, cfg)
     model = make_model(len(TOK), hidden=32, layers=2)
     model.config._attn_implementation = attn
@@ -252,7 +252,7 @@ def test_rank0_tokenises_once_and_other_ranks_and_reruns_read_its_copy(tmp_path,
     pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)  # a rerun / resume: nothing tokenised
     assert len(calls) == 2
     # Anything that changes the tokens is a new key: a setting, the tokenizer, the file.
-    cfg.seq_len = 16
+    cfg = cfg.model_copy(update={"seq_len": 16})
     statuses.clear()
     pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)
     other = make_tokenizer()

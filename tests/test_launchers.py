@@ -72,6 +72,7 @@ def test_users_deepspeed_json_wins_except_auto(tmp_path):
     import json
 
     from wlora_dist.config import OptimConfig, TrainConfig, ZeROConfig
+    from wlora_dist.distributed.spec import read_user_deepspeed_json
     from wlora_dist.distributed.zero import deepspeed_config
     from wlora_dist.errors import UserError
 
@@ -90,28 +91,34 @@ def test_users_deepspeed_json_wins_except_auto(tmp_path):
         OptimConfig(max_grad_norm=0.5),
         TrainConfig(micro_batch_size=3),
         bf16=False,
+        user=read_user_deepspeed_json(str(user)),
     )
     assert cfg["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
     assert cfg["gradient_clipping"] == 0.5 and cfg["train_micro_batch_size_per_gpu"] == 3
     assert cfg["optimizer"]["params"]["torch_adam"] is True
     user.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        deepspeed_config(ZeROConfig(config_file=str(user)), OptimConfig(), TrainConfig(), bf16=False)
+        read_user_deepspeed_json(str(user))  # read once, by resolve_run
 
 
 def test_fsdp_cpu_offload_without_gpu_is_a_clear_error():
     import torch
 
-    from wlora_dist.config import RunConfig
+    from wlora_dist.config import config_from_dict
     from wlora_dist.distributed.env import DistEnv
     from wlora_dist.distributed.fsdp2 import FSDP2Backend
-    from wlora_dist.distributed.spec import BackendSpec
     from wlora_dist.errors import UserError
+    from wlora_dist.resolved import resolve_run
 
+    cfg = config_from_dict(
+        {
+            "model": {"path": "m"},
+            "data": {"train": ["d"]},
+            "distributed": {"backend": "fsdp2", "fsdp": {"cpu_offload": True}},
+        }
+    )
     with pytest.raises(UserError, match=r"cpu_offload: true needs a GPU"):
-        cfg = RunConfig()
-        cfg.distributed.fsdp.cpu_offload = True
-        FSDP2Backend(BackendSpec("fsdp2", 0, True), DistEnv(0, 0, 2, torch.device("cpu")), cfg)
+        FSDP2Backend(resolve_run(cfg), DistEnv(0, 0, 2, torch.device("cpu")))
 
 
 def test_a_lone_process_from_accelerate_without_a_config_is_named():

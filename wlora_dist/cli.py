@@ -37,9 +37,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Before any process group: fail fast. The accelerate config's choices come in first.
     cfg = load_config(args.config, args.overrides, accelerate_overrides(os.environ))
     # Imported here so `--help` and config errors answer in a fraction of a second.
+    from wlora_dist.resolved import resolve_run
     from wlora_dist.training.preflight import preflight
 
-    preflight(cfg)  # model, adapters, data files, output: refused before anything loads
+    run = resolve_run(cfg)  # the backend, the folders, the checkpoint to resume: decided once
+    preflight(run)  # model, adapters, data files, output: refused before anything loads
     from wlora_dist.distributed.env import init_distributed, shutdown
     from wlora_dist.training.tracking import setup_logging
     from wlora_dist.training.trainer import Trainer
@@ -53,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import logging
 
         logging.getLogger("wlora_dist").warning(lone)
-    trainer = Trainer(cfg, env, handle_signals=True)
+    trainer = Trainer(run, env, handle_signals=True)
     try:
         trainer.setup()
         result = trainer.train()
@@ -130,7 +132,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
-    from wlora_dist.distributed.spec import BackendSpec, resolve_backend
+    from wlora_dist.distributed.spec import BackendSpec
     from wlora_dist.planning.memory_plan import PlanInput, plan
     from wlora_dist.planning.search import recommend
     from wlora_dist.planning.shapes import ALL_KINDS
@@ -145,7 +147,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         launcher = accelerate_overrides(accelerate_config_env(args.accelerate_config)) if args.accelerate_config else []
         cfg = load_config(args.config, args.overrides, launcher)
         model = model or cfg.model.path
-        base = run_plan_input(cfg, shape_from(model), args.world_size, resolve_backend(cfg.distributed))
+        from wlora_dist.resolved import resolve_run
+
+        run = resolve_run(cfg, resume=False)  # what `train` with this config runs
+        base = run_plan_input(run.cfg, shape_from(model), args.world_size, run.spec)
         keys = ("backend", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
         keys += ("micro_batch", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
         keys += ("blocksize_4bit", "double_quant_4bit")
@@ -223,9 +228,10 @@ def cmd_config(args: argparse.Namespace) -> int:
             if args.syntax_only:
                 print(f"{path}: ok (fields and values; model, data and output not checked)")
                 continue
+            from wlora_dist.resolved import resolve_run
             from wlora_dist.training.preflight import preflight
 
-            found = preflight(cfg)
+            found = preflight(resolve_run(cfg))
             print(f"{path}: ok ({found.architecture}, n={found.n_adapters} adapters; data files and output checked)")
         return 0
     print("\n".join(describe()))

@@ -19,7 +19,7 @@ from wlora_dist.config.log import LogConfig
 from wlora_dist.config.memory import MemoryConfig, OutputConfig
 from wlora_dist.config.model import ModelConfig
 from wlora_dist.config.optim import OptimConfig
-from wlora_dist.config.run import RunConfig, size_run, validate
+from wlora_dist.config.run import RunConfig, validate
 from wlora_dist.config.selection import PRESETS, SelectionConfig
 from wlora_dist.config.train import TrainConfig
 
@@ -46,6 +46,5 @@ __all__ = [
     "describe",
     "load_config",
     "set_dotted",
-    "size_run",
     "validate",
 ]

@@ -19,9 +19,10 @@ FUSED_LINEARS = ("qkv_proj", "gate_up_proj")
 class Section(BaseModel):
     """One section of the run config. Strict: a string is not an int, an int not a bool
     (a YAML typo must not change a run's meaning); floats and lists are the exceptions
-    below. Unknown fields are refused."""
+    below. Unknown fields are refused. Frozen: a loaded config is never changed (a
+    different one is made with ``model_copy(update=...)``)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False, frozen=True)
 
 
 def field(default: Any, doc: str) -> Any:

@@ -1,9 +1,8 @@
-"""The run configuration: its sections, what they get wrong together, and the step counts
-a run sized by epochs gets once the data are known."""
+"""The run configuration: its sections and what they get wrong together. (The step counts
+a run sized by epochs gets once the data are known: wlora_dist/resolved.py.)"""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from wlora_dist.config.adapter import AdapterConfig
@@ -51,18 +50,3 @@ def validate(cfg: RunConfig) -> list[str]:
     if o.warmup_steps > t.max_steps and not sized_later and not o.warmup_ratio:
         p.append(f"optim.warmup_steps: {o.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
     return p
-
-
-def size_run(cfg: RunConfig, steps_per_epoch: int) -> list[str]:
-    """Turn train.epochs / selection.steps_fraction / optim.warmup_ratio into step counts,
-    once the data say how many optimizer steps one epoch is; return what no longer fits."""
-    t, s, o = cfg.train, cfg.selection, cfg.optim
-    if t.epochs > 0:
-        t.max_steps = max(1, math.ceil(t.epochs * steps_per_epoch))
-    if s.steps_fraction > 0:
-        unit = max(1, s.rounds)
-        s.steps = max(unit, round(s.steps_fraction * t.max_steps / unit) * unit)
-    if o.warmup_ratio > 0:
-        o.warmup_steps = round(o.warmup_ratio * t.max_steps)
-    t.epochs, s.steps_fraction, o.warmup_ratio = 0.0, 0.0, 0.0  # now counts: the checks below see them
-    return validate(cfg)

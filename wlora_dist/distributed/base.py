@@ -16,9 +16,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from wlora_dist.config import ModelConfig, OptimConfig
+from wlora_dist.config import ModelConfig
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
 from wlora_dist.model.loading import load_base_model
 from wlora_dist.model.sharded_loading import (
@@ -29,6 +28,7 @@ from wlora_dist.model.sharded_loading import (
     is_on_meta,
     materialize_sharded,
 )
+from wlora_dist.resolved import ResolvedRun
 
 # Where a model built on meta gets its base weights: a reader factory (default: the
 # checkpoint at model.path; the benchmarks pass random weights).
@@ -40,13 +40,12 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 class Backend(ABC):
-    def __init__(
-        self, spec: BackendSpec, env: DistEnv, optim_cfg: OptimConfig, seed: int, weights: WeightsSource | None = None
-    ) -> None:
-        self.spec = spec
+    def __init__(self, run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> None:
+        self.run = run
+        self.spec = run.spec
         self.env = env
-        self.optim_cfg = optim_cfg
-        self.seed = seed  # of the deterministic adapter init of models built on meta
+        self.optim_cfg = run.cfg.optim
+        self.seed = run.cfg.train.seed  # of the deterministic adapter init of models built on meta
         self.weights = weights
         self.optimizer: torch.optim.Optimizer | None = None
         # The trainable parameters as this backend holds them (DTensors under FSDP2, ZeRO-3

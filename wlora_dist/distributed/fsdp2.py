@@ -22,19 +22,19 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from transformers import PreTrainedModel
 
-from wlora_dist.config import ModelConfig, RunConfig
+from wlora_dist.config import ModelConfig
 from wlora_dist.distributed.base import Backend, WeightsSource, decoder_layers
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.errors import UserError
 from wlora_dist.method.weight_lora import ADAPTER, AdapterSite, WeightLoRA
 from wlora_dist.model.sharded_loading import build_on_meta, is_on_meta
+from wlora_dist.resolved import ResolvedRun
 
 
 class FSDP2Backend(Backend):
-    def __init__(self, spec: BackendSpec, env: DistEnv, cfg: RunConfig, weights: WeightsSource | None = None) -> None:
-        super().__init__(spec, env, cfg.optim, cfg.train.seed, weights)
-        fsdp_cfg = cfg.distributed.fsdp
+    def __init__(self, run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> None:
+        super().__init__(run, env, weights)
+        fsdp_cfg = run.cfg.distributed.fsdp
         if fsdp_cfg.cpu_offload and env.device.type != "cuda":
             raise UserError(
                 "distributed.fsdp.cpu_offload: true needs a GPU (it moves shards between GPU and CPU memory); "

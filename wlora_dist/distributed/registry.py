@@ -3,21 +3,21 @@
 
 from __future__ import annotations
 
-from wlora_dist.config import RunConfig
 from wlora_dist.distributed.base import Backend, WeightsSource
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.distributed.spec import BackendSpec
+from wlora_dist.resolved import ResolvedRun
 
 
-def make_backend(spec: BackendSpec, cfg: RunConfig, env: DistEnv, weights: WeightsSource | None = None) -> Backend:
-    if spec.kind == "replicated":
+def make_backend(run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> Backend:
+    """The backend ``run.spec`` names; every backend takes the same inputs."""
+    if run.spec.kind == "replicated":
         from wlora_dist.distributed.replicated import ReplicatedBackend
 
-        return ReplicatedBackend(spec, env, cfg.optim, cfg.train.seed, weights)
-    if spec.kind == "fsdp2":
+        return ReplicatedBackend(run, env, weights)
+    if run.spec.kind == "fsdp2":
         from wlora_dist.distributed.fsdp2 import FSDP2Backend
 
-        return FSDP2Backend(spec, env, cfg, weights)
+        return FSDP2Backend(run, env, weights)
     from wlora_dist.distributed.zero import ZeROBackend
 
-    return ZeROBackend(spec, env, cfg, weights)
+    return ZeROBackend(run, env, weights)

@@ -58,15 +58,16 @@ class BackendSpec:
         return cls(name, 0, offload)  # type: ignore[arg-type]
 
 
-def resolve_backend(cfg: DistributedConfig) -> BackendSpec:
+def resolve_backend(cfg: DistributedConfig, user: dict[str, Any] | None = None) -> BackendSpec:
     """The backend a run with ``cfg`` uses. ``auto`` is replicated unless a launcher chose
     otherwise (its choice is in ``cfg`` already); ZeRO's stage and offload are those of
-    the merged DeepSpeed config (a user JSON may set them)."""
+    the merged DeepSpeed config (a user JSON may set them; ``user``: that JSON, already
+    read, as ResolvedRun holds it; None reads zero.config_file)."""
     if cfg.backend in ("auto", "replicated"):
         return BackendSpec("replicated")
     if cfg.backend == "fsdp2":
         return BackendSpec("fsdp2", 0, cfg.fsdp.cpu_offload)
-    zero = deepspeed_zero_section(cfg)
+    zero = deepspeed_zero_section(cfg, user)
     offload = any(_offloaded(zero.get(key)) for key in ("offload_optimizer", "offload_param"))
     return BackendSpec("zero", int(zero["stage"]), offload)
 
@@ -75,7 +76,7 @@ def _offloaded(section: Any) -> bool:
     return isinstance(section, dict) and str(section.get("device", "none")).lower() not in ("none", "")
 
 
-def deepspeed_zero_section(cfg: DistributedConfig) -> dict[str, Any]:
+def deepspeed_zero_section(cfg: DistributedConfig, user: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``zero_optimization`` section of the DeepSpeed config the run uses."""
     z = cfg.zero
     ours: dict[str, Any] = {"stage": z.stage}
@@ -83,7 +84,8 @@ def deepspeed_zero_section(cfg: DistributedConfig) -> dict[str, Any]:
         ours["offload_optimizer"] = {"device": "cpu"}
     if z.offload_params:
         ours["offload_param"] = {"device": "cpu"}
-    user = read_user_deepspeed_json(z.config_file)
+    if user is None:
+        user = read_user_deepspeed_json(z.config_file)
     return merge_deepspeed(ours, user.get("zero_optimization") or {})
 
 

@@ -19,25 +19,32 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from wlora_dist.config import ModelConfig, OptimConfig, RunConfig, TrainConfig, ZeROConfig
+from wlora_dist.config import ModelConfig, OptimConfig, TrainConfig, ZeROConfig
 from wlora_dist.distributed.base import Backend, WeightsSource, decoder_layers, tensor_bytes
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.distributed.spec import BackendSpec, merge_deepspeed, read_user_deepspeed_json
+from wlora_dist.distributed.spec import merge_deepspeed
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
 from wlora_dist.model.loading import resolve_dtype
 from wlora_dist.model.sharded_loading import build_zero3_partitioned, fill_zero3_partitions
 from wlora_dist.noise import drop_printed
 from wlora_dist.planning.memory_plan import zero_bucket_numel
+from wlora_dist.resolved import ResolvedRun
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def deepspeed_config(
-    zero: ZeROConfig, optim: OptimConfig, train: TrainConfig, bf16: bool, limits: dict[str, int] | None = None
+    zero: ZeROConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
+    bf16: bool,
+    user: dict[str, Any],
+    limits: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Our settings as a DeepSpeed config; a user JSON (zero.config_file) overrides them,
-    except where it says "auto" (the HF convention), which takes ours. ``limits``: the
-    ``zero_optimization`` sizes of ``memory_limits`` (known once the model is built)."""
+    """Our settings as a DeepSpeed config; ``user`` (the JSON of zero.config_file, read once:
+    ResolvedRun.deepspeed_user) overrides them, except where it says "auto" (the HF
+    convention), which takes ours. ``limits``: the ``zero_optimization`` sizes of
+    ``memory_limits`` (known once the model is built)."""
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -61,7 +68,7 @@ def deepspeed_config(
         ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if zero.offload_params:
         ours["zero_optimization"]["offload_param"] = {"device": "cpu"}
-    return merge_deepspeed(ours, read_user_deepspeed_json(zero.config_file))
+    return merge_deepspeed(ours, user)
 
 
 def memory_limits(stage: int, layer_numel: int, trainable_numel: int) -> dict[str, int]:
@@ -105,17 +112,18 @@ def largest_layer_numel(model: nn.Module) -> int:
 
 
 class ZeROBackend(Backend):
-    def __init__(self, spec: BackendSpec, env: DistEnv, cfg: RunConfig, weights: WeightsSource | None = None) -> None:
-        super().__init__(spec, env, cfg.optim, cfg.train.seed, weights)
+    def __init__(self, run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> None:
+        super().__init__(run, env, weights)
+        cfg = run.cfg
         import deepspeed  # optional dependency: imported only when chosen
 
         self.deepspeed = deepspeed
         bf16 = env.device.type == "cuda" and cfg.train.mixed_precision in ("auto", "bf16")
-        self._config_args = (cfg.distributed.zero, cfg.optim, cfg.train, bf16)
+        self._config_args = (cfg.distributed.zero, cfg.optim, cfg.train, bf16, dict(run.deepspeed_user))
         # Loading (zero.Init) reads the partitioning settings only; the engine gets
         # memory_limits() once the model and the trainable set are known (_initialize).
         self.ds_config = deepspeed_config(*self._config_args)
-        self.stage = spec.zero_stage
+        self.stage = run.spec.zero_stage
         assert self.stage == int(self.ds_config["zero_optimization"]["stage"]), "resolve_backend reads the same JSON"
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 

@@ -20,12 +20,6 @@ from wlora_dist.training.results import TrainingError
 from wlora_dist.training.tracking import RunLogger
 
 
-def run_paths(cfg: RunConfig) -> tuple[Path, Path, Path]:
-    """(adapter folder, report folder, checkpoints folder) of a run."""
-    out = Path(cfg.output.dir)
-    return out / "adapter", out / "report", Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints"
-
-
 def check_output_free(cfg: RunConfig, adapter_dir: Path, ckpt_root: Path, resumes: bool) -> None:
     """Refuse, before anything is loaded or written, a run that would replace an earlier
     run's adapter or (starting fresh) its checkpoints, unless output.overwrite says so."""

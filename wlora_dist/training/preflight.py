@@ -18,12 +18,11 @@ import torch
 
 from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data.pipeline import DataError, require_chat_template
-from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
 from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
 from wlora_dist.paths import looks_local
-from wlora_dist.training.checkpoint import resolve_resume
-from wlora_dist.training.outputs import check_output_free, run_paths
+from wlora_dist.resolved import ResolvedRun
+from wlora_dist.training.outputs import check_output_free
 
 
 @dataclass(frozen=True)
@@ -34,9 +33,11 @@ class Preflight:
     n_adapters: int
 
 
-def preflight(cfg: RunConfig) -> Preflight:
-    """Raise a UserError (naming the field, the file and the fix) for the first problem."""
-    check_backend_supports(cfg, resolve_backend(cfg.distributed))
+def preflight(run: ResolvedRun) -> Preflight:
+    """Raise a UserError (naming the field, the file and the fix) for the first problem.
+    (The backend, its support of the settings and the checkpoint to resume from were
+    decided, and refused where wrong, by resolve_run.)"""
+    cfg = run.cfg
     check_trackers(cfg.log.trackers)
     _check_data_files(cfg)
     check_model_path(cfg.model.path)
@@ -46,11 +47,8 @@ def preflight(cfg: RunConfig) -> Preflight:
     n = _check_adapters_fit(cfg)
     if cfg.data.format == "chat" or (cfg.data.format == "instruction" and cfg.data.template == "chat"):
         require_chat_template(load_tokenizer(cfg.model), cfg.model.path, cfg.data.format)
-    adapter_dir, _, ckpt_root = run_paths(cfg)
-    # The checkpoint this run would resume from (a damaged or missing one refused here too):
-    # a fresh run over an earlier run's checkpoints is refused before anything loads.
-    resumes = resolve_resume(cfg.checkpoint.resume_from, ckpt_root) is not None
-    check_output_free(cfg, adapter_dir, ckpt_root, resumes=resumes)
+    # A fresh run over an earlier run's checkpoints is refused before anything loads.
+    check_output_free(cfg, run.paths.adapter, run.paths.checkpoints, resumes=run.resume is not None)
     return Preflight(architecture, n)
 
 

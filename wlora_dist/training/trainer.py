@@ -19,20 +19,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from wlora_dist.config import ConfigError, RunConfig, size_run
+from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data import pipeline as data_mod
 from wlora_dist.distributed.base import Backend, WeightsSource
 from wlora_dist.distributed.env import REPLICA_SYNC, DistEnv, all_reduce_mean_
 from wlora_dist.distributed.registry import make_backend
-from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
+from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.method.init import derive_seed
 from wlora_dist.method.schedule import run_lr_multiplier
 from wlora_dist.method.selector import LayoutChange, LayoutEvent, Selector, fit_problems
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.loading import load_tokenizer
+from wlora_dist.resolved import ResolvedRun, resolve_run
 from wlora_dist.training import checkpoint, evaluation, replan, run_checkpoint
 from wlora_dist.training.callbacks import Callback
-from wlora_dist.training.outputs import check_output_free, run_paths, save_outputs
+from wlora_dist.training.outputs import check_output_free, save_outputs
 from wlora_dist.training.report import report_layout_change, round_record
 from wlora_dist.training.results import TrainingError, TrainResult
 from wlora_dist.training.tracking import RunLogger
@@ -42,33 +43,45 @@ Batch = dict[str, torch.Tensor]
 
 class Trainer:
     def __init__(
-        self, cfg: RunConfig, env: DistEnv, callbacks: Sequence[Callback] = (), handle_signals: bool = False
+        self,
+        run: ResolvedRun | RunConfig,
+        env: DistEnv,
+        callbacks: Sequence[Callback] = (),
+        handle_signals: bool = False,
     ) -> None:
-        """``handle_signals``: SIGTERM / SIGUSR1 / SIGINT request a checkpoint and a stop
-        (checkpoint.save_on_signal) from setup() until cleanup(), which restores the
-        handlers there were. Off unless asked: the command line asks; a program that runs a
-        Trainer inside itself (a notebook, a test runner) keeps its own Ctrl-C."""
-        self.cfg, self.env, self.callbacks = cfg, env, list(callbacks)
+        """``run``: the resolved run (the command line resolves it once, for the preflight
+        checks and this), or a config to resolve here. ``handle_signals``: SIGTERM /
+        SIGUSR1 / SIGINT request a checkpoint and a stop (checkpoint.save_on_signal) from
+        setup() until cleanup(), which restores the handlers there were. Off unless asked:
+        the command line asks; a program that runs a Trainer inside itself (a notebook, a
+        test runner) keeps its own Ctrl-C."""
+        self.run = run if isinstance(run, ResolvedRun) else resolve_run(run)
+        self.env, self.callbacks = env, list(callbacks)
         self.handle_signals = handle_signals
-        self.spec = resolve_backend(cfg.distributed)  # the one place the backend is decided
-        check_backend_supports(cfg, self.spec)
-        self.out_dir = Path(cfg.output.dir)
-        self.adapter_dir, self.report_dir, self.ckpt_root = run_paths(cfg)
         self.memory: dict[str, dict[str, int]] = {}  # trainable / optimizer bytes before / after the prune
         self.layout_events: list[LayoutEvent] = []  # rounds, the prune event, a resume
         self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round
         self.replanned: replan.Replan | None = None  # memory.replan_at_prune's switch, if it made one
         self.prune_seconds: float | None = None
         self.start_step = 0
-        self.saves = checkpoint.SaveSchedule(cfg.checkpoint, cfg.train.max_steps)
-        self.logger = RunLogger(cfg.log, self.out_dir / "logs", cfg.train.max_steps, False, {})  # silent until setup
-        # Made by setup(), in this order:
+        # Made by setup(), in this order (the run sized from the data first):
         self.eval_loader: DataLoader | None = None
+        self.saves: checkpoint.SaveSchedule | None = None  # when to checkpoint; the stop signals
+        self.logger = RunLogger(self.cfg.log, self.run.paths.logs, 0, False, {})  # silent until the run is accepted
         self.backend: Backend  # owns the trainable parameters (backend.params) and the optimizer
         self.wl: WeightLoRA  # the model with its adapters and gates
         self.selector: Selector  # the gate update and the layout changes
         self.train_iter: Iterator[Batch]  # this rank's training micro-batches, from the data position
         self._last_batch: Batch = {}  # the last micro-batch: the probe loss around a layout change
+
+    @property
+    def cfg(self) -> RunConfig:
+        """The run's config (frozen; sized from the data once setup() has read them)."""
+        return self.run.cfg
+
+    @property
+    def spec(self) -> BackendSpec:
+        return self.run.spec
 
     # ------------------------------------------------------------------ setup
 
@@ -81,19 +94,23 @@ class Trainer:
         """Data, model, adapters, backend, logger, resume. ``model``: a base model to train
         instead of loading model.path (built on meta: filled from ``weights``); ``batches``:
         training micro-batches instead of data.* (no eval)."""
-        cfg, env = self.cfg, self.env
-        resume = checkpoint.resolve_resume(cfg.checkpoint.resume_from, self.ckpt_root)
-        check_output_free(cfg, self.adapter_dir, self.ckpt_root, resumes=resume is not None)
-        set_seed(cfg.train.seed)  # the same on every rank: identical adapter init
+        env, paths, resume = self.env, self.run.paths, self.run.resume
+        check_output_free(self.cfg, paths.adapter, paths.checkpoints, resumes=resume is not None)
+        set_seed(self.cfg.train.seed)  # the same on every rank: identical adapter init
         loader = self._setup_data() if batches is None else None  # before the model load: bad data fails fast
-        self.backend = make_backend(self.spec, cfg, env, weights)
+        if not self.run.sized:
+            raise ConfigError(["train.epochs / *_fraction / *_ratio size a run from its data: give data.train"])
+        cfg = self.cfg  # final from here on
+        self.saves = checkpoint.SaveSchedule(cfg.checkpoint, cfg.train.max_steps)
+        self.logger = RunLogger(cfg.log, paths.logs, cfg.train.max_steps, False, {})  # silent until accepted
+        self.backend = make_backend(self.run, env, weights)
         self._setup_model(model if model is not None else self.backend.load_base(cfg.model))
         replan.log_plan(replan.plan_input(cfg, env, self.spec, self.wl.base_model, None), self.logger)
         if resume is not None:
             self._resume(resume)
         # Accepted: only now is anything written (logs/, the trackers' config copy).
         self.logger = RunLogger(
-            cfg.log, self.out_dir / "logs", cfg.train.max_steps, env.is_main, cfg.to_dict(), self.start_step > 0
+            cfg.log, paths.logs, cfg.train.max_steps, env.is_main, cfg.to_dict(), self.start_step > 0
         )
         # Data position: rows of the global batch already consumed -> this rank's micro-batches.
         start = self.start_step * cfg.train.grad_accum_steps
@@ -136,6 +153,8 @@ class Trainer:
         torch.manual_seed(derive_seed(cfg.train.seed, rank=env.global_rank))  # dropout differs per rank, as in DDP
 
     def _setup_data(self) -> DataLoader:
+        """This rank's loaders; the run sized from them (train.epochs / selection.steps_fraction /
+        optim.warmup_ratio -> step counts)."""
         cfg, env = self.cfg, self.env
         train, self.eval_loader = data_mod.build_loaders(
             cfg.data,
@@ -144,13 +163,10 @@ class Trainer:
             load_tokenizer(cfg.model),
             env.global_rank,
             env.world_size,
-            Path(cfg.data.cache_dir) if cfg.data.cache_dir else self.out_dir / "data_cache",
+            self.run.paths.data_cache,
         )
-        # train.epochs / selection.steps_fraction / optim.warmup_ratio -> step counts.
-        problems = size_run(cfg, len(train) // cfg.train.grad_accum_steps)
-        if problems:
-            raise ConfigError(problems, f"run sized from the data ({len(train)} micro-batches per rank per epoch)")
-        self.saves.max_steps = cfg.train.max_steps
+        if not self.run.sized:
+            self.run = self.run.sized_by(len(train) // cfg.train.grad_accum_steps)
         return train
 
     def _resume(self, path: Path) -> None:
@@ -173,6 +189,7 @@ class Trainer:
             postfix = {"loss": f"{metrics['loss']:.3f}", "lr": f"{metrics['lr']:.2e}"}
             postfix.update({"tok/s": f"{metrics['tokens_per_s']:.0f}", "kept": f"{metrics['kept']}/{self.wl.n}"})
             self.logger.step(step, metrics, postfix)
+            assert self.saves is not None
             stop, save = self.saves.check(step, self.env.device)  # every rank, whichever got the signal
             if save:
                 path = self.save_checkpoint(step)
@@ -192,8 +209,8 @@ class Trainer:
             self.backend,
             self.env,
             self.logger,
-            self.adapter_dir,
-            self.report_dir,
+            self.run.paths.adapter,
+            self.run.paths.report,
             cfg.model.path,
             cfg.train.max_steps,
             {**self.memory, "prune_seconds": self.prune_seconds},
@@ -306,7 +323,7 @@ class Trainer:
             self.rounds_log.append(round_record(event))
         if change.kind == "prune":
             self.prune_seconds = event.seconds
-        out = self.report_dir if self.env.is_main and self.cfg.output.reports else None
+        out = self.run.paths.report if self.env.is_main and self.cfg.output.reports else None
         report_layout_change(event, self.wl, out, self.rounds_log, self.logger)
         for cb in self.callbacks:
             cb.on_layout_change(self, event)
@@ -325,9 +342,10 @@ class Trainer:
         """Collective: every rank writes its shards; one folder, complete or absent."""
         t0 = time.perf_counter()
         path = run_checkpoint.save_run(
-            self.ckpt_root, step, self.cfg, self.env, self.selector, self.backend, self.rounds_log
+            self.run.paths.checkpoints, step, self.cfg, self.env, self.selector, self.backend, self.rounds_log
         )
         self.logger.info("checkpoint of step %d -> %s (%.2f s)", step, path, time.perf_counter() - t0)
+        assert self.saves is not None
         self.saves.saved()
         return path
 
@@ -348,8 +366,10 @@ class Trainer:
 
     def _result(self, history: list[dict], **kw: object) -> TrainResult:
         kept = [s.name for s in self.wl.kept_sites()]
-        return TrainResult(self.adapter_dir, self.report_dir, kept, history, memory=self.memory, **kw)  # type: ignore[arg-type]
+        paths = self.run.paths
+        return TrainResult(paths.adapter, paths.report, kept, history, memory=self.memory, **kw)  # type: ignore[arg-type]
 
     def cleanup(self) -> None:
-        self.saves.stopper.uninstall()
+        if self.saves is not None:
+            self.saves.stopper.uninstall()
         self.logger.close()
