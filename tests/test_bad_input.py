@@ -228,8 +228,8 @@ def test_sharded_loading_names_a_truncated_weights_file(tiny_dir, tmp_path):
     import torch
 
     from wlora_dist.config import ModelConfig
+    from wlora_dist.model.checkpoint_reader import CheckpointReader
     from wlora_dist.model.loading import ModelPathError, load_base_model
-    from wlora_dist.model.sharded_loading import CheckpointReader
 
     model = load_base_model(ModelConfig(path=str(tiny_dir / "model")), torch.device("cpu"))
     with pytest.raises(ModelPathError, match="truncated"):

@@ -126,7 +126,7 @@ def test_zero3_partitions_and_fsdp2_rows_of_a_saved_4bit_folder_are_the_quantise
 ):
     """What FSDP2 (rows) and ZeRO-3 (flat element ranges, ending mid-row) read from a
     4-bit folder equals what they quantise from the float folder, for every split."""
-    from wlora_dist.model.sharded_loading import CheckpointReader
+    from wlora_dist.model.checkpoint_reader import CheckpointReader
 
     cfg = ModelConfig(path=str(tiny64_dir / "model"), quantization="nf4", bnb_4bit_use_double_quant=double_quant)
     model = build_on_meta(cfg, CPU)

@@ -27,7 +27,7 @@ PRIVATE = [
     Private(
         "torch",
         "torch.distributed.tensor._utils:compute_local_shape_and_global_offset",
-        "model/sharded_loading.py: which rows of a DTensor this rank holds (sharded loading)",
+        "distributed/base.py: which rows of a DTensor this rank holds (Backend.held, for sharded loading)",
     ),
     Private(
         "torch",

@@ -14,20 +14,16 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from transformers import PreTrainedModel
 
 from wlora_dist.config import ModelConfig
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
+from wlora_dist.model.checkpoint_reader import CheckpointReader
 from wlora_dist.model.loading import load_base_model
-from wlora_dist.model.sharded_loading import (
-    CheckpointReader,
-    LoadStats,
-    assign_local_rows,
-    build_on_meta,
-    is_on_meta,
-    materialize_sharded,
-)
+from wlora_dist.model.sharded_loading import Held, LoadStats, build_on_meta, is_on_meta, materialize_sharded
 from wlora_dist.resolved import ResolvedRun
 
 # Where a model built on meta gets its base weights: a reader factory (default: the
@@ -81,7 +77,10 @@ class Backend(ABC):
         checkpoint (or ``weights``), adapters with their deterministic init."""
         if is_on_meta(wl.peft_model):
             reader = self.weights(wl.base_model) if self.weights is not None else None
-            self.load_stats = materialize_sharded(wl, self.model_path, device or self.env.device, self.seed, reader)
+            device = device or self.env.device
+            self.load_stats = materialize_sharded(
+                wl, self.model_path, device, self.seed, reader, self.held, self.assign_full
+            )
 
     def prepare(self, wl: WeightLoRA) -> nn.Module:
         """Place / wrap / shard ``wl.peft_model``, build the optimizer over its trainable
@@ -183,10 +182,18 @@ class Backend(ABC):
     def numel(self, param: torch.Tensor) -> int:
         return self.full_shape(param).numel()
 
+    def held(self, param: torch.Tensor) -> Held:
+        """What this rank holds of ``param``: all of it, or its rows of a dim-0-sharded
+        DTensor (FSDP2). Sharded loading asks this; it knows no backend."""
+        local, start = local_rows(param)
+        return Held(local, param.shape, start, start + (local.shape[0] if local.dim() else 1))
+
     def assign_full(self, param: nn.Parameter, value: torch.Tensor) -> None:
         """Write the full ``value`` into ``param``: all of it, or this rank's rows of a
         dim-0-sharded DTensor (FSDP2)."""
-        assign_local_rows(param, value)
+        h = self.held(param)
+        with torch.no_grad():
+            h.local.copy_(value[h.start : h.stop])
 
     def gather_full(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Full (unsharded) copies of ``tensors``; a collective where they are sharded."""
@@ -259,6 +266,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if layers is None:
         raise TypeError(f"{type(model).__name__}: expected a decoder-only model with model.layers (Llama-like)")
     return list(layers)
+
+
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """This rank's storage of ``param`` and the global index of its first row (dim 0)."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return param.to_local(), int(offset[0]) if offset else 0
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,42 @@ class BackendSpec:
         """Whether each rank holds only its shard of the frozen base."""
         return self.kind == "fsdp2" or self.zero_stage == 3
 
+    @property
+    def casts_adapters_per_use(self) -> bool:
+        """Under bf16 autocast the adapters stay fp32 and autocast copies each to bf16 where
+        it is used (replicated); FSDP2's and DeepSpeed's mixed precision hold bf16 copies."""
+        return self.kind == "replicated"
+
+    def trainable_bytes(self, numel: int, world: int, compute_bytes: int) -> tuple[float, float, float]:
+        """This backend's byte model for ``numel`` trainable elements on one of ``world``
+        ranks: (parameters with any fp32 masters, gradients, optimizer state). The planner
+        asks this instead of knowing the backends."""
+        ws = world
+        if self.kind == "fsdp2":
+            params, grads, optim = 4 * numel / ws, 4 * numel / ws, 8 * numel / ws
+        elif self.kind == "zero":
+            # DeepSpeed: compute-dtype params (partitioned at stage 3) + an fp32 master partition.
+            params = compute_bytes * numel / (ws if self.zero_stage == 3 else 1) + 4 * numel / ws
+            grads = compute_bytes * numel / (ws if self.zero_stage >= 2 else 1)
+            optim = 8 * numel / ws
+        else:
+            params, grads, optim = 4 * numel, 4 * numel, 8 * numel
+        if self.offload:
+            optim = 0
+            if self.kind == "zero":
+                params -= 4 * numel / ws  # the fp32 master partition lives with the optimizer on CPU
+        return params, grads, optim
+
+    def grad_bucket_bytes(self, trainable_numel: int, compute_bytes: int) -> int:
+        """DeepSpeed's gradient reduction bucket on a rank: stage 3 allocates one at engine
+        start in the gradients' dtype, stages 1/2 one at each backward (fp32 at stage 1,
+        where it stages the fp32 accumulation; the gradients' dtype at stage 2). Sized
+        ``zero_bucket_numel`` by wlora_dist, where DeepSpeed's 5e8 alone would be 1 GiB in
+        bf16. None under the other backends."""
+        if self.kind != "zero":
+            return 0
+        return zero_bucket_numel(trainable_numel) * (4 if self.zero_stage == 1 else compute_bytes)
+
     def describe(self) -> str:
         words = f"zero stage {self.zero_stage}" if self.kind == "zero" else self.kind
         return words + (" + CPU offload" if self.offload else "")
@@ -56,6 +92,17 @@ class BackendSpec:
         if name.startswith("zero"):
             return cls("zero", int(name[4:] or 3), offload)
         return cls(name, 0, offload)  # type: ignore[arg-type]
+
+
+# DeepSpeed's default bucket (elements) for gradient reduction and (stages 1/2) the
+# all-gather of updated parameters; wlora_dist caps it (distributed/zero.py, memory_limits).
+DEEPSPEED_BUCKET = 500_000_000
+
+
+def zero_bucket_numel(trainable_numel: int) -> int:
+    """The elements of ZeRO's gradient buckets wlora_dist sets: every trainable gradient at
+    once, never more than DeepSpeed's default; even (stage 1/2 alignment)."""
+    return max(2, min(DEEPSPEED_BUCKET, trainable_numel + trainable_numel % 2))
 
 
 def resolve_backend(cfg: DistributedConfig, user: dict[str, Any] | None = None) -> BackendSpec:

@@ -22,12 +22,12 @@ from transformers import PreTrainedModel
 from wlora_dist.config import ModelConfig, OptimConfig, TrainConfig, ZeROConfig
 from wlora_dist.distributed.base import Backend, WeightsSource, decoder_layers, tensor_bytes
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.distributed.spec import merge_deepspeed
+from wlora_dist.distributed.spec import merge_deepspeed, zero_bucket_numel
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
+from wlora_dist.model.checkpoint_reader import CheckpointReader
 from wlora_dist.model.loading import resolve_dtype
-from wlora_dist.model.sharded_loading import build_zero3_partitioned, fill_zero3_partitions
+from wlora_dist.model.sharded_loading import Held, build_zero3_partitioned, fill_base
 from wlora_dist.noise import drop_printed
-from wlora_dist.planning.memory_plan import zero_bucket_numel
 from wlora_dist.resolved import ResolvedRun
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -147,7 +147,11 @@ class ZeROBackend(Backend):
         if self.stage == 3 and cfg.quantization != "none":
             self._init_comm()
             model = build_zero3_partitioned(cfg, self.env.device, self._partition_config(cfg))
-            self.load_stats = fill_zero3_partitions(model, cfg.path)
+            reader = CheckpointReader(cfg.path, model)
+            try:
+                self.load_stats = fill_base(model, reader, self.held)  # each rank reads its partitions
+            finally:
+                reader.close()
             self.loaded_partitioned = all(hasattr(p, "ds_id") for p in model.parameters())
             return model
         if self.stage == 3 and cfg.sharded_loading:
@@ -229,6 +233,17 @@ class ZeROBackend(Backend):
             return tensors
         with self.deepspeed.zero.GatheredParameters(tensors, modifier_rank=None):
             return [t.detach().clone() for t in tensors]
+
+    def held(self, param: torch.Tensor) -> Held:
+        """A ZeRO-3 parameter: this rank's flat partition, elements [rank * size, (rank + 1) *
+        size) of the flattened tensor (the last ones padding past its end), and the whole
+        tensor too where DeepSpeed keeps it whole (a persisted small parameter)."""
+        if not hasattr(param, "ds_tensor"):
+            return super().held(param)
+        part = param.ds_tensor
+        start = part.ds_numel * self._partition_rank(param)
+        whole = param.data if param.data.numel() == param.ds_numel else None
+        return Held(part.data, param.ds_shape, start, min(start + part.ds_numel, param.ds_numel), True, whole)
 
     def full_shape(self, param: torch.Tensor) -> torch.Size:
         return getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned: numel() is 0

@@ -283,7 +283,7 @@ def saved_4bit_settings(folder: str) -> dict:
     import os
     from pathlib import Path
 
-    from wlora_dist.model.sharded_loading import _checkpoint_files
+    from wlora_dist.model.checkpoint_reader import _checkpoint_files
 
     root = Path(os.path.expanduser(folder))
     q = json.loads((root / "config.json").read_text()).get("quantization_config") or {}

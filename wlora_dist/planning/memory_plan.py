@@ -197,7 +197,7 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
         total += norm
     if mlp_live:
         total += 3 * c * f  # silu in, silu out, up out (fused gate_up: its 2f output, silu out)
-    per_site_copy = inp.compute == "bf16" and inp.backend.kind == "replicated"  # fp32 adapters, bf16 x
+    per_site_copy = inp.compute == "bf16" and inp.backend.casts_adapters_per_use  # fp32 adapters, bf16 x
     dropout = inp.lora_dropout > 0
     shared_inputs = {
         **{t: "n1" for t in ("q_proj", "k_proj", "v_proj", "qkv_proj")},
@@ -273,20 +273,7 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         base_rank = 0
     numel = adapter_numel(inp, chosen)
     n = len(sites(inp))
-    if inp.backend.kind == "fsdp2":
-        adapters, grads, optim = 4 * numel / ws, 4 * numel / ws, 8 * numel / ws
-    elif inp.backend.kind == "zero":
-        # DeepSpeed: model-dtype params (partitioned at stage 3) + fp32 master partition.
-        model_b = _compute_bytes(inp)
-        adapters = model_b * numel / (ws if inp.backend.zero_stage == 3 else 1) + 4 * numel / ws
-        grads = model_b * numel / (ws if inp.backend.zero_stage >= 2 else 1)
-        optim = 8 * numel / ws
-    else:
-        adapters, grads, optim = 4 * numel, 4 * numel, 8 * numel
-    if offload:
-        optim = 0
-        if inp.backend.kind == "zero":
-            adapters -= 4 * numel / ws  # fp32 master partition lives with the optimizer on CPU
+    adapters, grads, optim = inp.backend.trainable_bytes(numel, ws, _compute_bytes(inp))
     adapters += 4 * n  # the gate vector (replicated)
     if gates_train:
         grads += 4 * n
@@ -303,7 +290,7 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         gathered_root = int((root_b if inp.shape.tied else root_b - 2 * head) * cast)
         gathered_head = 0 if inp.shape.tied else int(head * cast)
         gathered_layer = int(one_layer * (1.0 if inp.base in QUANTISED else cast))
-    bucket = zero_grad_bucket_bytes(inp, numel)
+    bucket = inp.backend.grad_bucket_bytes(numel, _compute_bytes(inp))
     moments = {
         # Measured (plan_check, FSDP2): the lm_head is gathered by the time the loss's
         # buffers peak, its backward being next.
@@ -332,27 +319,6 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         detail=detail,
         peak_at=peak_at,
     )
-
-
-# DeepSpeed's default gradient bucket (elements); wlora_dist caps it at the trainable count
-# (distributed/zero.py, memory_limits).
-DEEPSPEED_BUCKET = 500_000_000
-
-
-def zero_bucket_numel(trainable_numel: int) -> int:
-    """The elements of ZeRO's gradient buckets wlora_dist sets: every trainable gradient at
-    once, never more than DeepSpeed's default; even (stage 1/2 alignment)."""
-    return max(2, min(DEEPSPEED_BUCKET, trainable_numel + trainable_numel % 2))
-
-
-def zero_grad_bucket_bytes(inp: PlanInput, trainable_numel: int) -> int:
-    """DeepSpeed's gradient reduction bucket on a rank: stage 3 allocates one at engine start
-    in the gradients' dtype, stages 1/2 one at each backward (fp32 at stage 1, where it
-    stages the fp32 accumulation; the gradients' dtype at stage 2). Sized min(5e8,
-    trainable elements) by wlora_dist, where DeepSpeed's 5e8 alone would be 1 GiB in bf16."""
-    if inp.backend.kind != "zero":
-        return 0
-    return zero_bucket_numel(trainable_numel) * (4 if inp.backend.zero_stage == 1 else _compute_bytes(inp))
 
 
 def plan(inp: PlanInput) -> Plan:
