@@ -40,7 +40,7 @@ CASES = [
     *[(b, q) for q in ("int8", "nf4") for b in ("zero2", "fsdp2", "zero3")],
 ]
 CASES.sort(key=lambda c: c[0] == "zero3")
-# DeepSpeed's own sizes, to show what wlora_dist's (distributed/zero.py, memory_limits) change.
+# DeepSpeed's own sizes, to show what wlora_dist's (distributed/zero_config.py, memory_limits) change.
 DEEPSPEED_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
     "allgather_bucket_size": 500_000_000,

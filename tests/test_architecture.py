@@ -156,3 +156,63 @@ def test_a_users_deepspeed_json_decides_the_stage(tmp_path):
     )
     assert cfg.distributed.zero.stage == 2  # the config's default ...
     assert resolve_backend(cfg.distributed) == BackendSpec("zero", 3, offload=True)  # ... the JSON wins
+
+
+# docs/architecture.md, "What may import what": a module imports its own layer or below.
+LAYERS = {
+    "errors": 0,
+    "paths": 0,
+    "noise": 0,
+    "config": 1,
+    "method": 2,
+    "planning": 2,
+    "distributed.spec": 2,
+    "model": 3,
+    "distributed": 4,
+    "data": 5,
+    "training": 6,
+    "resolved": 6,
+    "cli": 7,
+    "generate": 7,
+}
+
+
+def _layer(module: str) -> int | None:
+    parts = module.split(".")[1:]  # without "wlora_dist"
+    for n in (2, 1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return LAYERS[key]
+    return None
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """wlora_dist modules ``path`` imports when it runs (in functions too; not the ones
+    under ``if TYPE_CHECKING:``, which are for annotations only)."""
+    tree = ast.parse(path.read_text())
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wlora_dist."):
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("wlora_dist."))
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_a_module_imports_only_its_layer_or_below(path):
+    module = ".".join(("wlora_dist", *path.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__")
+    own = _layer(module)
+    if own is None:
+        assert module == "wlora_dist", f"{module}: give it a layer in docs/architecture.md and LAYERS"
+        return
+    above = {m: _layer(m) for m in _runtime_imports(path) if (_layer(m) or 0) > own}
+    assert not above, f"{module} (layer {own}) imports from above it: {above}"

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from wlora_dist.config import DataConfig
-from wlora_dist.data.pipeline import IGNORE, DataError, collate, load_rows, make_loader, tokenize, train_eval_split
+from wlora_dist.data.pipeline import collate, make_loader, train_eval_split
+from wlora_dist.data.rows import IGNORE, DataError, load_rows
+from wlora_dist.data.tokens import tokenize
 from wlora_dist.model.tiny import make_tokenizer
 
 TOK = make_tokenizer()

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from wlora_dist.config import ConfigError, config_from_dict
-from wlora_dist.training.checkpoint import StopOnSignal, list_checkpoints
+from wlora_dist.training.checkpoint import list_checkpoints
 from wlora_dist.training.export import write_peft_adapter
+from wlora_dist.training.saves import StopOnSignal
 
 from .conftest import tiny_config_dict
 from .helpers import train_in_process

@@ -73,7 +73,7 @@ def test_users_deepspeed_json_wins_except_auto(tmp_path):
 
     from wlora_dist.config import OptimConfig, TrainConfig, ZeROConfig
     from wlora_dist.distributed.spec import read_user_deepspeed_json
-    from wlora_dist.distributed.zero import deepspeed_config
+    from wlora_dist.distributed.zero_config import deepspeed_config
     from wlora_dist.errors import UserError
 
     user = tmp_path / "ds.json"

@@ -196,7 +196,7 @@ def test_zero_limits_are_sized_by_the_model_not_deepspeeds_defaults():
     """DeepSpeed's defaults (5e8-element gradient buckets: 1 GiB in bf16; ZeRO-3 keeping up
     to 1e9 gathered parameters) are replaced by sizes of this model: buckets of the
     trainable count, one decoder layer prefetched and reused, two live."""
-    from wlora_dist.distributed.zero import memory_limits
+    from wlora_dist.distributed.zero_config import memory_limits
 
     assert memory_limits(3, layer_numel=1000, trainable_numel=301) == {
         "reduce_bucket_size": 302,  # even (stage 1/2 alignment)

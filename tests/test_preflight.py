@@ -188,7 +188,8 @@ def test_a_null_in_parquet_is_reported_at_the_files_row(tmp_path):
     import pyarrow.parquet as pq
 
     from wlora_dist.config import DataConfig
-    from wlora_dist.data.pipeline import DataError, build_loaders
+    from wlora_dist.data.pipeline import build_loaders
+    from wlora_dist.data.rows import DataError
     from wlora_dist.model.tiny import make_tokenizer
 
     responses = [f"answer {i}" for i in range(40)]

@@ -67,30 +67,32 @@ PRIVATE = [
         "deepspeed",
         "deepspeed.runtime.zero.partitioned_param_coordinator:PartitionedParameterCoordinator."
         "_PartitionedParameterCoordinator__params_to_release",
-        "distributed/zero.py: _clear_stage3_release_cache (its class-level lru_cache keeps removed adapters alive)",
+        "distributed/zero_internals.py: clear_stage3_release_cache (its class-level lru_cache keeps removed "
+        "adapters alive)",
     ),
     Private(
         "deepspeed",
         "deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3",
-        "distributed/zero.py: the fp32 master partitions and inner optimizer (memory report, Adam state carry-over)",
+        "distributed/zero_internals.py: the fp32 master partitions and inner optimizer (memory report, Adam "
+        "state carry-over)",
         ("fp32_partitioned_groups_flat", "self.optimizer ="),
     ),
     Private(
         "deepspeed",
         "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer",
-        "distributed/zero.py: the fp32 master partitions; the lazy link of Adam state fragments",
+        "distributed/zero_internals.py: the fp32 master partitions; the lazy link of Adam state fragments",
         ("single_partition_of_fp32_groups", "_lazy_init_hp_params_optimizer_state"),
     ),
     Private(
         "deepspeed",
         "deepspeed.runtime.zero.parameter_offload:DeepSpeedZeRoOffload",
-        "distributed/zero.py: _destroy drops the per-module backward Functions ZeRO-3 stores once",
+        "distributed/zero_internals.py: destroy_engine drops the per-module backward Functions ZeRO-3 stores once",
         ("pre_bwd_fn", "post_bwd_fn"),
     ),
     Private(
         "deepspeed",
         "deepspeed.runtime.zero.partition_parameters:register_external_parameter",
-        "distributed/zero.py: _destroy forgets the external parameters ZeRO-3 registered on a module",
+        "distributed/zero_internals.py: destroy_engine forgets the external parameters ZeRO-3 registered on a module",
     ),
     Private(
         "deepspeed",
@@ -102,7 +104,7 @@ PRIVATE = [
     Private(
         "deepspeed",
         "deepspeed.runtime.engine:DeepSpeedEngine",
-        "distributed/zero.py: _destroy removes the engine's own module hooks",
+        "distributed/zero_internals.py: destroy_engine removes the engine's own module hooks",
         ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"),
     ),
     Private(

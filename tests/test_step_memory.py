@@ -5,7 +5,7 @@ this asserts; the method is in its docstring).
 Per byte of base a step's peak must be about 1 / world size where the base is sharded
 (FSDP2, ZeRO-3) and about 1 where it is replicated (replicated, ZeRO-1/2, which also shows
 the measure sees the base at all), and a forward without backward must leave nothing
-gathered. Before DeepSpeed's ZeRO-3 sizes were set (distributed/zero.py, memory_limits),
+gathered. Before DeepSpeed's ZeRO-3 sizes were set (distributed/zero_config.py, memory_limits),
 its step held the whole base on every rank, in float32 on CPU: 2.5 bytes per byte of a
 bf16 base at 2 ranks.
 """

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,7 +25,9 @@ from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
 from wlora_dist.model.checkpoint_reader import CheckpointReader
 from wlora_dist.model.loading import load_base_model
 from wlora_dist.model.sharded_loading import Held, LoadStats, build_on_meta, is_on_meta, materialize_sharded
-from wlora_dist.resolved import ResolvedRun
+
+if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
+    from wlora_dist.resolved import ResolvedRun
 
 # Where a model built on meta gets its base weights: a reader factory (default: the
 # checkpoint at model.path; the benchmarks pass random weights).

@@ -16,6 +16,8 @@ floating parameters only), so a rank holds 1/world of the int8 base.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -28,7 +30,9 @@ from wlora_dist.distributed.env import DistEnv
 from wlora_dist.errors import UserError
 from wlora_dist.method.weight_lora import ADAPTER, AdapterSite, WeightLoRA
 from wlora_dist.model.sharded_loading import build_on_meta, is_on_meta
-from wlora_dist.resolved import ResolvedRun
+
+if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
+    from wlora_dist.resolved import ResolvedRun
 
 
 class FSDP2Backend(Backend):

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from wlora_dist.distributed.base import Backend, WeightsSource
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.resolved import ResolvedRun
+
+if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
+    from wlora_dist.resolved import ResolvedRun
 
 
 def make_backend(run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> Backend:

@@ -95,7 +95,7 @@ class BackendSpec:
 
 
 # DeepSpeed's default bucket (elements) for gradient reduction and (stages 1/2) the
-# all-gather of updated parameters; wlora_dist caps it (distributed/zero.py, memory_limits).
+# all-gather of updated parameters; wlora_dist caps it (distributed/zero_config.py, memory_limits).
 DEEPSPEED_BUCKET = 500_000_000
 
 

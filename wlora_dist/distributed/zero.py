@@ -13,102 +13,34 @@ from __future__ import annotations
 
 import copy
 import gc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from wlora_dist.config import ModelConfig, OptimConfig, TrainConfig, ZeROConfig
-from wlora_dist.distributed.base import Backend, WeightsSource, decoder_layers, tensor_bytes
+from wlora_dist.config import ModelConfig
+from wlora_dist.distributed.base import Backend, WeightsSource, tensor_bytes
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.distributed.spec import merge_deepspeed, zero_bucket_numel
+from wlora_dist.distributed.zero_config import deepspeed_config, largest_layer_numel, memory_limits
+from wlora_dist.distributed.zero_internals import (
+    adam_step,
+    destroy_engine,
+    inner_optimizer,
+    master_partitions,
+    partition_gathered,
+    zero3_local_slice,
+)
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
 from wlora_dist.model.checkpoint_reader import CheckpointReader
 from wlora_dist.model.loading import resolve_dtype
 from wlora_dist.model.sharded_loading import Held, build_zero3_partitioned, fill_base
 from wlora_dist.noise import drop_printed
-from wlora_dist.resolved import ResolvedRun
+
+if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
+    from wlora_dist.resolved import ResolvedRun
 
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def deepspeed_config(
-    zero: ZeROConfig,
-    optim: OptimConfig,
-    train: TrainConfig,
-    bf16: bool,
-    user: dict[str, Any],
-    limits: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """Our settings as a DeepSpeed config; ``user`` (the JSON of zero.config_file, read once:
-    ResolvedRun.deepspeed_user) overrides them, except where it says "auto" (the HF
-    convention), which takes ours. ``limits``: the ``zero_optimization`` sizes of
-    ``memory_limits`` (known once the model is built)."""
-    ours: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
-        "gradient_clipping": optim.max_grad_norm,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": optim.lr,
-                "betas": list(optim.betas),
-                "eps": optim.eps,
-                "weight_decay": optim.weight_decay,
-                "torch_adam": True,
-            },
-        },
-        "zero_optimization": {"stage": zero.stage, **(limits or {})},
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    if zero.offload_optimizer:
-        ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-    if zero.offload_params:
-        ours["zero_optimization"]["offload_param"] = {"device": "cpu"}
-    return merge_deepspeed(ours, user)
-
-
-def memory_limits(stage: int, layer_numel: int, trainable_numel: int) -> dict[str, int]:
-    """The ZeRO sizes a memory-budgeted adapter trainer sets instead of DeepSpeed's
-    defaults, which are tuned for full fine-tuning speed (docs/measurements.md, "ZeRO's
-    buffers"):
-
-    - ``reduce_bucket_size`` (and stages 1/2 ``allgather_bucket_size``): DeepSpeed
-      allocates gradient buckets of 5e8 elements (stage 3 one per gradient dtype at engine
-      start; stages 1/2 one, or two with overlap_comm, every backward): 1 GiB in bf16, 2 in
-      fp32, per rank, for gradients that are only the adapters' (megabytes). Capped at the
-      trainable element count, so a bucket still holds every gradient at once.
-    - stage 3: ``stage3_max_reuse_distance`` and ``stage3_max_live_parameters`` default to
-      1e9 parameters: a gathered parameter is kept while it is reused within 1e9
-      parameters, so a model under 1e9 parameters stays whole on every rank from forward
-      to backward, and a larger one keeps up to 1e9 gathered parameters (2 GiB in bf16) on
-      top of its shard; ``stage3_prefetch_bucket_size`` (5e7) gathers ahead by that much.
-      Set to one decoder layer (prefetch, reuse: the recomputation and the backward of a
-      checkpointed layer share its gathered weights) and two layers live (the one running
-      and the one prefetched): FSDP2's behaviour, one layer gathered and the next
-      prefetched.
-
-    ``layer_numel``: elements of the largest decoder layer (as stored: int8 / packed 4-bit
-    elements for a quantised base)."""
-    bucket = zero_bucket_numel(trainable_numel)
-    out = {"reduce_bucket_size": bucket}
-    if stage == 3:
-        out.update(
-            stage3_prefetch_bucket_size=layer_numel,
-            stage3_max_live_parameters=2 * layer_numel,
-            stage3_max_reuse_distance=layer_numel,
-        )
-    else:
-        out["allgather_bucket_size"] = bucket
-    return out
-
-
-def largest_layer_numel(model: nn.Module) -> int:
-    """Elements of the largest decoder layer (a ZeRO-3 partitioned parameter counts whole)."""
-    return max(sum(getattr(p, "ds_numel", p.numel()) for p in layer.parameters()) for layer in decoder_layers(model))
 
 
 class ZeROBackend(Backend):
@@ -262,9 +194,9 @@ class ZeROBackend(Backend):
         step = None
         if keep_state:
             saved = {id(p): {k: self._get_full_state(p, k).detach().clone() for k in ADAM_STATE_KEYS} for p in kept}
-            step = _adam_step(self.engine.optimizer)
-        _partition_gathered(self.peft_model)  # a gathered parameter would outlive the engine that gathered it
-        _destroy(self.engine)
+            step = adam_step(self.engine.optimizer)
+        partition_gathered(self.peft_model)  # a gathered parameter would outlive the engine that gathered it
+        destroy_engine(self.engine)
         self.engine = self.optimizer = self._module = None
         gc.collect()  # the old engine's partitions hold the removed adapters: free them now
         self._initialize(kept)
@@ -275,8 +207,8 @@ class ZeROBackend(Backend):
         # torch's AdamW creates its state at the first step; create it now in its own
         # format (step, exp_avg, exp_avg_sq per flat fp32 partition) so DeepSpeed's
         # fragment API can write the kept adapters' moments into the new partitions.
-        inner = _inner(self.engine.optimizer)
-        for flat in _master_partitions(self.engine.optimizer):
+        inner = inner_optimizer(self.engine.optimizer)
+        for flat in master_partitions(self.engine.optimizer):
             inner.state[flat] = {
                 "step": (step if step is not None else torch.zeros(())).clone().float(),
                 "exp_avg": torch.zeros_like(flat),
@@ -323,7 +255,7 @@ class ZeROBackend(Backend):
         """Full (gathered) fp32 masters and AdamW moments, the same on every rank (so the
         checkpoint writes them once): DeepSpeed's partitions are flat and span parameters,
         its fragment API is how a parameter's share is read and written (collective)."""
-        step = None if for_load else _adam_step(self.engine.optimizer)
+        step = None if for_load else adam_step(self.engine.optimizer)
         # No Adam state yet (a checkpoint right after a WeightLoRA+ round reset it): zeros
         # and step 0 are what torch's AdamW starts from. DeepSpeed's reader raises KeyError.
         no_state = step is None
@@ -360,112 +292,11 @@ class ZeROBackend(Backend):
         """This rank's bytes: its partition of the adapters (stage 3) or all of them, its
         fp32 master partition and the inner optimizer's state (exp_avg, exp_avg_sq, step)."""
         local = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self.params]
-        inner = _inner(self.engine.optimizer)
+        inner = inner_optimizer(self.engine.optimizer)
         state = [v for s in inner.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-        masters = _master_partitions(self.engine.optimizer)
+        masters = master_partitions(self.engine.optimizer)
         return {
             "trainable_param_bytes": tensor_bytes(local),
             "optimizer_state_bytes": tensor_bytes(state),
             "master_weight_bytes": tensor_bytes(masters),
         }
-
-
-def zero3_local_slice(full: torch.Tensor, partition_numel: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s piece of a ZeRO-3 parameter: the flat elements
-    [rank * partition_numel, (rank + 1) * partition_numel), zero-filled past the end (the
-    last ranks' padding when the world size does not divide the element count)."""
-    flat = full.reshape(-1)
-    out = torch.zeros(partition_numel, dtype=flat.dtype, device=flat.device)
-    start = rank * partition_numel
-    n = max(0, min(partition_numel, flat.numel() - start))
-    if n:
-        out[:n] = flat[start : start + n]
-    return out
-
-
-def _partition_gathered(module: nn.Module | None) -> None:
-    """Re-partition every ZeRO-3 parameter of ``module`` left gathered, through DeepSpeed's
-    per-parameter ``partition``. At a layout change, where the module already holds the new
-    (WeightLoRA+) adapters as plain parameters, which the engine's own
-    ``empty_partition_cache`` cannot walk past."""
-    if module is None:
-        return
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    gathered = [p for p in module.parameters() if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE]
-    for p in gathered:
-        p.ds_active_sub_modules.clear()
-    if gathered:
-        gathered[0].partition(param_list=gathered)
-
-
-def _destroy(engine: Any) -> None:
-    """engine.destroy() removes the optimizer's gradient hooks and (stage 3) the module
-    hooks, but (DeepSpeed 0.19) leaves four things that keep the old engine, and through
-    it the removed adapters, alive and partly in use: its own forward hooks on the module,
-    ZeRO-3's class-level release cache, ZeRO-3's per-module backward Functions, and its
-    per-module registry of "external" parameters.
-    Each was found by walking gc referrers from a removed lora_A weight; the tests prove
-    the removed tensors freed (weak references dead) under every stage."""
-    engine.destroy()
-    _clear_stage3_release_cache()
-    # ZeRO-3 stores on every module, once ("if 'pre_bwd_fn' not in module.__dict__"),
-    # autograd Function classes closing over the offload object that created them. A new
-    # engine would reuse the old ones: its backward would drive the OLD coordinator, and
-    # they keep the old engine, and through it the removed adapters, alive. Drop them so
-    # the new engine makes its own.
-    model = getattr(engine, "module", None)
-    if model is not None:
-        live = {id(p) for p in model.parameters()}
-        for module in model.modules():
-            for attr in ("pre_bwd_fn", "post_bwd_fn"):
-                module.__dict__.pop(attr, None)
-            # ZeRO-3 registers "dangling" parameters it sees in a module's forward output
-            # on that module (_external_params) and never forgets them: a LoraLayer whose
-            # adapter was replaced (WeightLoRA+) kept its old A / B alive that way.
-            external = module.__dict__.get("_external_params")
-            if external:
-                for key in [k for k, v in external.items() if id(v) not in live]:
-                    del external[key]
-    for name in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
-        handle = getattr(engine, name, None)
-        if handle is not None and hasattr(handle, "remove"):
-            handle.remove()
-
-
-def _clear_stage3_release_cache() -> None:
-    """ZeRO-3's PartitionedParameterCoordinator memoises ``__params_to_release`` with a
-    class-level functools.lru_cache keyed by (coordinator, submodule): it keeps every
-    module it has seen, removed adapters included, alive for the life of the process
-    (found by walking gc referrers from a removed lora_A weight). Clearing it only
-    costs a recomputation on the next step."""
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-    fn = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
-    # DeepSpeed wraps it in instrument_w_nvtx, a closure without __wrapped__: look inside.
-    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
-    for candidate in [fn, *cells]:
-        if hasattr(candidate, "cache_clear"):
-            candidate.cache_clear()
-            return
-    raise RuntimeError("DeepSpeed's ZeRO-3 coordinator changed: cannot clear its module cache to free adapters")
-
-
-def _master_partitions(zero_optimizer: Any) -> list[torch.Tensor]:
-    """This rank's flat fp32 master partitions, the tensors the inner optimizer steps.
-    (Stage 3 detaches them from the inner optimizer's param_groups between steps.)"""
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        if hasattr(zero_optimizer, attr):
-            return list(getattr(zero_optimizer, attr))
-    return [p for g in _inner(zero_optimizer).param_groups for p in g["params"]]
-
-
-def _inner(zero_optimizer: Any) -> torch.optim.Optimizer:
-    return getattr(zero_optimizer, "optimizer", zero_optimizer)
-
-
-def _adam_step(zero_optimizer: Any) -> torch.Tensor | None:
-    for s in _inner(zero_optimizer).state.values():
-        if "step" in s:
-            return s["step"].clone() if isinstance(s["step"], torch.Tensor) else torch.tensor(float(s["step"]))
-    return None

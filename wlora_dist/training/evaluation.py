@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from wlora_dist.data.pipeline import IGNORE, model_inputs
+from wlora_dist.data.pipeline import model_inputs
+from wlora_dist.data.rows import IGNORE
 from wlora_dist.distributed.env import all_reduce_sum_
 
 Batch = dict[str, torch.Tensor]

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from wlora_dist.config import ConfigError, RunConfig
-from wlora_dist.data.pipeline import DataError, require_chat_template
+from wlora_dist.data.rows import DataError
+from wlora_dist.data.tokens import require_chat_template
 from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
 from wlora_dist.paths import looks_local

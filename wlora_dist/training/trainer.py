@@ -31,7 +31,7 @@ from wlora_dist.method.selector import LayoutChange, LayoutEvent, Selector, fit_
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.loading import load_tokenizer
 from wlora_dist.resolved import ResolvedRun, resolve_run
-from wlora_dist.training import checkpoint, evaluation, replan, run_checkpoint
+from wlora_dist.training import evaluation, replan, run_checkpoint, saves
 from wlora_dist.training.callbacks import Callback
 from wlora_dist.training.outputs import check_output_free, save_outputs
 from wlora_dist.training.report import report_layout_change, round_record
@@ -66,7 +66,7 @@ class Trainer:
         self.start_step = 0
         # Made by setup(), in this order (the run sized from the data first):
         self.eval_loader: DataLoader | None = None
-        self.saves: checkpoint.SaveSchedule | None = None  # when to checkpoint; the stop signals
+        self.saves: saves.SaveSchedule | None = None  # when to checkpoint; the stop signals
         self.logger = RunLogger(self.cfg.log, self.run.paths.logs, 0, False, {})  # silent until the run is accepted
         self.backend: Backend  # owns the trainable parameters (backend.params) and the optimizer
         self.wl: WeightLoRA  # the model with its adapters and gates
@@ -101,7 +101,7 @@ class Trainer:
         if not self.run.sized:
             raise ConfigError(["train.epochs / *_fraction / *_ratio size a run from its data: give data.train"])
         cfg = self.cfg  # final from here on
-        self.saves = checkpoint.SaveSchedule(cfg.checkpoint, cfg.train.max_steps)
+        self.saves = saves.SaveSchedule(cfg.checkpoint, cfg.train.max_steps)
         self.logger = RunLogger(cfg.log, paths.logs, cfg.train.max_steps, False, {})  # silent until accepted
         self.backend = make_backend(self.run, env, weights)
         self._setup_model(model if model is not None else self.backend.load_base(cfg.model))
