@@ -8,7 +8,7 @@ TORCH_CPU ?= torch==2.13.0
 TINY   ?= runs/tiny
 NPROC  ?= 2
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast test-inprocess lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,13 @@ demo: setup $(TINY)/model/config.json
 test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Tiers by scope (tests/conftest.py): unit (no model trained, no process started), then
+# inprocess (trains in this process); `make test` also runs launched (starts processes).
 test-fast: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not dist and not e2e and not slow"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m unit
+
+test-inprocess: setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m inprocess
 
 lint: setup
 	$(BIN)/ruff check wlora_dist tests benchmarks train.py

@@ -5,10 +5,14 @@ tests/test_step_memory.py asserts them).
     python -m benchmarks.step_memory --world 2 4                 # the project's settings
     python -m benchmarks.step_memory --world 2 --deepspeed-defaults   # DeepSpeed's own ZeRO sizes
 
-Two Llamas that differ only in depth (2 and 8 decoder layers, hidden 512) are trained
-under each backend; what differs between their steps' peaks is what the 6 extra layers
+Two Llamas that differ only in depth (4 and 16 decoder layers, hidden 512) are trained
+under each backend; what differs between their steps' peaks is what the 12 extra layers
 cost (fixed buffers cancel out; rank-1 adapters and 4-token activations are small beside a
-layer's weights). A step's peak is the rank's base bytes between steps plus the most the
+layer's weights). Both are deeper than what a sharding backend holds gathered at once (the
+running layer, the prefetched one, one more in flight), so that cap cancels out too. What
+a step allocates on top of its base varies by up to one layer from step to step (when an
+asynchronous all-gather's buffer is freed against the next one's); 12 layers of difference
+keep that under 0.09 per byte of base. A step's peak is the rank's base bytes between steps plus the most the
 step allocates on top, counted as tensors (benchmarks/step_memory_worker.py). Per byte of
 base it should be about 1 / world size where the base is sharded (FSDP2, ZeRO-3) and about
 1 where it is replicated (replicated, ZeRO-1/2).
@@ -28,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "step_memory_worker.py"
-DEPTHS = (2, 8)
+DEPTHS = (4, 16)
 HIDDEN, INTERMEDIATE, VOCAB = 512, 1408, 259
 SHARDED = ("fsdp2", "zero3")
 # A bf16 base on every backend; the quantised bases replicated (ZeRO-2's, as ZeRO-1's and
@@ -116,7 +120,7 @@ def launch(worker: Path, specs: Path, nproc: int) -> None:
 def measure(
     world: int, root: Path, models: dict[int, Path], ds_defaults: bool = False, run: Launcher = launch
 ) -> dict[tuple[str, str], list[list[dict]]]:
-    """(backend, base) -> [per-rank records at depth 2, at depth 8], from one launch."""
+    """(backend, base) -> [per-rank records at the two DEPTHS], from one launch."""
     out = root / f"world{world}{'-ds-defaults' if ds_defaults else ''}"
     out.mkdir(parents=True, exist_ok=True)
     specs = [spec(models, out, b, q, d, ds_defaults) for b, q in CASES for d in DEPTHS]

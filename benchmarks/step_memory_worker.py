@@ -68,6 +68,7 @@ def measure(spec: dict, env) -> tuple[dict, Trainer]:
         # whatever the depth).
         "step_extra": peaks[0],
         "step_extra_max": peaks[-1],
+        "step_extras": peaks,
         "base_held_after_forward_only": base_bytes(model)[1],
     }
     return record, trainer

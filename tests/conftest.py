@@ -1,9 +1,25 @@
-"""Shared fixtures: a tiny Llama made in-process and the embedded default on disk."""
+"""Shared fixtures (a tiny Llama made in-process, the embedded default on disk) and the
+test tiers.
+
+Tiers by scope, widest wins (README, "Development"):
+
+- ``unit`` (every test not marked otherwise): this process only, no model trained, no
+  process started; `make test-fast` runs these, in seconds.
+- ``inprocess``: builds and trains a model in this process (a Trainer, the CLI's main).
+- ``launched``: starts processes (torchrun workers, the CLI, the launchers); every ``dist``
+  and ``e2e`` test is one.
+
+A guard holds each test to its tier: a unit test that sets up a Trainer, or a test below
+``launched`` that starts a Python process, fails naming the marker it needs, so the fast
+tier cannot quietly grow training runs again.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +32,59 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from wlora_dist.model.tiny import make_model, make_tokenizer, write_default  # noqa: E402
+from wlora_dist.training.trainer import Trainer  # noqa: E402
+
+TIERS = ("unit", "inprocess", "launched")  # narrowest first
+_running: list[str] = []  # the tier of the test being set up, run or torn down
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("dist") or item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.launched)
+        if not any(item.get_closest_marker(t) for t in TIERS):
+            item.add_marker(pytest.mark.unit)
+
+
+def _tier(item: pytest.Item) -> str:
+    return max((t for t in TIERS if item.get_closest_marker(t)), key=TIERS.index)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Module- and session-scoped fixtures run while their first user is set up: what they
+    # train counts against that test's tier.
+    _running[:] = [_tier(item)]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _running.clear()
+
+
+def _require(tier: str, what: str) -> None:
+    if _running and TIERS.index(_running[0]) < TIERS.index(tier):
+        pytest.fail(f"this test {what}: mark it @pytest.mark.{tier} (tests/conftest.py, tiers)", pytrace=False)
+
+
+def _guard(fn: Callable, tier: str, what: str, applies: Callable[..., bool] = lambda *a, **k: True) -> Callable:
+    def guarded(*args, **kwargs):
+        if applies(*args, **kwargs):
+            _require(tier, what)
+        return fn(*args, **kwargs)
+
+    return guarded
+
+
+def _starts_python(self: subprocess.Popen, args=None, *rest, **kwargs) -> bool:
+    args = kwargs.get("args", args)
+    argv = [args] if isinstance(args, str | bytes | os.PathLike) else list(args or [])
+    head = Path(str(argv[0]).split()[0]).name if argv and str(argv[0]).strip() else ""
+    return head.startswith("python") or head in {"torchrun", "accelerate", "deepspeed", "wlora-dist", "srun", "sbatch"}
+
+
+Trainer.setup = _guard(Trainer.setup, "inprocess", "sets up a Trainer (a model trained in this process)")
+subprocess.Popen.__init__ = _guard(subprocess.Popen.__init__, "launched", "starts a process", _starts_python)
 
 
 @pytest.fixture(scope="session")

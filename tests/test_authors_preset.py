@@ -50,6 +50,7 @@ def _reference_step(model, gates, params, opt, batch) -> None:
     gates.grad = None
 
 
+@pytest.mark.inprocess
 @pytest.mark.slow
 def test_authors_preset_gates_match_a_reference_of_the_published_algorithm(tiny_dir, tmp_path):
     cfg = config_from_dict(

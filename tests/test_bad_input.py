@@ -130,6 +130,7 @@ CASES = {
 }
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_clear_error_and_nothing_is_overwritten(case, tiny_dir, tmp_path, capsys):
     breaker, fragments = CASES[case]
@@ -140,6 +141,7 @@ def test_bad_input_is_one_clear_error_and_nothing_is_overwritten(case, tiny_dir,
     assert "Traceback" not in err
 
 
+@pytest.mark.inprocess
 def test_checkpoint_of_another_config_is_refused(good_checkpoint, tiny_dir, tmp_path, capsys):
     logs = tmp_path / "run/logs"
     logs.mkdir(parents=True)
@@ -155,6 +157,7 @@ def test_checkpoint_of_another_config_is_refused(good_checkpoint, tiny_dir, tmp_
     assert (logs / "config.json").read_text() == SENTINEL and sorted(p.name for p in logs.iterdir()) == ["config.json"]
 
 
+@pytest.mark.inprocess
 def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused(good_checkpoint, tiny_dir, tmp_path, capsys):
     """Without resume_from, a fresh start would overwrite step-00000001 and rotate the earlier
     run's checkpoints away: refused (naming the folder and the ways on), nothing written."""
@@ -176,6 +179,7 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused(good_checkpoint
     assert (tmp_path / "run/adapter/adapter_model.safetensors").exists()
 
 
+@pytest.mark.inprocess
 def test_checkpoint_of_another_model_is_refused(good_checkpoint, other_model, tiny_dir, tmp_path, capsys):
     rc, err = _run_broken(
         tiny_dir,
@@ -190,6 +194,7 @@ def test_checkpoint_of_another_model_is_refused(good_checkpoint, other_model, ti
     assert "num_hidden_layers" in err and "sites" in err
 
 
+@pytest.mark.inprocess
 def test_damaged_checkpoint_is_refused(good_checkpoint, tiny_dir, tmp_path, capsys):
     broken = tmp_path / "step-00000001"
     shutil.copytree(good_checkpoint, broken)

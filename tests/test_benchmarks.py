@@ -14,6 +14,7 @@ from .helpers import run_command
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.launched
 @pytest.mark.slow
 def test_tiny_cpu_comparison(tmp_path):
     out = tmp_path / "bench"

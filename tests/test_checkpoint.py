@@ -60,10 +60,10 @@ def full_runs(tiny_dir, tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("backend", "step"),
-    # A selection-phase resume under ZeRO-3 (the hardest: partitioned gates' optimizer), one
-    # after the prune under replicated, one at the prune step under FSDP2 and ZeRO-2.
-    [("replicated", 7), ("fsdp2", 5), ("zero3", 3), ("zero2", 5)],
-    ids=["replicated-after-prune", "fsdp2-prune-step", "zero3-selection", "zero2-prune-step"],
+    # In the selection phase under replicated and ZeRO-3 (the hardest: partitioned gates'
+    # optimizer), after the prune under replicated, at the prune step under FSDP2 and ZeRO-2.
+    [("replicated", 3), ("replicated", 7), ("fsdp2", 5), ("zero3", 3), ("zero2", 5)],
+    ids=["replicated-selection", "replicated-after-prune", "fsdp2-prune-step", "zero3-selection", "zero2-prune-step"],
 )
 def test_resume_is_bitwise_the_uninterrupted_run(backend, step, full_runs, tiny_dir, tmp_path):
     full, ckpts = full_runs(backend)

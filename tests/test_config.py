@@ -92,6 +92,7 @@ def test_describe_documents_every_field():
     assert all(line.rstrip().endswith(":") or ": " in line for line in lines)
 
 
+@pytest.mark.launched
 def test_cli_bad_config_exits_2_with_message(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: m}\ndata: {train: [x.jsonl]}\nselection: {k: -3}\n")

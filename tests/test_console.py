@@ -4,6 +4,7 @@ at the prune event, known third-party noise dropped at its source."""
 import io
 import logging
 
+import pytest
 from tqdm import tqdm
 
 from wlora_dist.method.weight_lora import AdapterSite
@@ -61,6 +62,7 @@ def test_known_third_party_noise_is_dropped_and_real_warnings_kept():
     assert seen == ["a real DeepSpeed warning"]
 
 
+@pytest.mark.inprocess
 def test_the_adapter_folder_is_a_finished_peft_adapter_with_a_model_card(tiny_dir, tmp_path, monkeypatch):
     import json
     import os

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import K, dist_config, run_worker
+from .helpers import K, dist_config, run_worker_many
 
 pytestmark = pytest.mark.dist
 N = 14  # adapters of the 2-layer tiny Llama
@@ -27,14 +27,15 @@ PARAMS_OF = {
 ALL_ADAPTER_BYTES = 2 * 4 * sum(PARAMS_OF.values())
 CASES = [
     ("replicated", 2, "none"),
+    ("zero1", 2, "none"),  # the base replicated as under ZeRO-2; the optimizer state partitioned
     ("fsdp2", 2, "none"),
     ("zero2", 2, "none"),
     ("zero3", 2, "none"),
-    # ZeRO-1 (the base replicated as under ZeRO-2) is compared with one process on the 4-bit
-    # base in tests/test_nf4_runs.py.
-    # More than 2 ranks: 3 (a world size that divides nothing) with the 4-bit base below and
-    # with the float base in tests/test_uneven_world.py; 4 in test_checkpoint's resume on
-    # another world size.
+    # 4 ranks: shards of half the 2-rank size, on the float base. 3 (a world size that
+    # divides nothing) with the 4-bit base below and with the float base in
+    # tests/test_uneven_world.py.
+    ("fsdp2", 4, "none"),
+    ("zero3", 4, "none"),
     # The 8-bit base (int8 weights + per-row scales, Int8Linear): replicated under ZeRO-2,
     # sharded under FSDP2 and ZeRO-3; compared with the 1-process 8-bit run.
     ("zero2", 2, "int8"),
@@ -49,34 +50,47 @@ CASES = [
 ]
 
 
+def _global_batch(nproc: int) -> int:
+    return 8 // nproc * nproc  # 8 rows, 6 on 3 ranks
+
+
 @pytest.fixture(scope="module")
 def references(tiny_dir, tmp_path_factory):
-    """The 1-process runs (float, 8-bit, 4-bit base; a global batch), made when first asked for."""
-    runs: dict[str, dict] = {}
-
-    def get(quantization: str, micro_batch: int) -> dict:
-        key = f"{quantization}-{micro_batch}"
-        if key not in runs:
-            tmp = tmp_path_factory.mktemp(f"ref-{key}")
-            cfg = dist_config(tiny_dir, tmp / "one", "replicated", micro_batch, quantization)
-            runs[key] = run_worker(cfg, 1, tmp)[0]
-        return runs[key]
-
-    return get
+    """The 1-process runs (float, 8-bit, 4-bit base) on each global batch a case uses: all
+    in one launch."""
+    keys = sorted({(q, _global_batch(n)) for _, n, q in CASES})
+    tmp = tmp_path_factory.mktemp("references")
+    cfgs = [dist_config(tiny_dir, tmp / f"{q}-{rows}", "replicated", rows, q) for q, rows in keys]
+    return {key: ranks[0] for key, ranks in zip(keys, run_worker_many(cfgs, 1), strict=True)}
 
 
 @pytest.fixture
 def reference(ranks, references):
-    """The 1-process run with the same global batch (8 rows, 6 on 3 ranks)."""
-    n = len(ranks)
-    return references(ranks[0]["quantization"], 8 // n * n)
+    """The 1-process run with the same base and global batch."""
+    return references[ranks[0]["quantization"], _global_batch(len(ranks))]
+
+
+@pytest.fixture(scope="module")
+def launches(tiny_dir, tmp_path_factory):
+    """nproc -> case -> rank records: every case of a world size in one launch (one process
+    group, one start-up), ZeRO-3 last (while a ZeRO-3 model lives, transformers partitions
+    any model loaded in that process, a ZeRO-1/2 one too)."""
+    done: dict[int, dict] = {}
+
+    def get(nproc: int) -> dict:
+        if nproc not in done:
+            cases = sorted((c for c in CASES if c[1] == nproc), key=lambda c: c[0] == "zero3")
+            tmp = tmp_path_factory.mktemp(f"ranks{nproc}")
+            cfgs = [dist_config(tiny_dir, tmp / f"{b}-{q}", b, 8 // nproc, q) for b, _, q in cases]
+            done[nproc] = dict(zip(cases, run_worker_many(cfgs, nproc), strict=True))
+        return done[nproc]
+
+    return get
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{b}-{n}ranks-{q}" for b, n, q in CASES])
-def ranks(request, tiny_dir, tmp_path_factory):
-    backend, nproc, quantization = request.param
-    tmp = tmp_path_factory.mktemp(f"{backend}{nproc}{quantization}")
-    return run_worker(dist_config(tiny_dir, tmp / "run", backend, 8 // nproc, quantization), nproc, tmp)
+def ranks(request, launches):
+    return launches(request.param[1])[request.param]
 
 
 def test_really_distributed_on_different_data(ranks):
@@ -260,8 +274,23 @@ def test_removed_adapter_tensors_are_freed(ranks):
     assert alive == [0] * len(ranks), "removed adapter tensors are still referenced"
 
 
-@pytest.mark.parametrize(("backend", "nproc"), [("replicated", 2), ("fsdp2", 2), ("zero3", 2)])
-def test_reinit_kept_gives_the_same_fresh_adapters_on_every_rank(backend, nproc, tiny_dir, tmp_path):
+REINIT = ["replicated", "fsdp2", "zero3"]  # 2 ranks, one launch, ZeRO-3 last
+
+
+@pytest.fixture(scope="module")
+def reinit_runs(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reinit")
+    cfgs = []
+    for backend in REINIT:
+        cfg = dist_config(tiny_dir, tmp / backend, backend, 4)
+        cfg["selection"]["reinit_kept"] = True
+        cfg["train"]["max_steps"] = cfg["selection"]["steps"]
+        cfgs.append(cfg)
+    return {b: (ranks, tmp / b) for b, ranks in zip(REINIT, run_worker_many(cfgs, 2), strict=True)}
+
+
+@pytest.mark.parametrize("backend", REINIT)
+def test_reinit_kept_gives_the_same_fresh_adapters_on_every_rank(backend, reinit_runs):
     """reinit_kept at the prune event: every rank writes the same deterministic fresh A and
     zero B (not each rank's own RNG), whatever the sharding. Exported right after the event."""
     import torch
@@ -269,12 +298,9 @@ def test_reinit_kept_gives_the_same_fresh_adapters_on_every_rank(backend, nproc,
 
     from wlora_dist.method.init import initial_adapter_weights
 
-    cfg = dist_config(tiny_dir, tmp_path / "run", backend, 8 // nproc)
-    cfg["selection"]["reinit_kept"] = True
-    cfg["train"]["max_steps"] = cfg["selection"]["steps"]
-    ranks = run_worker(cfg, nproc, tmp_path)
+    ranks, out = reinit_runs[backend]
     assert len({r["params_digest"] for r in ranks}) == 1
-    state = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    state = load_file(str(out / "adapter/adapter_model.safetensors"))
     names = ranks[0]["kept"]
     assert len(state) == 2 * len(names) == 2 * K
     for name in names:

@@ -21,6 +21,7 @@ from .conftest import tiny_config_dict
 from .helpers import train_in_process
 
 
+@pytest.mark.inprocess
 def test_every_minutes_saves_on_time_and_every_rank_agrees(tiny_dir, tmp_path):
     # A tiny interval: a save after every step but the last (which writes the adapter).
     _, result = train_in_process(
@@ -53,6 +54,7 @@ def test_ctrl_c_requests_a_stop_and_twice_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.inprocess
 def test_ctrl_c_during_a_run_saves_a_checkpoint(tiny_dir, tmp_path):
     from wlora_dist.distributed.env import init_distributed
     from wlora_dist.training.callbacks import Callback
@@ -113,6 +115,7 @@ def _shard(ckpt):
     return sorted((ckpt / "state").glob("*.safetensors"))[0]
 
 
+@pytest.mark.inprocess
 def test_checkpoints_record_every_file_and_verify(two_checkpoints):
     from wlora_dist.training.checkpoint import verify
 
@@ -124,6 +127,7 @@ def test_checkpoints_record_every_file_and_verify(two_checkpoints):
     assert all(verify(p) is None for p in list_checkpoints(two_checkpoints))
 
 
+@pytest.mark.inprocess
 def test_a_truncated_shard_is_skipped_by_auto_with_a_warning(two_checkpoints, tmp_path, caplog):
     from wlora_dist.training.checkpoint import resolve_resume
 
@@ -136,6 +140,7 @@ def test_a_truncated_shard_is_skipped_by_auto_with_a_warning(two_checkpoints, tm
     assert f"{shard.relative_to(root / 'step-00000002')} has 100 bytes" in caplog.text
 
 
+@pytest.mark.inprocess
 def test_a_damaged_checkpoint_named_explicitly_is_refused(two_checkpoints, tmp_path):
     from wlora_dist.training.checkpoint import CheckpointError, resolve_resume
 
@@ -150,6 +155,7 @@ def test_a_damaged_checkpoint_named_explicitly_is_refused(two_checkpoints, tmp_p
         resolve_resume(str(root / "step-00000002"), root)
 
 
+@pytest.mark.inprocess
 def test_when_every_checkpoint_is_damaged_auto_refuses_instead_of_starting_over(two_checkpoints, tmp_path):
     from wlora_dist.training.checkpoint import CheckpointError, resolve_resume
 
@@ -160,6 +166,7 @@ def test_when_every_checkpoint_is_damaged_auto_refuses_instead_of_starting_over(
         resolve_resume("auto", root)
 
 
+@pytest.mark.inprocess
 def test_export_refuses_a_damaged_checkpoint(two_checkpoints, tmp_path):
     from wlora_dist.training.checkpoint import CheckpointError
     from wlora_dist.training.export import export_checkpoint
@@ -172,6 +179,7 @@ def test_export_refuses_a_damaged_checkpoint(two_checkpoints, tmp_path):
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.inprocess
 def test_a_run_resumes_from_the_last_intact_checkpoint(two_checkpoints, tiny_dir, tmp_path, caplog):
     import shutil
 
@@ -191,6 +199,7 @@ def test_a_run_resumes_from_the_last_intact_checkpoint(two_checkpoints, tiny_dir
     assert len(result.history) == 2 and (run / "adapter/adapter_model.safetensors").exists()
 
 
+@pytest.mark.inprocess
 def test_a_failed_checkpoint_write_leaves_nothing_and_says_where(tiny_dir, tmp_path, monkeypatch):
     """Disk full while meta.json is written: one message naming the folder and the fix, no
     .tmp or half-written checkpoint left, the run stops."""

@@ -24,6 +24,7 @@ def _generate(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+@pytest.mark.inprocess
 def test_greedy_generation_from_an_adapter_is_repeatable(adapter, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "ada has 3 apples"}) + "\n" + json.dumps({"prompt": "bob"}) + "\n")
@@ -43,6 +44,7 @@ def test_a_model_folder_and_plain_prompts(tiny_dir, capsys):
     assert rc == 0 and out.startswith("### prompt\nhi\n### completion\n")
 
 
+@pytest.mark.inprocess
 def test_bad_input_is_one_message(adapter, tmp_path, capsys):
     rc, _, err = _generate(capsys, str(adapter))
     assert rc == 1 and "give a prompt" in err

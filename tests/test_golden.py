@@ -54,6 +54,7 @@ def _summary(rank0: dict) -> dict:
     return {"losses": rank0["losses"], "eval_loss": rank0["eval_loss"], "kept": rank0["kept"]}
 
 
+@pytest.mark.launched
 @pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.dist] if p > 1 else []) for n, p in CASES.items()])
 def test_golden_run(name, tiny_dir, tmp_path):
     nproc = CASES[name]

@@ -19,6 +19,8 @@ import pytest
 from .conftest import ROOT
 from .helpers import start, stop
 
+pytestmark = pytest.mark.launched
+
 LAUNCHER = """
 import subprocess, sys, time
 rank = (

@@ -142,6 +142,7 @@ CASES = [
 ]
 
 
+@pytest.mark.launched
 @pytest.mark.slow
 def test_planned_within_10_percent_of_measured():
     """One process runs every case (fake process group for world sizes > 1)."""
@@ -163,6 +164,7 @@ def _checkpointing_on(trainer) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in trainer.wl.base_model.modules())
 
 
+@pytest.mark.inprocess
 def test_replan_at_prune_switches_checkpointing_off_same_math(tiny_dir, tmp_path):
     from .helpers import train_in_process as _train
 

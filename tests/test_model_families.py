@@ -56,6 +56,7 @@ def family_dirs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_trains_and_its_adapter_loads_in_plain_peft(family, family_dirs, tiny_dir, tmp_path):
     from peft import PeftModel
@@ -77,6 +78,7 @@ def test_family_trains_and_its_adapter_loads_in_plain_peft(family, family_dirs, 
     assert sum("lora_A" in n for n, _ in loaded.named_parameters()) == 3
 
 
+@pytest.mark.inprocess
 @pytest.mark.parametrize("family", ["gemma", "qwen2", "phi3"])
 def test_family_on_the_8bit_base(family, family_dirs, tiny_dir, tmp_path):
     """The 8-bit base is built on meta and filled row by row: Gemma's embedding scale (a

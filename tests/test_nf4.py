@@ -216,6 +216,7 @@ def test_the_planner_counts_the_4bit_base_as_stored(tiny64_dir, double_quant):
     assert layers + root == stored
 
 
+@pytest.mark.inprocess
 def test_trained_on_nf4_its_adapter_loads_on_the_float_and_on_a_bnb_4bit_base(tiny64_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -90,6 +90,7 @@ def test_a_fresh_run_over_earlier_checkpoints_before_loading(no_loading, tiny_di
         assert "holds checkpoints of an earlier run (step-00000004 the newest)" in err
 
 
+@pytest.mark.inprocess
 def test_signal_handlers_are_the_command_lines_not_a_trainers(tiny_dir, tmp_path):
     """A Trainer inside another program leaves its SIGINT / SIGTERM alone unless asked; asked,
     it restores them after the run."""

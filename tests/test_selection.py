@@ -50,6 +50,7 @@ def test_gate_step_skips_projection_at_zero_grad_unless_forced():
     assert r.projected and r.gates.tolist() == [1.0, 1.0, 0.0, 0.0]  # ties -> lowest indices
 
 
+@pytest.mark.inprocess
 @pytest.mark.slow
 def test_selection_recovers_known_subset():
     """Teacher = base + rank-2 deltas on 4 of 14 linears; keep K=4. Recall over 3 seeds.

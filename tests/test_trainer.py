@@ -12,6 +12,8 @@ from wlora_dist.training.trainer import Trainer
 from .conftest import tiny_config_dict
 from .helpers import train_in_process as _train
 
+pytestmark = pytest.mark.inprocess
+
 
 def test_simplex_selection_keeps_the_support(tiny_dir, tmp_path):
     trainer, result = _train(tiny_dir, tmp_path, selection={"method": "simplex", "steps": 4, "lr_w": 50.0})

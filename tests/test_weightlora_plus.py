@@ -14,7 +14,7 @@ from wlora_dist.method.extension import double_rank
 from wlora_dist.training.trainer import Trainer
 
 from .conftest import tiny_config_dict
-from .helpers import dist_config, run_worker
+from .helpers import assert_base_held_as_uninterrupted, dist_config, run_worker, run_worker_many
 from .helpers import train_in_process as _train
 
 
@@ -47,6 +47,7 @@ def _plus_run(tiny_dir, tmp_path, **selection):
     return _train(tiny_dir, tmp_path, selection=sel, train={"max_steps": 9})
 
 
+@pytest.mark.inprocess
 def test_rounds_halve_k_double_ranks_keep_the_output_and_reset_adam(tiny_dir, tmp_path):
     trainer, result = _plus_run(tiny_dir, tmp_path)
     log = trainer.rounds_log
@@ -68,6 +69,7 @@ def test_rounds_halve_k_double_ranks_keep_the_output_and_reset_adam(tiny_dir, tm
     assert (tmp_path / "run/report/selection-round1.json").is_file()
 
 
+@pytest.mark.inprocess
 def test_export_of_per_module_ranks_loads_with_peft_and_reproduces_the_model(tiny_dir, tmp_path):
     trainer, _ = _plus_run(tiny_dir, tmp_path, rounds=2, steps=4)
     config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
@@ -86,6 +88,7 @@ def test_export_of_per_module_ranks_loads_with_peft_and_reproduces_the_model(tin
     torch.testing.assert_close(peft_logits, ours, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.inprocess
 def test_rounds_config_errors(tiny_dir, tmp_path):
     for sel, needle in [
         ({"rounds": 2, "method": "simplex"}, "needs selection.method=topk"),
@@ -100,7 +103,7 @@ def test_rounds_config_errors(tiny_dir, tmp_path):
         Trainer(cfg, init_distributed()).setup()
 
 
-PLUS_CASES = [("fsdp2", 2), ("zero3", 2)]  # and on 3 ranks (FSDP2, ZeRO-3): tests/test_uneven_world.py
+PLUS_CASES = [("fsdp2", 2), ("zero3", 2), ("fsdp2", 4)]  # and on 3 ranks (FSDP2, ZeRO-3): tests/test_uneven_world.py
 
 
 def _plus_cfg(tiny_dir, out, backend, nproc):
@@ -115,15 +118,34 @@ def plus_reference(tiny_dir, tmp_path_factory):
     return run_worker(_plus_cfg(tiny_dir, tmp / "one", "replicated", 1), 1, tmp)[0]
 
 
+@pytest.fixture(scope="module")
+def plus_runs(tiny_dir, tmp_path_factory):
+    """nproc -> backend -> (rank records, run folder): one launch per world size, ZeRO-3 last."""
+    done: dict[int, dict] = {}
+
+    def get(nproc: int) -> dict:
+        if nproc not in done:
+            backends = sorted((b for b, n in PLUS_CASES if n == nproc), key=lambda b: b == "zero3")
+            tmp = tmp_path_factory.mktemp(f"plus{nproc}")
+            cfgs = []
+            for backend in backends:
+                cfg = _plus_cfg(tiny_dir, tmp / backend, backend, nproc)
+                if backend == "fsdp2" and nproc == 2:
+                    cfg["checkpoint"] = {"every": 1, "keep_last": 20}
+                cfgs.append(cfg)
+            runs = run_worker_many(cfgs, nproc)
+            done[nproc] = {b: (r, tmp / b) for b, r in zip(backends, runs, strict=True)}
+        return done[nproc]
+
+    return get
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize(("backend", "nproc"), PLUS_CASES, ids=[f"{b}-{n}ranks" for b, n in PLUS_CASES])
-def test_rounds_under_sharding_match_one_process(backend, nproc, plus_reference, tiny_dir, tmp_path):
+def test_rounds_under_sharding_match_one_process(backend, nproc, plus_reference, plus_runs, tiny_dir, tmp_path):
     """The adapters change shape twice: FSDP2 re-shards them as new units, ZeRO rebuilds
     its engine; every rank ends bitwise equal, and the run matches 1 process."""
-    cfg = _plus_cfg(tiny_dir, tmp_path / "run", backend, nproc)
-    if backend == "fsdp2" and nproc == 2:
-        cfg["checkpoint"] = {"every": 1, "keep_last": 20}
-    ranks = run_worker(cfg, nproc, tmp_path)
+    ranks, run_dir = plus_runs(nproc)[backend]
     ref = plus_reference
     assert [r["torch_dist_world_size"] for r in ranks] == [nproc] * nproc
     assert len({r["params_digest"] for r in ranks}) == 1 and len({r["gates_digest"] for r in ranks}) == 1
@@ -138,7 +160,8 @@ def test_rounds_under_sharding_match_one_process(backend, nproc, plus_reference,
     if backend == "fsdp2" and nproc == 2:
         # Resume between the rounds (step 3: 7 adapters at rank 8): bitwise the same end.
         resume = _plus_cfg(tiny_dir, tmp_path / "resumed", backend, nproc)
-        resume["checkpoint"] = {"resume_from": str(tmp_path / "run/checkpoints/step-00000003")}
+        resume["checkpoint"] = {"resume_from": str(run_dir / "checkpoints/step-00000003")}
         resumed = run_worker(resume, nproc, tmp_path)
         assert resumed[0]["params_digest"] == ranks[0]["params_digest"]
         assert resumed[0]["losses"] == ranks[0]["losses"][3:]
+        assert_base_held_as_uninterrupted(resumed, ranks)
