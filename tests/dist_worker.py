@@ -37,11 +37,22 @@ def local_bytes(t):
     return t.numel() * t.element_size()
 
 
+def local_digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else getattr(t, "ds_tensor", t)
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def resident_bytes(t):
     """Bytes this rank really holds for a base parameter between steps: its shard, plus
-    the full .data where ZeRO-3 kept it (a persisted or never released parameter)."""
+    the full .data where ZeRO-3 kept it (a persisted or never released parameter), plus
+    hpZ's secondary partition."""
     if hasattr(t, "ds_tensor"):
-        return local_bytes(t) + t.data.numel() * t.element_size()
+        secondary = getattr(t, "ds_secondary_tensor", None)
+        extra = 0 if secondary is None else secondary.numel() * secondary.element_size()
+        return local_bytes(t) + t.data.numel() * t.element_size() + extra
     return local_bytes(t)
 
 
@@ -180,6 +191,10 @@ def run(cfg, env) -> Trainer:
             if not p.requires_grad
         ),
         "base_resident_bytes": base_resident(trainer),
+        # What this rank's shards of the base are (equal on the ranks of one HSDP shard
+        # position, different within a shard group) and the mesh they live on.
+        "base_local_digest": local_digest(p for p in trainer.wl.peft_model.parameters() if not p.requires_grad),
+        "mesh_shape": list(trainer.backend.mesh.shape) if hasattr(trainer.backend, "mesh") else None,
         "base_resident_after_setup": base_after_setup,
         "int8": int8_info(trainer),
         "int8_forward": int8_forward,

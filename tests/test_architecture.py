@@ -94,9 +94,11 @@ ACCELERATE_CONFIGS = sorted((ROOT / "launch/accelerate").glob("*.yaml"))
 WANT = {  # what each shipped accelerate config launches
     "cpu_2proc.yaml": BackendSpec("replicated"),
     "cpu_fsdp2.yaml": BackendSpec("fsdp2"),
+    "cpu_hsdp.yaml": BackendSpec("fsdp2", shard_size=2),
     "cpu_zero3.yaml": BackendSpec("zero", 3),
     "fsdp2.yaml": BackendSpec("fsdp2"),
     "multinode_fsdp2.yaml": BackendSpec("fsdp2"),
+    "multinode_hsdp.yaml": BackendSpec("fsdp2", shard_size=8),
     "zero1.yaml": BackendSpec("zero", 1),
     "zero2.yaml": BackendSpec("zero", 2),
     "zero3.yaml": BackendSpec("zero", 3),
@@ -173,6 +175,7 @@ LAYERS = {
     "training": 6,
     "resolved": 6,
     "cli": 7,
+    "plan_cli": 7,
     "generate": 7,
 }
 

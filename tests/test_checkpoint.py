@@ -25,6 +25,7 @@ from .helpers import (
     free_port,
     run_command,
     run_worker,
+    run_worker_many,
     start,
     stop,
 )
@@ -41,47 +42,71 @@ def _ckpt_cfg(tiny_dir, out, backend, nproc, dropout=0.1, **checkpoint):
     return cfg
 
 
+FULL = [  # (backend, dropout) of the uninterrupted runs; ZeRO-3 last (one launch)
+    ("replicated", 0.1),
+    ("replicated", 0.0),
+    ("fsdp2", 0.1),
+    ("fsdp2", 0.0),
+    ("zero2", 0.1),
+    ("zero3", 0.1),
+    ("zero3", 0.0),
+]
+
+
 @pytest.fixture(scope="module")
 def full_runs(tiny_dir, tmp_path_factory):
-    """Uninterrupted 2-rank runs that checkpoint every step, per backend and dropout (made
-    when asked)."""
-    runs: dict[tuple[str, float], tuple[dict, Path]] = {}
+    """Uninterrupted 2-rank runs that checkpoint every step, per backend and dropout, and one
+    replicated run that does not checkpoint ("plain"): all in one launch."""
+    tmp = tmp_path_factory.mktemp("full")
+    cfgs = [_ckpt_cfg(tiny_dir, tmp / f"{b}-{d}", b, 2, d, every=1, keep_last=20) for b, d in FULL]
+    cfgs.insert(-2, _ckpt_cfg(tiny_dir, tmp / "plain", "replicated", 2))
+    results = run_worker_many(cfgs, 2)
+    plain = results.pop(-3)
+    runs = {
+        key: ({**ranks[0], "ranks": ranks}, tmp / f"{key[0]}-{key[1]}" / "checkpoints")
+        for key, ranks in zip(FULL, results, strict=True)
+    }
+    runs["plain", 0.1] = ({**plain[0], "ranks": plain}, tmp / "plain" / "checkpoints")
 
     def get(backend: str, dropout: float = 0.1) -> tuple[dict, Path]:
-        if (backend, dropout) not in runs:
-            tmp = tmp_path_factory.mktemp(f"full-{backend}-{dropout}")
-            cfg = _ckpt_cfg(tiny_dir, tmp / "run", backend, 2, dropout, every=1, keep_last=20)
-            ranks = run_worker(cfg, 2, tmp)
-            runs[backend, dropout] = ({**ranks[0], "ranks": ranks}, tmp / "run" / "checkpoints")
         return runs[backend, dropout]
 
     return get
 
 
-@pytest.mark.parametrize(
-    ("backend", "step"),
-    # In the selection phase under replicated and ZeRO-3 (the hardest: partitioned gates'
-    # optimizer), after the prune under replicated, at the prune step under FSDP2 and ZeRO-2.
-    [("replicated", 3), ("replicated", 7), ("fsdp2", 5), ("zero3", 3), ("zero2", 5)],
-    ids=["replicated-selection", "replicated-after-prune", "fsdp2-prune-step", "zero3-selection", "zero2-prune-step"],
-)
-def test_resume_is_bitwise_the_uninterrupted_run(backend, step, full_runs, tiny_dir, tmp_path):
+# In the selection phase under replicated and ZeRO-3 (the hardest: partitioned gates'
+# optimizer), after the prune under replicated, at the prune step under FSDP2 and ZeRO-2.
+RESUMES = [("replicated", 3), ("replicated", 7), ("fsdp2", 5), ("zero2", 5), ("zero3", 3)]
+
+
+@pytest.fixture(scope="module")
+def resumed(full_runs, tiny_dir, tmp_path_factory):
+    """Each of RESUMES resumed from its step's checkpoint of the uninterrupted run: one launch."""
+    tmp = tmp_path_factory.mktemp("resumed")
+    cfgs = [
+        _ckpt_cfg(tiny_dir, tmp / f"{b}-{s}", b, 2, resume_from=str(full_runs(b)[1] / f"step-{s:08d}"))
+        for b, s in RESUMES
+    ]
+    return dict(zip(RESUMES, run_worker_many(cfgs, 2), strict=True))
+
+
+@pytest.mark.parametrize(("backend", "step"), RESUMES, ids=[f"{b}-step{s}" for b, s in RESUMES])
+def test_resume_is_bitwise_the_uninterrupted_run(backend, step, full_runs, resumed):
     full, ckpts = full_runs(backend)
     meta = json.loads((ckpts / f"step-{step:08d}" / "meta.json").read_text())
     assert meta["pruned"] == (step >= 5) and meta["world_size"] == 2
     assert len(meta["kept"]) == (5 if step >= 5 else 14)
-    cfg = _ckpt_cfg(tiny_dir, tmp_path / "resumed", backend, 2, resume_from=str(ckpts / f"step-{step:08d}"))
-    resumed = run_worker(cfg, 2, tmp_path)
-    assert resumed[0]["losses"] == full["losses"][step:]  # the steps after the checkpoint, bitwise
-    assert {r["params_digest"] for r in resumed} == {full["params_digest"]}
-    assert {r["gates_digest"] for r in resumed} == {full["gates_digest"]}
-    assert resumed[0]["kept"] == full["kept"]
-    assert_base_held_as_uninterrupted(resumed, full["ranks"])
+    again = resumed[backend, step]
+    assert again[0]["losses"] == full["losses"][step:]  # the steps after the checkpoint, bitwise
+    assert {r["params_digest"] for r in again} == {full["params_digest"]}
+    assert {r["gates_digest"] for r in again} == {full["gates_digest"]}
+    assert again[0]["kept"] == full["kept"]
+    assert_base_held_as_uninterrupted(again, full["ranks"])
 
 
-def test_checkpointing_does_not_change_the_run(full_runs, tiny_dir, tmp_path):
+def test_checkpointing_does_not_change_the_run(full_runs):
     full, ckpts = full_runs("replicated")
-    plain = run_worker(_ckpt_cfg(tiny_dir, tmp_path / "plain", "replicated", 2), 2, tmp_path)[0]
+    plain, _ = full_runs("plain")
     assert plain["params_digest"] == full["params_digest"] and plain["losses"] == full["losses"]
     # keep_last: 20 > 8 steps, all kept; every folder complete, no .tmp left.
     assert [p.name for p in sorted(ckpts.iterdir())] == [f"step-{s:08d}" for s in range(1, 9)]

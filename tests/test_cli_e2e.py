@@ -92,6 +92,12 @@ def launched(tiny_dir, tmp_path_factory):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[launch] = (proc, out)
+    # HSDP on 4 processes (2 replicas x shard groups of 2), from accelerate's parallelism_config.
+    cfg, out = _write_cfg(tmp, tiny_dir, "cpu_hsdp", selection={"steps": 4, "k": 4}, train={"max_steps": 8})
+    hsdp = ["--config_file", "launch/accelerate/cpu_hsdp.yaml", "--main_process_port", "0"]
+    proc = _run([accelerate, "launch", *hsdp, "train.py", "--config", str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs["cpu_hsdp"] = (proc, out)
     # The deepspeed launcher (it passes --local_rank to the script), ZeRO-2 from the command line.
     cfg, out = _write_cfg(tmp, tiny_dir, "deepspeed", selection={"steps": 4, "k": 4}, train={"max_steps": 8})
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
@@ -134,6 +140,19 @@ def test_accelerate_launch_runs_the_configured_backend_on_two_processes(launched
     for r in per_rank:  # every rank's optimizer state shrank at the prune event, and it was timed
         assert r["after"]["optimizer_state_bytes"] < r["before"]["optimizer_state_bytes"]
         assert r["prune_seconds"] > 0
+
+
+def test_an_accelerate_parallelism_config_runs_hsdp(launched):
+    proc, out = launched["cpu_hsdp"]
+    assert "world_size=4 backend=fsdp2 mesh=2x2 (replicas x shard group)" in proc.stderr, proc.stderr[-3000:]
+    report = json.loads((out / "report/selection-final.json").read_text())
+    assert report["mesh"] == [2, 2] and report["world_size"] == 4
+    fsdp2 = json.loads((launched["cpu_fsdp2"][1] / "report/selection-final.json").read_text())
+    # Each rank holds half the base, as each of the 2 FSDP2 ranks does (not a quarter).
+    held = [sum(r["base_bytes"].values()) for r in report["memory_per_rank"]]
+    half = max(sum(r["base_bytes"].values()) for r in fsdp2["memory_per_rank"])
+    assert all(abs(h - half) <= 0.02 * half for h in held), (held, half)
+    assert (out / "adapter/adapter_model.safetensors").exists()
 
 
 def test_exported_adapter_is_the_full_trained_tensor_under_every_backend(launched):

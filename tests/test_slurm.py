@@ -6,6 +6,7 @@ Two "nodes" (two launchers with node ranks 0 and 1 on this machine) x 2 processe
 train exactly like one node with 4 processes.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -139,3 +140,75 @@ def test_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(tin
     assert "(restart 1)" in text and f"resumed from {ckpts[0]}: step {step}" in text
     assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
     assert len(_metrics(tmp_path / "run")) == 60  # steps 1..step, then step+1..60, one log
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def test_hsdp_on_two_nodes_survives_a_node_failure_by_requeue(tiny_dir, tmp_path):
+    """multi_node.sbatch with WLORA_SHARD_SIZE=node: 2 "nodes" x 2 processes, the base
+    sharded within each node (mesh 2 x 2). One node dies mid-run (its launcher and ranks
+    SIGKILLed): the other node's ranks fail within the collective timeout instead of
+    hanging, the job exits non-zero; requeued (SLURM requeues a --requeue job on node
+    failure), it resumes from the last complete checkpoint and ends with the adapter of an
+    uninterrupted run, bitwise."""
+    from safetensors.torch import load_file
+
+    def cfg(folder: Path) -> Path:
+        path = _cfg_file(tiny_dir, folder, checkpoint={"every": 2})
+        data = yaml.safe_load(path.read_text())
+        data["distributed"] = {"timeout_minutes": 1.0}
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    env = _env(whole, WLORA_NPROC_PER_NODE="2", WLORA_SHARD_SIZE="node", SHIM_JOB_ID="50")
+    proc = _sbatch("multi_node.sbatch", whole, env, str(cfg(whole)), "distributed.backend=fsdp2")
+    assert proc.returncode == 0, (whole / "wlora-50.out").read_text()[-3000:]
+    assert "world_size=4 backend=fsdp2 mesh=2x2" in (whole / "wlora-50.out").read_text()
+
+    env = _env(tmp_path, WLORA_NPROC_PER_NODE="2", WLORA_SHARD_SIZE="node", SHIM_JOB_ID="51")
+    job = _sbatch("multi_node.sbatch", tmp_path, env, str(cfg(tmp_path)), "distributed.backend=fsdp2", wait=False)
+    log = tmp_path / "wlora-51.out"
+    t0 = time.time()
+    try:
+        while "step 5 |" not in (log.read_text() if log.exists() else ""):
+            assert job.poll() is None and time.time() - t0 < 300, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.05)
+        for pid in _descendants(int((tmp_path / "shim/node1.pid").read_text())):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert job.wait(timeout=240) != 0, log.read_text()[-3000:]
+    finally:
+        stop(job)
+    assert (
+        "requeue" not in (tmp_path / "shim").joinpath("scontrol.log").read_text()
+        if (tmp_path / "shim/scontrol.log").exists()
+        else True
+    )
+    done = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert done and all(not name.endswith(".tmp") for name in done), done
+    env["SHIM_RESTART_COUNT"] = "1"
+    env["WLORA_MASTER_PORT"] = str(free_port())
+    proc = _sbatch("multi_node.sbatch", tmp_path, env, str(cfg(tmp_path)), "distributed.backend=fsdp2")
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert f"resumed from {tmp_path / 'run/checkpoints' / done[-1]}" in text, text[-3000:]
+    a = load_file(str(whole / "run/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import ROOT
-from .helpers import assert_base_held_as_uninterrupted, rounds_config, run_command, run_worker
+from .helpers import assert_base_held_as_uninterrupted, rounds_config, run_command, run_worker, run_worker_many
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 NPROC = 3
@@ -55,18 +55,27 @@ def test_three_ranks_match_one_process_through_a_round_and_the_prune_event(three
     assert max(local) < total / NPROC * 1.1 and sum(local) >= total
 
 
+@pytest.fixture(scope="module")
+def resumed(three, tiny_dir, tmp_path_factory):
+    """step -> the 3-rank run resumed from its step-3 and step-5 checkpoints (one launch)."""
+    backend, _, ckpts = three
+    tmp = tmp_path_factory.mktemp(f"uneven-resumed-{backend}")
+    steps = (3, 5)
+    cfgs = [_cfg(tiny_dir, tmp / str(s), backend, NPROC, resume_from=str(ckpts / f"step-{s:08d}")) for s in steps]
+    return dict(zip(steps, run_worker_many(cfgs, NPROC), strict=True))
+
+
 @pytest.mark.parametrize("step", [3, 5], ids=["between-rounds", "after-prune"])
-def test_resume_on_three_ranks_is_bitwise(three, tiny_dir, tmp_path, step):
+def test_resume_on_three_ranks_is_bitwise(three, resumed, step):
     """Step 3: 7 adapters at rank 8 (after the round), the Adam state written back into
     padded ZeRO-3 partitions and FSDP2's uneven row shards; step 5: the K kept adapters
     after the prune event."""
-    backend, ranks, ckpts = three
-    cfg = _cfg(tiny_dir, tmp_path / "resumed", backend, NPROC, resume_from=str(ckpts / f"step-{step:08d}"))
-    resumed = run_worker(cfg, NPROC, tmp_path)
-    assert resumed[0]["losses"] == ranks[0]["losses"][step:]
-    assert {r["params_digest"] for r in resumed} == {ranks[0]["params_digest"]}
-    assert resumed[0]["kept"] == ranks[0]["kept"]
-    assert_base_held_as_uninterrupted(resumed, ranks)
+    _, ranks, _ = three
+    again = resumed[step]
+    assert again[0]["losses"] == ranks[0]["losses"][step:]
+    assert {r["params_digest"] for r in again} == {ranks[0]["params_digest"]}
+    assert again[0]["kept"] == ranks[0]["kept"]
+    assert_base_held_as_uninterrupted(again, ranks)
 
 
 def test_export_of_a_three_rank_checkpoint_equals_the_one_process_export(three, one, tmp_path):

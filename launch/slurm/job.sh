@@ -11,6 +11,10 @@
 #                           (default launch/accelerate/multinode_fsdp2.yaml)
 #   WLORA_NPROC_PER_NODE    processes per node (default: SLURM_GPUS_ON_NODE, else nvidia-smi's GPU count, else 1)
 #   WLORA_MASTER_PORT       rendezvous port (default: 20000 + job id % 20000)
+#   WLORA_SHARD_SIZE        FSDP2's shard group: "node" for hybrid sharding (HSDP: the base
+#                           sharded over a node's GPUs, replicated across nodes, so only
+#                           gradients cross the network), a number, or unset for the config's
+#                           distributed.fsdp.shard_size
 set -euo pipefail
 
 CONFIG=${1:?usage: sbatch launch/slurm/<script>.sbatch CONFIG.yaml [key=value ...]}
@@ -31,8 +35,14 @@ MASTER_PORT=${WLORA_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export WLORA_PYTHON WLORA_NPROC_PER_NODE NNODES MASTER_ADDR MASTER_PORT
 export WLORA_LAUNCHER=${WLORA_LAUNCHER:-torchrun}
 export WLORA_ACCELERATE_CONFIG=${WLORA_ACCELERATE_CONFIG:-launch/accelerate/multinode_fsdp2.yaml}
+EXTRA=()
+case "${WLORA_SHARD_SIZE:-}" in
+    "") ;;
+    node) EXTRA+=("distributed.fsdp.shard_size=${WLORA_NPROC_PER_NODE}") ;;
+    *) EXTRA+=("distributed.fsdp.shard_size=${WLORA_SHARD_SIZE}") ;;
+esac
 echo "[wlora_dist] job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${NNODES} node(s) x" \
-     "${WLORA_NPROC_PER_NODE} process(es), ${WLORA_LAUNCHER}, rendezvous ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}"
+     "${WLORA_NPROC_PER_NODE} process(es), ${WLORA_LAUNCHER}, rendezvous ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}${WLORA_SHARD_SIZE:+, shard groups: ${WLORA_SHARD_SIZE}}"
 
 # Preemption / time limit: SLURM sends SIGUSR1 to this shell (#SBATCH --signal=B:USR1@...),
 # or SIGTERM. We pass SIGTERM to the job step; every rank finishes its optimizer step,
@@ -49,7 +59,7 @@ trap on_signal USR1 TERM
 
 # One task per node; each starts the launcher, which starts one process per GPU.
 srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    bash launch/slurm/node.sh "$CONFIG" checkpoint.resume_from=auto "$@" &
+    bash launch/slurm/node.sh "$CONFIG" checkpoint.resume_from=auto ${EXTRA[@]+"${EXTRA[@]}"} "$@" &
 step_pid=$!
 rc=0
 while true; do

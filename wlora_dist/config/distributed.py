@@ -13,6 +13,12 @@ class FSDPConfig(Section):
     )
     cpu_offload: bool = field(False, "Keep sharded parameters, gradients and optimizer state in CPU memory.")
     mixed_precision: Literal["bf16", "no"] = field("bf16", "On GPU: bf16 compute copies, fp32 gradient reduction.")
+    shard_size: Annotated[int, check(lambda v: v >= 0, "must be >= 0")] = field(
+        0,
+        "Ranks that share one copy of the frozen base. 0: every rank of the job (FSDP). N: hybrid sharding "
+        "(HSDP): the base sharded within groups of N ranks and replicated across the groups, so each step's "
+        "all-gathers stay inside a group; set it to the GPUs per node. The world size must be a multiple of N.",
+    )
 
 
 class ZeROConfig(Section):
@@ -22,11 +28,23 @@ class ZeROConfig(Section):
     offload_optimizer: bool = field(False, "Keep optimizer state in CPU memory.")
     offload_params: bool = field(False, "Keep parameters in CPU memory (stage 3).")
     config_file: str = field("", "Your own DeepSpeed JSON; its values win over ours except where they are 'auto'.")
+    hpz_partition_size: Annotated[int, check(lambda v: v >= 1, "must be >= 1")] = field(
+        1,
+        "Stage 3 only, ZeRO++'s hierarchical partitioning (hpZ): each rank also keeps a second partition of "
+        "the base over groups of this many ranks (the GPUs per node), so backward's all-gathers stay in the "
+        "node; costs base / N more bytes per rank. 1: off. DeepSpeed's zero_hpz_partition_size.",
+    )
 
     def problems(self) -> list[str]:
+        out = []
         if self.offload_params and self.stage != 3:
-            return ["distributed.zero.offload_params: needs distributed.zero.stage=3"]
-        return []
+            out.append("distributed.zero.offload_params: needs distributed.zero.stage=3")
+        if self.hpz_partition_size > 1 and self.stage != 3:
+            out.append(
+                f"distributed.zero.hpz_partition_size: {self.hpz_partition_size} partitions the parameters a "
+                "second time, which needs distributed.zero.stage=3; set it to 1 or the stage to 3"
+            )
+        return out
 
 
 class DistributedConfig(Section):

@@ -256,6 +256,8 @@ def base_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
         held = [local_part(p)]
         if hasattr(p, "ds_tensor"):  # ZeRO-3: the partition, plus .data if not released
             held = [p.ds_tensor, p.data]
+            if getattr(p, "ds_secondary_tensor", None) is not None:  # hpZ's second partition
+                held.append(p.ds_secondary_tensor)
         key = str(held[0].dtype).removeprefix("torch.")
         out[key] = out.get(key, 0) + tensor_bytes(held)
     return out

@@ -9,6 +9,12 @@ Wrapping, innermost first:
   4. the root (the final norm).
 Every parameter becomes a DTensor sharded on dim 0 over the data-parallel mesh; FSDP
 all-gathers per unit for forward/backward and reduce-scatters (mean) the gradients.
+Under HSDP (distributed.fsdp.shard_size) the mesh is 2-D, replicas x shard group: a
+parameter is sharded within its group and replicated across groups (placements
+Replicate, Shard(0)); the all-gathers stay in the group, and FSDP2 all-reduces the
+reduce-scattered gradients across the replicas, so every gradient is the mean over the
+whole world. The gates are outside the mesh: the selector all-reduces their gradient
+over every rank.
 An 8-bit base (int8.py) is sharded the same way: each Int8Linear's int8 weight and its
 int32-stored row scales are split on their rows and all-gathered as they are (FSDP2 casts
 floating parameters only), so a rank holds 1/world of the int8 base.
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from transformers import PreTrainedModel
 
@@ -34,6 +40,8 @@ from wlora_dist.model.sharded_loading import build_on_meta, is_on_meta
 if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
     from wlora_dist.resolved import ResolvedRun
 
+MESH_DIMS = ("replicate", "shard")  # HSDP's 2-D mesh, the names accelerate and torchtitan use
+
 
 class FSDP2Backend(Backend):
     def __init__(self, run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> None:
@@ -46,6 +54,19 @@ class FSDP2Backend(Backend):
             )
         self.fsdp_cfg = fsdp_cfg
         self.root: FSDPModule | None = None
+        self._mesh: DeviceMesh | None = None
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        """The data-parallel mesh, made once (a 2-D mesh makes its process groups, a
+        collective call on every rank): 1-D over every rank, or replicas x shard group."""
+        if self._mesh is None:
+            replicas, shard = self.spec.mesh_shape(self.env.world_size)
+            if replicas > 1:
+                self._mesh = init_device_mesh(self.env.device.type, (replicas, shard), mesh_dim_names=MESH_DIMS)
+            else:
+                self._mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        return self._mesh
 
     def load_base(self, cfg: ModelConfig) -> PreTrainedModel:
         self.model_path = cfg.path
@@ -62,8 +83,7 @@ class FSDP2Backend(Backend):
         return kwargs
 
     def _prepare(self, wl: WeightLoRA) -> nn.Module:
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
-        kwargs = {**self._policies(), "mesh": mesh}
+        kwargs = {**self._policies(), "mesh": self.mesh}
         model = wl.peft_model
         on_meta = is_on_meta(model)
         if not self.fsdp_cfg.cpu_offload and not on_meta:
@@ -87,7 +107,7 @@ class FSDP2Backend(Backend):
         if replaced:
             # New (rank-doubled) adapter modules: each its own FSDP2 unit, as in prepare();
             # then FSDP2's root forgets its lazy init so the next forward registers them.
-            kwargs = {**self._policies(), "mesh": init_device_mesh(self.env.device.type, (self.env.world_size,))}
+            kwargs = {**self._policies(), "mesh": self.mesh}
             for site in replaced:
                 layer = wl.lora_layer(site)
                 fully_shard([layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]], **kwargs)

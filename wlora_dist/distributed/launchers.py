@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from wlora_dist.errors import UserError
+
 
 def _true(value: str | None) -> bool:
     return str(value).lower() in ("true", "1", "yes")
@@ -29,6 +31,7 @@ def accelerate_overrides(env: Mapping[str, str]) -> list[tuple[str, Any]]:
             out.append(("distributed.fsdp.cpu_offload", _true(env["FSDP_OFFLOAD_PARAMS"])))
         if _true(env.get("FSDP_ACTIVATION_CHECKPOINTING")):
             out.append(("model.gradient_checkpointing", True))
+        out += _parallelism_overrides(env)
     if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
         out.append(("distributed.backend", "zero"))
         if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
@@ -45,6 +48,26 @@ def accelerate_overrides(env: Mapping[str, str]) -> list[tuple[str, Any]]:
     if precision in ("bf16", "no", "fp16"):
         out.append(("train.mixed_precision", precision))
     return out
+
+
+def _parallelism_overrides(env: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """accelerate's ``parallelism_config`` (PARALLELISM_CONFIG_*): ``dp_replicate_size`` x
+    ``dp_shard_size`` is HSDP, distributed.fsdp.shard_size here. Tensor, context and
+    sequence parallelism are refused: wlora_dist shards data-parallel only."""
+    if not _true(env.get("ACCELERATE_USE_PARALLELISM_CONFIG")):
+        return []
+    others = {k: env.get(f"PARALLELISM_CONFIG_{k.upper()}", "1") for k in ("tp_size", "cp_size", "sp_size")}
+    unsupported = [f"parallelism_config_{k}: {v}" for k, v in others.items() if v not in ("", "1", "None")]
+    if unsupported:
+        raise UserError(
+            f"the accelerate config sets {', '.join(unsupported)}: wlora_dist shards the data-parallel dimension "
+            "only (FSDP2 / HSDP); remove them, keeping parallelism_config_dp_replicate_size and _dp_shard_size"
+        )
+    replicate = int(env.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE") or 1)
+    shard = int(env.get("PARALLELISM_CONFIG_DP_SHARD_SIZE") or 1)
+    if replicate > 1:
+        return [("distributed.fsdp.shard_size", shard)]
+    return []
 
 
 def accelerate_config_env(config_file: str) -> dict[str, str]:
@@ -64,7 +87,7 @@ def accelerate_config_env(config_file: str) -> dict[str, str]:
         _, env = prepare_deepspeed_cmd_env(args)
     else:
         env = prepare_multi_gpu_env(args)
-    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_", "PARALLELISM_CONFIG_"))}
 
 
 def lone_process_warning(env: Mapping[str, str], has_gpu: bool) -> str | None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from wlora_dist.distributed.base import Backend, WeightsSource
 from wlora_dist.distributed.env import DistEnv
+from wlora_dist.errors import UserError
 
 if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
     from wlora_dist.resolved import ResolvedRun
@@ -14,6 +15,9 @@ if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (
 
 def make_backend(run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> Backend:
     """The backend ``run.spec`` names; every backend takes the same inputs."""
+    problem = run.spec.world_problem(env.world_size)
+    if problem:
+        raise UserError(problem)
     if run.spec.kind == "replicated":
         from wlora_dist.distributed.replicated import ReplicatedBackend
 

@@ -29,12 +29,49 @@ class BackendSpec:
     kind: BackendKind = "fsdp2"
     zero_stage: int = 0  # 1, 2 or 3 for kind "zero"; 0 otherwise
     offload: bool = False  # FSDP2 cpu_offload / ZeRO offload_optimizer (+ offload_param)
+    shard_size: int = 0  # FSDP2: ranks per shard group (HSDP); 0: the whole world
+    hpz_size: int = 0  # ZeRO-3: ranks of hpZ's secondary partition (0: off)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"backend kind {self.kind!r}: one of {KINDS}")
         if (self.kind == "zero") != (self.zero_stage in (1, 2, 3)):
             raise ValueError(f"backend {self.kind!r} with zero_stage {self.zero_stage}: stages 1-3 are for zero only")
+        if self.shard_size and self.kind != "fsdp2":
+            raise ValueError(f"shard_size {self.shard_size} with backend {self.kind!r}: HSDP is FSDP2's")
+        if self.hpz_size and self.zero_stage != 3:
+            raise ValueError(f"hpz_size {self.hpz_size} with backend {self.name!r}: hpZ is ZeRO-3's")
+
+    def base_fraction(self, world: int) -> float:
+        """Of the frozen base, what one rank holds between steps: its shard (1 / ranks in a
+        shard group), plus hpZ's secondary partition (1 / hpz_size) under ZeRO-3 hpZ."""
+        held = 1 / self.mesh_shape(world)[1]
+        if self.hpz_size > 1:
+            held += 1 / min(self.hpz_size, world)  # DeepSpeed caps the group at the world
+        return held
+
+    def mesh_shape(self, world: int) -> tuple[int, int]:
+        """(replicas, ranks per shard group) on ``world`` ranks: (1, world) where the base is
+        sharded over every rank, (world, 1) where it is not sharded at all, (world / N, N)
+        under HSDP."""
+        if not self.shards_base:
+            return world, 1
+        shard = self.shard_size if self.kind == "fsdp2" and 0 < self.shard_size < world else world
+        return world // shard, shard
+
+    def world_problem(self, world: int) -> str | None:
+        """Why this backend cannot run on ``world`` ranks (None: it can)."""
+        if self.shard_size and world % self.shard_size:
+            return (
+                f"distributed.fsdp.shard_size: {self.shard_size} does not divide the {world} ranks of this job; "
+                f"use a divisor of {world} (the GPUs per node, typically) or 0 to shard over every rank"
+            )
+        if self.hpz_size > 1 and world % min(self.hpz_size, world):
+            return (
+                f"distributed.zero.hpz_partition_size (DeepSpeed's zero_hpz_partition_size): {self.hpz_size} does "
+                f"not divide the {world} ranks of this job; use a divisor of {world} (the GPUs per node, typically)"
+            )
+        return None
 
     @property
     def name(self) -> str:
@@ -56,7 +93,7 @@ class BackendSpec:
         """This backend's byte model for ``numel`` trainable elements on one of ``world``
         ranks: (parameters with any fp32 masters, gradients, optimizer state). The planner
         asks this instead of knowing the backends."""
-        ws = world
+        ws = self.mesh_shape(world)[1] if self.kind == "fsdp2" else world
         if self.kind == "fsdp2":
             params, grads, optim = 4 * numel / ws, 4 * numel / ws, 8 * numel / ws
         elif self.kind == "zero":
@@ -82,8 +119,16 @@ class BackendSpec:
             return 0
         return zero_bucket_numel(trainable_numel) * (4 if self.zero_stage == 1 else compute_bytes)
 
-    def describe(self) -> str:
+    def describe(self, world: int | None = None) -> str:
         words = f"zero stage {self.zero_stage}" if self.kind == "zero" else self.kind
+        if self.kind == "fsdp2" and self.shard_size:
+            if world:
+                replicas, shard = self.mesh_shape(world)
+                words += f" HSDP ({replicas} x {shard}: replicas x shard group)"
+            else:
+                words += f" HSDP (shard groups of {self.shard_size})"
+        if self.hpz_size > 1:
+            words += f" hpZ (secondary partitions over {self.hpz_size} ranks)"
         return words + (" + CPU offload" if self.offload else "")
 
     @classmethod
@@ -113,10 +158,11 @@ def resolve_backend(cfg: DistributedConfig, user: dict[str, Any] | None = None) 
     if cfg.backend in ("auto", "replicated"):
         return BackendSpec("replicated")
     if cfg.backend == "fsdp2":
-        return BackendSpec("fsdp2", 0, cfg.fsdp.cpu_offload)
+        return BackendSpec("fsdp2", 0, cfg.fsdp.cpu_offload, cfg.fsdp.shard_size)
     zero = deepspeed_zero_section(cfg, user)
     offload = any(_offloaded(zero.get(key)) for key in ("offload_optimizer", "offload_param"))
-    return BackendSpec("zero", int(zero["stage"]), offload)
+    stage, hpz = int(zero["stage"]), int(zero.get("zero_hpz_partition_size") or 1)
+    return BackendSpec("zero", stage, offload, hpz_size=hpz if hpz > 1 and stage == 3 else 0)
 
 
 def _offloaded(section: Any) -> bool:
@@ -131,6 +177,8 @@ def deepspeed_zero_section(cfg: DistributedConfig, user: dict[str, Any] | None =
         ours["offload_optimizer"] = {"device": "cpu"}
     if z.offload_params:
         ours["offload_param"] = {"device": "cpu"}
+    if z.hpz_partition_size > 1:
+        ours["zero_hpz_partition_size"] = z.hpz_partition_size
     if user is None:
         user = read_user_deepspeed_json(z.config_file)
     return merge_deepspeed(ours, user.get("zero_optimization") or {})

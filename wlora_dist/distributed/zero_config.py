@@ -47,6 +47,8 @@ def deepspeed_config(
         ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if zero.offload_params:
         ours["zero_optimization"]["offload_param"] = {"device": "cpu"}
+    if zero.hpz_partition_size > 1:
+        ours["zero_optimization"]["zero_hpz_partition_size"] = zero.hpz_partition_size
     return merge_deepspeed(ours, user)
 
 

@@ -267,7 +267,8 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
     layers_b, root_b, one_layer = base_param_bytes(inp)
     base = layers_b + root_b
     sharded = _shards_base(inp)
-    base_rank = math.ceil(base / ws) if sharded else base
+    shard = inp.backend.mesh_shape(ws)[1]  # ranks sharing one copy of the base (HSDP: a node's)
+    base_rank = math.ceil(base * inp.backend.base_fraction(ws)) if sharded else base  # + hpZ's second partition
     offload = inp.backend.offload
     if offload and sharded:
         base_rank = 0
@@ -279,7 +280,7 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
         grads += 4 * n
     acts = activation_bytes(inp, chosen, gates_train)
     gathered_root = gathered_head = gathered_layer = 0
-    if sharded and ws > 1:
+    if sharded and shard > 1:
         fb = _float_bytes(inp)
         cast = (2 if inp.compute == "bf16" else fb) / fb  # FSDP2 gathers bf16 copies under mixed precision
         head = inp.shape.vocab * inp.shape.hidden * fb

@@ -42,6 +42,29 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     return [(d, p) for _, d, p in found]
 
 
+def node_layouts(inp: PlanInput, gpus_per_node: int) -> list[tuple[str, Plan]]:
+    """The sharded layouts of a job of ``inp.world_size`` ranks on nodes of
+    ``gpus_per_node``: FSDP2 over every rank, HSDP (sharded in a node, replicated across
+    nodes), ZeRO-3, ZeRO-3 with hpZ over a node. Per-rank bytes of each, same settings."""
+    ws, g = inp.world_size, gpus_per_node
+    specs = [("FSDP2", BackendSpec("fsdp2", 0, inp.backend.offload))]
+    if 1 < g < ws:
+        specs.append(("HSDP", BackendSpec("fsdp2", 0, inp.backend.offload, shard_size=g)))
+    specs.append(("ZeRO-3", BackendSpec("zero", 3, inp.backend.offload)))
+    if 1 < g < ws:
+        specs.append(("ZeRO-3 hpZ", BackendSpec("zero", 3, inp.backend.offload, hpz_size=g)))
+    return [(name, plan(replace(inp, backend=spec))) for name, spec in specs]
+
+
+def pick_layout(layouts: list[tuple[str, Plan]]) -> str | None:
+    """HSDP when it fits (the base's all-gathers stay in a node; only gradients cross), else
+    the first that fits in FSDP2, ZeRO-3, hpZ order; None when none does."""
+    fitting = [name for name, p in layouts if p.fits_before and p.fits_after]
+    if "HSDP" in fitting:
+        return "HSDP"
+    return fitting[0] if fitting else None
+
+
 def _ckpt_words(inp: PlanInput) -> str:
     if not inp.activation_checkpointing:
         return "no activation checkpointing"
@@ -52,7 +75,7 @@ def _ckpt_words(inp: PlanInput) -> str:
 
 def describe_settings(inp: PlanInput) -> str:
     bits = [
-        inp.backend.describe(),
+        inp.backend.describe(inp.world_size),
         f"{inp.base} base",
         f"micro_batch {inp.micro_batch}",
         _ckpt_words(inp),

@@ -37,3 +37,47 @@ def format_plan(p: Plan) -> str:
         f"{'fits' if p.fits_after else 'does NOT fit'}"
     )
     return "\n".join(out)
+
+
+_WHY = {
+    "HSDP": "the base fits a node: its all-gathers stay inside the node, only gradients cross nodes",
+    "FSDP2": "the base needs every rank's share: each step all-gathers it across nodes",
+}
+
+
+def format_node_layouts(layouts: list[tuple[str, Plan]], best: str | None, nodes: int, gpus_per_node: int) -> str:
+    """`plan --nodes N --gpus-per-node G`: each sharded layout's bytes per rank."""
+    first = layouts[0][1]
+    ws = first.inp.world_size
+    out = [
+        f"{nodes} node(s) x {gpus_per_node} GPUs ({ws} ranks), {first.inp.base} base, budget "
+        f"{first.budget / GiB:.1f} GiB per GPU; per rank, selection -> after the prune event:"
+    ]
+    for name, p in layouts:
+        mark = "fits" if p.fits_before and p.fits_after else "does not fit"
+        out.append(
+            f"  {name:<11} base {p.before.base / GiB:6.2f} GiB, peak {p.before.total / GiB:6.2f} -> "
+            f"{p.after.total / GiB:6.2f} GiB  {mark}  ({p.inp.backend.describe(ws)})"
+        )
+    if best is None:
+        out.append("nothing fits: more nodes, a quantised base (--base int8 / nf4) or activation checkpointing")
+    else:
+        out.append(f"use {best}" + (f": {_WHY[best]}" if best in _WHY else ""))
+    return "\n".join(out)
+
+
+def node_layouts_json(layouts: list[tuple[str, Plan]], best: str | None, nodes: int, gpus_per_node: int) -> str:
+    import json
+
+    rows = [
+        {
+            "layout": name,
+            "backend": p.inp.backend.describe(p.inp.world_size),
+            "base": p.before.base,
+            "before": p.before.total,
+            "after": p.after.total,
+            "fits": p.fits_before and p.fits_after,
+        }
+        for name, p in layouts
+    ]
+    return json.dumps({"nodes": nodes, "gpus_per_node": gpus_per_node, "layouts": rows, "use": best}, indent=2)

@@ -58,7 +58,13 @@ def save_outputs(
         {"global_rank": env.global_rank, **per_rank, "base_bytes": base_bytes_by_dtype(wl.peft_model)}
     )
     if env.is_main:
-        extra = {"backend": backend.name, "world_size": env.world_size, "memory_per_rank": ranks, **report_extra}
+        extra = {
+            "backend": backend.name,
+            "world_size": env.world_size,
+            "mesh": list(backend.spec.mesh_shape(env.world_size)),  # replicas x ranks sharing one base
+            "memory_per_rank": ranks,
+            **report_extra,
+        }
         write_report(wl, report_dir, optimizer_step, "final", extra)
         for r in ranks:
             logger.info(

@@ -19,6 +19,7 @@ import torch
 from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data.rows import DataError
 from wlora_dist.data.tokens import require_chat_template
+from wlora_dist.errors import UserError
 from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
 from wlora_dist.paths import looks_local
@@ -39,6 +40,9 @@ def preflight(run: ResolvedRun) -> Preflight:
     (The backend, its support of the settings and the checkpoint to resume from were
     decided, and refused where wrong, by resolve_run.)"""
     cfg = run.cfg
+    problem = run.spec.world_problem(int(os.environ.get("WORLD_SIZE", "1")))  # under a launcher
+    if problem:
+        raise UserError(problem)
     check_trackers(cfg.log.trackers)
     _check_data_files(cfg)
     check_model_path(cfg.model.path)

@@ -56,7 +56,7 @@ def log_plan(inp: PlanInput | None, logger: RunLogger) -> None:
     logger.info(
         "memory plan per rank (%s): %s in the selection phase, %s after the prune event, of %s "
         "(wlora-dist plan --config ... for the breakdown)",
-        inp.backend.describe(),
+        inp.backend.describe(inp.world_size),
         human(p.before.total),
         human(p.after.total),
         human(p.budget),

@@ -120,10 +120,15 @@ class Trainer:
         sel, n_params = cfg.selection, sum(self.backend.numel(p) for p in self.backend.params)
         kinds = ",".join(dict.fromkeys(s.kind for s in self.wl.sites))
         self.logger.info(
-            f"world_size={env.world_size} backend={self.spec.name} adapters n={self.wl.n} "
+            f"world_size={env.world_size} backend={self.spec.name}{self._mesh_words()} adapters n={self.wl.n} "
             f"({kinds}) trainable={n_params} params selection={sel.method} "
             f"K={sel.k if sel.method == 'topk' else '-'} T={sel.steps}"
         )
+
+    def _mesh_words(self) -> str:
+        """' mesh=2x4 (replicas x shard group)' under HSDP; nothing otherwise."""
+        replicas, shard = self.spec.mesh_shape(self.env.world_size)
+        return f" mesh={replicas}x{shard} (replicas x shard group)" if self.spec.shard_size and replicas > 1 else ""
 
     def _setup_model(self, base: nn.Module) -> None:
         cfg, env = self.cfg, self.env

@@ -1,0 +1,186 @@
+"""``wlora-dist plan``: per-rank memory of a run before and after the prune event, what
+would fit, and (``--nodes``) the sharded layouts of a multi-node job side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from wlora_dist.config import load_config
+from wlora_dist.errors import UserError
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import asdict, replace
+
+    from wlora_dist.distributed.spec import BackendSpec
+    from wlora_dist.planning.memory_plan import PlanInput, plan
+    from wlora_dist.planning.search import recommend
+    from wlora_dist.planning.shapes import ALL_KINDS
+    from wlora_dist.planning.sources import run_plan_input, shape_from
+    from wlora_dist.planning.text import format_plan
+
+    kw: dict = {}
+    model = args.model
+    if args.config:  # the run config's choices first (with the launcher's); flags given explicitly win
+        from wlora_dist.distributed.launchers import accelerate_config_env, accelerate_overrides
+
+        launcher = accelerate_overrides(accelerate_config_env(args.accelerate_config)) if args.accelerate_config else []
+        cfg = load_config(args.config, args.overrides, launcher)
+        model = model or cfg.model.path
+        from wlora_dist.resolved import resolve_run
+
+        run = resolve_run(cfg, resume=False)  # what `train` with this config runs
+        base = run_plan_input(run.cfg, shape_from(model), args.world_size, run.spec)
+        keys = ("backend", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
+        keys += ("micro_batch", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
+        keys += ("blocksize_4bit", "double_quant_4bit")
+        kw = {k: getattr(base, k) for k in keys}
+    elif args.accelerate_config:
+        raise UserError("--accelerate-config needs --config (the run config it launches)")
+    if not model:
+        raise UserError("wlora-dist plan: give --model (a preset, config.json or model folder) or --config")
+    if args.backend or args.zero_stage or args.offload is not None or args.shard_size or args.hpz:
+        given: BackendSpec = kw.get("backend", BackendSpec("fsdp2"))
+        kind = args.backend or given.kind
+        stage = (args.zero_stage or given.zero_stage or 3) if kind == "zero" else 0
+        offload = given.offload if args.offload is None else args.offload
+        shard = (args.shard_size or given.shard_size) if kind == "fsdp2" else 0
+        hpz = (args.hpz or given.hpz_size) if stage == 3 else 0
+        if (args.shard_size and kind != "fsdp2") or (args.hpz and stage != 3):
+            raise UserError("--shard-size is for --backend fsdp2 (HSDP), --hpz for --backend zero --zero-stage 3")
+        kw["backend"] = BackendSpec(kind, stage, offload, shard_size=shard, hpz_size=hpz)
+    flags = {
+        "base": args.base,
+        "double_quant_4bit": args.double_quant,
+        "lora_rank": args.rank,
+        "targets": tuple(args.targets.split(",")) if args.targets else None,
+        "k": args.k,
+        "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len,
+        "activation_checkpointing": args.activation_checkpointing,
+        "checkpoint_every": args.checkpoint_every,
+        "loss_shards": args.loss_shards,
+    }
+    kw.update({k: v for k, v in flags.items() if v is not None})
+    bad = [t for t in kw.get("targets", ALL_KINDS) if t not in ALL_KINDS]
+    if bad:
+        raise UserError(f"--targets: {bad} are not decoder linears; choose from {','.join(ALL_KINDS)}")
+    if args.nodes is not None or args.gpus_per_node is not None:
+        if not (args.nodes and args.gpus_per_node and args.nodes >= 1 and args.gpus_per_node >= 1):
+            raise UserError("--nodes N --gpus-per-node G: give both, each >= 1 (the job is N x G ranks)")
+        args.world_size = args.nodes * args.gpus_per_node
+    if args.world_size < 1:
+        raise UserError(f"--world-size {args.world_size}: must be >= 1")
+    if args.gpu_gib <= args.reserve_gib:
+        raise UserError(f"--gpu-gib {args.gpu_gib}: must exceed --reserve-gib {args.reserve_gib}")
+    inp = PlanInput(
+        shape_from(model), world_size=args.world_size, gpu_gib=args.gpu_gib, reserve_gib=args.reserve_gib, **kw
+    )
+    problem = inp.backend.world_problem(inp.world_size)
+    if problem:
+        raise UserError(problem)
+    if args.nodes:
+        from wlora_dist.planning.search import node_layouts, pick_layout
+        from wlora_dist.planning.text import format_node_layouts, node_layouts_json
+
+        layouts = node_layouts(inp, args.gpus_per_node)
+        show = node_layouts_json if args.json else format_node_layouts
+        print(show(layouts, pick_layout(layouts), args.nodes, args.gpus_per_node))
+        return 0
+    p = plan(inp)
+    recs = recommend(inp) if args.recommend or not (p.fits_before and p.fits_after) else []
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "input": asdict(inp),
+                    "before": p.before.as_dict(),
+                    "after": p.after.as_dict(),
+                    "budget_bytes": p.budget,
+                    "fits": {"selection": p.fits_before, "after_prune": p.fits_after},
+                    "recommended": [{"settings": d, "before": r.before.total, "after": r.after.total} for d, r in recs],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(format_plan(p))
+    if p.fits_before and p.fits_after and inp.activation_checkpointing:
+        off = plan(replace(inp, activation_checkpointing=False))
+        if off.fits_after:
+            print(
+                "after the prune event the kept adapters fit without activation checkpointing: "
+                "memory.replan_at_prune=true switches it off there"
+            )
+    if recs:
+        print("\nsettings that fit the whole run, fastest first:")
+        for d, r in recs[:5]:
+            print(f"  {d}: {r.before.total / 2**30:.1f} GiB -> {r.after.total / 2**30:.1f} GiB per rank")
+    elif not (p.fits_before and p.fits_after):
+        print("\nnothing fits: more ranks, a shorter sequence or a smaller model")
+    return 0
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser(
+        "plan",
+        help="per-rank memory before/after the prune event; does it fit, and what would",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Plan a run's memory per rank (base weights, adapters, gradients, optimizer state, "
+        "activations, logits, gathered units) in the selection phase and after the prune event, and say "
+        "whether it fits the GPU. Counts are checked against measured peaks (tests/test_memory_plan.py).",
+        epilog="examples:\n  wlora-dist plan --model llama3-70b --world-size 8 --gpu-gib 24 --base int8 "
+        "--activation-checkpointing\n  wlora-dist plan --config configs/llama3_8b_instruct.yaml --world-size 8 "
+        "--gpu-gib 80\n  wlora-dist plan --config configs/llama3_8b_instruct.yaml --accelerate-config "
+        "launch/accelerate/zero3.yaml --world-size 8\n  wlora-dist plan --model llama3-8b --gpu-gib 40 --recommend\n  "
+        "wlora-dist plan --model llama3-70b --base nf4 --nodes 4 --gpus-per-node 8 --gpu-gib 80",
+    )
+    pl.add_argument("--model", help="preset (llama3.2-1b, llama3.2-3b, llama3-8b, llama3-70b), config.json or folder")
+    pl.add_argument("--config", "-c", help="a run config YAML: its model, adapter, batch and backend settings")
+    pl.add_argument(
+        "--accelerate-config",
+        help="with --config: the accelerate config you launch with (its backend, as accelerate launch passes it)",
+    )
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
+    pl.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job (default 1)")
+    pl.add_argument(
+        "--nodes", type=int, help="with --gpus-per-node: compare FSDP2, HSDP, ZeRO-3 and hpZ on N x G ranks"
+    )
+    pl.add_argument("--gpus-per-node", type=int, help="GPUs per node (with --nodes)")
+    pl.add_argument(
+        "--shard-size", type=int, help="FSDP2 hybrid sharding: ranks per shard group (distributed.fsdp.shard_size)"
+    )
+    pl.add_argument(
+        "--hpz", type=int, help="ZeRO-3 hpZ: ranks of the secondary partition (distributed.zero.hpz_partition_size)"
+    )
+    pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    pl.add_argument(
+        "--reserve-gib", type=float, default=2.0, help="left out of the budget: CUDA context, NCCL, fragmentation"
+    )
+    pl.add_argument(
+        "--backend", choices=["fsdp2", "zero", "replicated"], help="default fsdp2, or what --config resolves to"
+    )
+    pl.add_argument("--zero-stage", type=int, choices=[1, 2, 3], help="with --backend zero (default 3)")
+    pl.add_argument(
+        "--base", choices=["bf16", "int8", "nf4"], help="frozen base: bf16 (default), int8, or nf4 (bnb 4-bit)"
+    )
+    pl.add_argument(
+        "--double-quant",
+        action="store_true",
+        default=None,
+        help="with --base nf4: bitsandbytes' double quantisation of the absmax (model.bnb_4bit_use_double_quant)",
+    )
+    pl.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    pl.add_argument("--targets", help="comma-separated linears with adapters (default all seven)")
+    pl.add_argument("--k", type=int, help="adapters kept after the prune event (default 32)")
+    pl.add_argument("--micro-batch", type=int, help="rows per rank per forward (default 1)")
+    pl.add_argument("--seq-len", type=int, help="tokens per row (default 2048)")
+    ckpt = pl.add_mutually_exclusive_group()
+    ckpt.add_argument("--activation-checkpointing", action="store_true", default=None)
+    ckpt.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false")
+    pl.add_argument("--checkpoint-every", type=int, help="checkpoint decoder layers 0, N, 2N, ... only (default 1)")
+    pl.add_argument("--loss-shards", type=int, help="train.loss_shards: the cross-entropy in N tiles (default 0)")
+    pl.add_argument("--offload", action="store_true", default=None, help="FSDP2 cpu_offload / ZeRO offload")
+    pl.add_argument("--recommend", action="store_true", help="also list settings that fit (always when it does not)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
