@@ -72,7 +72,8 @@ class RandomWeights:
     the same rows for the same (name, start) on every rank."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}
+        # remove_duplicate=False: a tied lm_head is read under its own name too (llama3.2-1b).
+        self.params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
         # Drawn on the GPU where there is one: 8B+ random rows on the CPU take minutes.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.bytes_read = 0

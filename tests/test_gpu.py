@@ -22,6 +22,7 @@ from .helpers import K, dequantised_twin, dist_config, run_worker
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.launched,  # trains in this process and launches the reference runs
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 

@@ -18,8 +18,8 @@ for n in 17 24 27 28 31 34 35; do PLAT+=(--platform "manylinux_2_${n}_x86_64"); 
 PLAT+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 $PY -m pip download -q "${PLAT[@]}" -d "$OUT" \
     bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
-    hjson==3.1.0 pydantic==2.14.3 pydantic-core==2.50.4 annotated-types typing-inspection \
-    "typing-extensions>=4.16" peft==0.21.2 transformers==5.23.0 liger-kernel==0.8.5 \
+    hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection \
+    "typing-extensions>=4.16" peft==0.21.2 transformers==5.24.0 liger-kernel==0.8.5 \
     "fsspec<=2026.9.0"
 # deepspeed ships only a source distribution: build a pure-Python wheel (its CUDA ops are
 # JIT-built on first use; wlora_dist uses torch's Adam, so none is built).

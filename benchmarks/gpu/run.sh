@@ -64,7 +64,7 @@ PY
         ;;
     tests)
         WLORA_GPU_REPORT="$OUT/gpu_checks.jsonl" bounded 300 python3 -m pytest -q -p no:cacheprovider \
-            -m gpu tests/test_gpu.py -x -rA 2>&1 | tee "$OUT/tests.log" | tail -30
+            -m gpu tests/test_gpu.py -rA 2>&1 | tee "$OUT/tests.log" | tail -30
         ;;
     *)
         mode=${step%%:*}
