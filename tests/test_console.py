@@ -99,3 +99,33 @@ def test_tracker_tags_are_namespaced_and_jsonl_stays_flat():
         "selection/kept": 5,
         "train/lr": 1e-3,
     }
+
+
+@pytest.mark.launched
+def test_a_reader_that_leaves_early_is_not_reported_as_a_disk_error():
+    """`wlora-dist plan ... | head -2`: the pipe closes; the command exits 141 (as a shell
+    reports SIGPIPE) and says nothing, not "check that the folder exists"."""
+    import subprocess
+    import sys
+
+    from .helpers import start, stop
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "wlora_dist.cli",
+        "plan",
+        "--model",
+        "llama3-70b",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "8",
+    ]
+    proc = start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdout.close()
+        assert proc.wait(timeout=120) == 141
+        assert proc.stderr.read() == b""
+    finally:
+        stop(proc)

@@ -73,6 +73,22 @@ def test_nan_loss_stops_with_a_clear_error(tiny_dir, tmp_path):
     assert not (tmp_path / "run/adapter").exists()
 
 
+def test_a_gradient_that_overflows_under_a_finite_loss_stops_before_anything_is_saved(tiny_dir, tmp_path):
+    # Seen on a random 24-layer model: the loss finite, one backward overflowing; the step
+    # wrote NaN adapters and the run went on to fail a step later (or export them).
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", checkpoint={"every": 1}))
+    trainer = Trainer(cfg, init_distributed())
+    trainer.setup()
+    param = trainer.wl.trainable_parameters()[0]
+    param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    message = r"gradient norm is (inf|nan) at optimizer step 1 \(the loss, [0-9.]+, was finite\)"
+    with pytest.raises(TrainingError, match=message):
+        trainer.train()
+    trainer.cleanup()
+    assert not (tmp_path / "run/adapter").exists()
+    assert not list((tmp_path / "run").glob("checkpoints/step-*"))
+
+
 def test_k_larger_than_n_is_a_config_error(tiny_dir, tmp_path):
     cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", selection={"k": 15}))
     with pytest.raises(ConfigError, match=r"selection.k: 15 exceeds the 14 adapters"):

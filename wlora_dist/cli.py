@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         report_error("interrupted (Ctrl-C twice, or before training started): no checkpoint written")
         return 130
+    except BrokenPipeError:  # `wlora-dist plan ... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own recipe: no flush error at exit
+        return 141
     except OSError as e:  # the operating system said no: a path, permissions, a full disk
         where = f" ({e.filename})" if e.filename else ""
         report_error(

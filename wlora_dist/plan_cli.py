@@ -33,7 +33,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         run = resolve_run(cfg, resume=False)  # what `train` with this config runs
         base = run_plan_input(run.cfg, shape_from(model), args.world_size, run.spec)
         keys = ("backend", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
-        keys += ("micro_batch", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
+        keys += ("micro_batch", "grad_accum", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
         keys += ("blocksize_4bit", "double_quant_4bit")
         kw = {k: getattr(base, k) for k in keys}
     elif args.accelerate_config:

@@ -43,6 +43,7 @@ class PlanInput:
     lora_dropout: float = 0.0
     k: int = 32  # adapters kept after the prune event
     micro_batch: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (train.grad_accum_steps): traffic only
     seq_len: int = 2048
     activation_checkpointing: bool = False
     checkpoint_every: int = 1  # with checkpointing: layers 0, N, 2N, ... (model.checkpoint_every_n_layers)

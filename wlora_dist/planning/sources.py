@@ -82,6 +82,7 @@ def run_plan_input(
         lora_dropout=cfg.adapter.lora_dropout,
         k=cfg.selection.k,
         micro_batch=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum_steps,
         seq_len=cfg.data.seq_len,
         activation_checkpointing=cfg.model.gradient_checkpointing,
         checkpoint_every=cfg.model.checkpoint_every_n_layers,

@@ -45,8 +45,16 @@ _WHY = {
 }
 
 
+def _gb(nbytes: float) -> str:
+    """Bytes moved, in decimal units as network bandwidths are quoted."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e7 or nbytes == 0 else f"{nbytes / 1e6:.2f} MB"
+
+
 def format_node_layouts(layouts: list[tuple[str, Plan]], best: str | None, nodes: int, gpus_per_node: int) -> str:
-    """`plan --nodes N --gpus-per-node G`: each sharded layout's bytes per rank."""
+    """`plan --nodes N --gpus-per-node G`: each sharded layout's bytes per rank, held and
+    moved by collectives in one optimizer step (planning/traffic.py)."""
+    from wlora_dist.planning.traffic import plan_traffic
+
     first = layouts[0][1]
     ws = first.inp.world_size
     out = [
@@ -55,9 +63,14 @@ def format_node_layouts(layouts: list[tuple[str, Plan]], best: str | None, nodes
     ]
     for name, p in layouts:
         mark = "fits" if p.fits_before and p.fits_after else "does not fit"
+        t = plan_traffic(p.inp, gpus_per_node)
         out.append(
             f"  {name:<11} base {p.before.base / GiB:6.2f} GiB, peak {p.before.total / GiB:6.2f} -> "
             f"{p.after.total / GiB:6.2f} GiB  {mark}  ({p.inp.backend.describe(ws)})"
+        )
+        out.append(
+            f"  {'':<11} moves per step: {_gb(t.before.inside_total)} -> {_gb(t.after.inside_total)} inside a node, "
+            f"{_gb(t.before.across_total)} -> {_gb(t.after.across_total)} across nodes"
         )
     if best is None:
         out.append("nothing fits: more nodes, a quantised base (--base int8 / nf4) or activation checkpointing")
@@ -69,15 +82,23 @@ def format_node_layouts(layouts: list[tuple[str, Plan]], best: str | None, nodes
 def node_layouts_json(layouts: list[tuple[str, Plan]], best: str | None, nodes: int, gpus_per_node: int) -> str:
     import json
 
-    rows = [
-        {
-            "layout": name,
-            "backend": p.inp.backend.describe(p.inp.world_size),
-            "base": p.before.base,
-            "before": p.before.total,
-            "after": p.after.total,
-            "fits": p.fits_before and p.fits_after,
-        }
-        for name, p in layouts
-    ]
+    from wlora_dist.planning.traffic import plan_traffic
+
+    rows = []
+    for name, p in layouts:
+        t = plan_traffic(p.inp, gpus_per_node)
+        rows.append(
+            {
+                "layout": name,
+                "backend": p.inp.backend.describe(p.inp.world_size),
+                "base": p.before.base,
+                "before": p.before.total,
+                "after": p.after.total,
+                "fits": p.fits_before and p.fits_after,
+                "traffic_bytes_per_step": {
+                    "before": {"inside": t.before.inside, "across": t.before.across},
+                    "after": {"inside": t.after.inside, "across": t.after.across},
+                },
+            }
+        )
     return json.dumps({"nodes": nodes, "gpus_per_node": gpus_per_node, "layouts": rows, "use": best}, indent=2)

@@ -295,7 +295,8 @@ class Trainer:
 
     def _host_sync(self, step: int, local: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, float]:
         """The step's one host sync: (this rank's loss, the mean over ranks, the gradient
-        norm); a loss that is not finite on any rank stops the run, naming the rank."""
+        norm); a loss that is not finite on any rank stops the run, naming the rank, and
+        so does a gradient norm that is not (the same on every rank)."""
         values = torch.stack([local, all_reduce_mean_(local.clone()), grad_norm.to(local)]).tolist()
         local_f, mean_f, norm_f = values
         for value, where in ((local_f, f"rank {self.env.global_rank}"), (mean_f, "another rank")):
@@ -304,6 +305,14 @@ class Trainer:
                     f"loss is {value} at optimizer step {step} on {where}; "
                     "lower optim.lr / selection.lr_w or check the data"
                 )
+        if not math.isfinite(norm_f):
+            # The loss was finite but its backward overflowed: the step just taken wrote
+            # non-finite adapters, so the run stops here (before any save or export of them).
+            raise TrainingError(
+                f"gradient norm is {norm_f} at optimizer step {step} (the loss, {mean_f:.4g}, was finite): the "
+                "backward overflowed; resume from the last checkpoint with a lower optim.lr, optim.max_grad_norm "
+                "> 0, or check the base model's weights"
+            )
         return local_f, mean_f, norm_f
 
     def _record_memory(self, step: int) -> None:
