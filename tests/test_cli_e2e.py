@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import sys
 
@@ -43,6 +44,14 @@ def test_train_py_single_process_end_to_end(tmp_path, tiny_dir):
     proc = _run([sys.executable, "train.py", "--config", str(cfg), "optim.lr=1e-2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=1" in proc.stderr and "prune event at step 6: kept 5 of 14" in proc.stderr
+    # No terminal (a SLURM log): each step's line says where the run is; the length up front.
+    assert re.search(r"run length: 24 optimizer steps \([0-9.]+ epochs of \d+ steps\), 4 rows per step", proc.stderr)
+    lines = re.findall(
+        r"step (\d+)/24 \| epoch \d+\.\d\d \| elapsed \d:\d\d:\d\d \| eta \d:\d\d:\d\d \| (.*)", proc.stderr
+    )
+    assert len(lines) >= 3 and lines[0][0] == "1", proc.stderr[-3000:]
+    for step, rest in lines:  # the gates are frozen after the prune event: no gate_grad_norm=0 there
+        assert ("gate_grad_norm=" in rest) == (int(step) <= 6), (step, rest)
 
     metrics = [json.loads(line) for line in (out / "logs/metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]

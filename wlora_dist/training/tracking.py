@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +150,13 @@ class RunLogger:
         is_main: bool,
         run_config: dict,
         resuming: bool = False,
+        steps_per_epoch: int | None = None,
+        start_step: int = 0,
     ) -> None:
         self.cfg = cfg
         self.is_main = is_main
+        self.total_steps, self.steps_per_epoch, self.start_step = total_steps, steps_per_epoch, start_step
+        self.started = time.monotonic()  # this process's first step: elapsed and ETA count from here
         self.trackers: list[GeneralTracker] = []
         self.bar = None
         if not is_main:
@@ -171,7 +176,20 @@ class RunLogger:
             self.bar.set_postfix(postfix, refresh=False)
         if optimizer_step % self.cfg.every == 0 or optimizer_step == 1:
             self.track(optimizer_step, metrics)
-            log.info("step %d | %s", optimizer_step, " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            log.info("%s | %s", self.progress(optimizer_step), " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+
+    def progress(self, optimizer_step: int) -> str:
+        """'step 40/120 | epoch 1.33 | elapsed 0:02:10 | eta 0:04:20': what a log file (no
+        terminal, no bar: SLURM) shows of the run's progress. The ETA is this process's
+        pace so far times the steps left; the epoch is there when the run is sized by data."""
+        words = [f"step {optimizer_step}/{self.total_steps}"]
+        if self.steps_per_epoch:
+            words.append(f"epoch {optimizer_step / self.steps_per_epoch:.2f}")
+        elapsed = time.monotonic() - self.started
+        done = optimizer_step - self.start_step
+        eta = elapsed / done * (self.total_steps - optimizer_step) if done > 0 else 0.0
+        words += [f"elapsed {_clock(elapsed)}", f"eta {_clock(eta)}"]
+        return " | ".join(words)
 
     def track(self, optimizer_step: int, metrics: dict[str, float]) -> None:
         """JSONL keeps the flat names (scripts read them); the other trackers get
@@ -207,6 +225,12 @@ def namespaced(metrics: dict[str, float]) -> dict[str, float]:
         else:
             out[f"train/{k}"] = v
     return out
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss."""
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _fmt(v: float) -> str:

@@ -59,6 +59,7 @@ class Trainer:
         self.env, self.callbacks = env, list(callbacks)
         self.handle_signals = handle_signals
         self.memory: dict[str, dict[str, int]] = {}  # trainable / optimizer bytes before / after the prune
+        self.steps_per_epoch: int | None = None  # optimizer steps in one pass over data.train (None: batches given)
         self.layout_events: list[LayoutEvent] = []  # rounds, the prune event, a resume
         self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round
         self.replanned: replan.Replan | None = None  # memory.replan_at_prune's switch, if it made one
@@ -110,7 +111,14 @@ class Trainer:
             self._resume(resume)
         # Accepted: only now is anything written (logs/, the trackers' config copy).
         self.logger = RunLogger(
-            cfg.log, paths.logs, cfg.train.max_steps, env.is_main, cfg.to_dict(), self.start_step > 0
+            cfg.log,
+            paths.logs,
+            cfg.train.max_steps,
+            env.is_main,
+            cfg.to_dict(),
+            self.start_step > 0,
+            self.steps_per_epoch,
+            self.start_step,
         )
         # Data position: rows of the global batch already consumed -> this rank's micro-batches.
         start = self.start_step * cfg.train.grad_accum_steps
@@ -124,6 +132,22 @@ class Trainer:
             f"({kinds}) trainable={n_params} params selection={sel.method} "
             f"K={sel.k if sel.method == 'topk' else '-'} T={sel.steps}"
         )
+        self.logger.info(self._run_length())
+
+    def _run_length(self) -> str:
+        """The run's length as resolved (train.epochs, selection.steps_fraction and
+        optim.warmup_ratio turned into step counts), said once at the start."""
+        cfg = self.cfg
+        t, o = cfg.train, cfg.optim
+        words = f"run length: {t.max_steps} optimizer steps"
+        if self.steps_per_epoch:
+            words += f" ({t.max_steps / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch} steps)"
+        rows = t.grad_accum_steps * t.micro_batch_size * self.env.world_size
+        words += f", {rows} rows per step ({t.micro_batch_size} x {t.grad_accum_steps} accumulated x "
+        words += f"{self.env.world_size} ranks); selection {cfg.selection.steps} steps, warmup {o.warmup_steps} steps"
+        if self.start_step:
+            words += f"; resuming after step {self.start_step}"
+        return words
 
     def _mesh_words(self) -> str:
         """' mesh=2x4 (replicas x shard group)' under HSDP; nothing otherwise."""
@@ -170,8 +194,9 @@ class Trainer:
             env.world_size,
             self.run.paths.data_cache,
         )
+        self.steps_per_epoch = len(train) // cfg.train.grad_accum_steps
         if not self.run.sized:
-            self.run = self.run.sized_by(len(train) // cfg.train.grad_accum_steps)
+            self.run = self.run.sized_by(self.steps_per_epoch)
         return train
 
     def _resume(self, path: Path) -> None:
@@ -255,7 +280,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_optimizer_step_end(self, step)
         self.backend.zero_grad()
-        metrics: dict = {"gate_grad_norm": 0.0}
+        metrics: dict = {}  # gates frozen (after the prune event): no gate metrics
         if gates_train:
             clip = (cfg.optim.max_grad_norm, grad_norm) if gate_norm is not None else None
             metrics = self.selector.update_gates(step, cfg.selection.lr_w * mult, clip)
