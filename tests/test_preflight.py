@@ -64,7 +64,45 @@ def test_config_check_passes_a_good_config_and_names_what_it_checked(tiny_dir, t
     # A hub model this machine cannot reach: --syntax-only checks the fields alone.
     recipe = str(ROOT / "configs/llama3_8b_instruct.yaml")
     assert main(["config", "--syntax-only", "--check", recipe]) == 0
-    assert main(["config", "--check", recipe]) == 1 and "does not exist" in capsys.readouterr().err
+    assert main(["config", "--check", recipe]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "does not exist" in err and "not in the HF cache" in err  # both at once
+    # The flags before or after the file.
+    assert main(["config", "--check", "--syntax-only", recipe]) == 0
+    assert main(["config", recipe, "--check", "--syntax-only"]) == 0
+
+
+def test_config_check_reports_every_problem_of_every_stage_in_one_pass(tiny_dir, tmp_path, capsys):
+    """An unknown field, a bad value, two fields that exclude each other, K > n (needs the
+    model) and a data file whose columns the format does not read: one pass, five lines."""
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(8)))
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run", selection={"k": 99})
+    cfg["model"]["bogus"] = 1
+    cfg["optim"] = {"lr": -1}
+    cfg["train"]["epochs"] = 2
+    cfg["data"].update({"train": [str(data)], "format": "instruction", "template": "plain"})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["config", "--check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "5 problem(s)" in err, err
+    for needle in (
+        "model.bogus: unknown field",
+        "optim.lr: -1",
+        "train.epochs",
+        "selection.k: 99 exceeds the 14 adapters",
+        "column 'response' (data.response_field) not in the data; its columns are ['prompt', 'completion']",
+    ):
+        assert needle in err, (needle, err)
+
+
+def test_data_whose_rows_fail_the_template_is_refused_before_loading(no_loading, tiny_dir, tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": "not a list of turns"}) + "\n")
+    train, check = _both(tiny_dir, tmp_path, capsys, overrides={"data": {"train": [str(data)], "format": "chat"}})
+    for err in (train, check):
+        assert str(data) in err or "row 0" in err, err
 
 
 def test_k_above_n_before_loading(no_loading, tiny_dir, tmp_path, capsys):

@@ -131,20 +131,41 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    if args.check:
-        for path in args.check:
-            cfg = load_config(path)
-            if args.syntax_only:
-                print(f"{path}: ok (fields and values; model, data and output not checked)")
-                continue
-            from wlora_dist.resolved import resolve_run
-            from wlora_dist.training.preflight import preflight
-
-            found = preflight(resolve_run(cfg))
-            print(f"{path}: ok ({found.architecture}, n={found.n_adapters} adapters; data files and output checked)")
+    files = list(args.files)
+    if not (args.check or files):
+        print("\n".join(describe()))
         return 0
-    print("\n".join(describe()))
-    return 0
+    if not files:
+        raise UserError("wlora-dist config --check FILE [FILE ...]: give the config files to check")
+    from wlora_dist.config.loading import check_config_file
+
+    failed = False
+    for path in files:
+        cfg, problems = check_config_file(path)
+        found = None
+        if cfg is not None and not args.syntax_only:
+            from wlora_dist.resolved import resolve_run
+            from wlora_dist.training.preflight import preflight_problems
+
+            try:
+                found, more = preflight_problems(resolve_run(cfg))
+            except UserError as e:  # the backend or the checkpoint to resume from
+                found, more = None, list(getattr(e, "problems", None) or [str(e)])
+            problems += [p for p in more if p not in problems]
+        if problems:
+            failed = True
+            print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+        elif args.syntax_only:
+            print(f"{path}: ok (fields and values; model, data and output not checked)")
+        else:
+            assert found is not None
+            print(
+                f"{path}: ok ({found.architecture}, n={found.n_adapters} adapters; data files, their first rows "
+                "through the template, and output checked)"
+            )
+    return 2 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,12 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("selection_json")
     r.add_argument("--out", help="PNG path (default: next to the JSON)")
     add_plan_parser(sub)
-    c = sub.add_parser("config", help="list every config field, or --check YAML files")
+    c = sub.add_parser(
+        "config",
+        help="list every config field, or --check YAML files",
+        description="Without files: every config field, its type, default and meaning. With --check FILE...: "
+        "every problem of each file in one pass, as `train` would find them before loading anything.",
+    )
+    c.add_argument("files", nargs="*", help="config files to check (--check; flags may come before or after)")
     c.add_argument(
         "--check",
-        nargs="*",
-        help="validate these config files as `train` would before loading anything: fields, the model's "
-        "config.json (built on meta, adapters attached: K against n), data files, the output folder",
+        action="store_true",
+        help="validate the files as `train` would before loading anything: fields and values, the model's "
+        "config.json (built on meta, adapters attached: K against n), the data files' columns and first rows "
+        "through the tokenizer and template, the output folder; every problem at once",
     )
     c.add_argument(
         "--syntax-only", action="store_true", help="with --check: fields and values only (no model or data access)"

@@ -148,14 +148,45 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> RunConfig:
     data = _apply_preset(data)
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping of sections, got {type(data).__name__}"], source)
-    try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError([_problem(err) for err in e.errors()] + _both_set(data), source) from None
-    problems = _both_set(data) + validate(cfg)
+    cfg, problems = checked_config(data)
     if problems:
         raise ConfigError(problems, source)
+    assert cfg is not None
     return cfg
+
+
+def checked_config(data: dict[str, Any]) -> tuple[RunConfig | None, list[str]]:
+    """Every problem of ``data`` in one pass, and the config it describes with the faulty
+    fields left at their defaults (None if even that does not validate): the contradictions
+    between fields (validate) are checked on it too, so a wrong field does not hide them
+    until the next attempt. pydantic stops at field errors; what it reports is removed and
+    the rest validated again."""
+    data = copy.deepcopy(data)
+    problems = _both_set(data)
+    for _ in range(8):  # each pass removes what pydantic reported; nested sections may need a few
+        try:
+            cfg = RunConfig.model_validate(data)
+        except ValidationError as e:
+            errors = e.errors()
+            problems += [p for p in (_problem(err) for err in errors) if p not in problems]
+            if not any(_remove(data, err["loc"]) for err in errors):
+                return None, problems
+            continue
+        return cfg, problems + [p for p in validate(cfg) if p not in problems]
+    return None, problems
+
+
+def _remove(data: dict[str, Any], loc: tuple) -> bool:
+    """Delete the value at ``loc`` (a pydantic error location) so the field takes its default."""
+    node: Any = data
+    for key in loc[:-1]:
+        if not isinstance(node, dict | list) or (isinstance(node, dict) and key not in node):
+            return False
+        node = node[key]
+    if isinstance(node, dict) and loc and loc[-1] in node:
+        del node[loc[-1]]
+        return True
+    return False
 
 
 def load_config(
@@ -165,6 +196,22 @@ def load_config(
 ) -> RunConfig:
     """Read a YAML run config, apply the launcher's settings (``launcher``, e.g. from an
     accelerate config), then ``key.sub=value`` overrides; validate."""
+    data, source = _load_data(path, overrides, launcher)
+    return config_from_dict(data, source)
+
+
+def check_config_file(path: str | Path) -> tuple[RunConfig | None, list[str]]:
+    """``config --check``: every problem of the file's fields and values in one pass, and
+    the config with the faulty fields at their defaults for the checks that follow."""
+    data, _ = _load_data(path, None, None)  # a file that is not YAML is one problem, raised
+    return checked_config(_apply_preset(data))
+
+
+def _load_data(
+    path: str | Path | None,
+    overrides: list[str] | None,
+    launcher: list[tuple[str, Any]] | None,
+) -> tuple[dict[str, Any], str]:
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -202,7 +249,7 @@ def load_config(
         )
     for key, value in [*launcher, *parsed]:
         set_dotted(data, key, value)
-    return config_from_dict(data, source)
+    return data, source
 
 
 def describe(cls: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:

@@ -35,26 +35,146 @@ class Preflight:
     n_adapters: int
 
 
-def preflight(run: ResolvedRun) -> Preflight:
-    """Raise a UserError (naming the field, the file and the fix) for the first problem.
-    (The backend, its support of the settings and the checkpoint to resume from were
-    decided, and refused where wrong, by resolve_run.)"""
+class PreflightError(UserError):
+    """Every problem the preflight found, one per line (a single one: its own message)."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        head = "" if len(problems) == 1 else f"{len(problems)} problems:\n"
+        super().__init__(head + "\n".join(f"  - {p}" if len(problems) > 1 else p for p in problems))
+
+
+def _message(e: UserError) -> list[str]:
+    return list(getattr(e, "problems", None) or [str(e)])
+
+
+def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str]]:
+    """Every check, each on its own: (what was found, every problem). A check that needs
+    an earlier one (the model's files for the adapters) is skipped when that one failed."""
     cfg = run.cfg
+    problems: list[str] = []
+
+    def check(fn, *args):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args), True
+        except UserError as e:
+            problems.extend(p for p in _message(e) if p not in problems)
+            return None, False
+
     problem = run.spec.world_problem(int(os.environ.get("WORLD_SIZE", "1")))  # under a launcher
     if problem:
-        raise UserError(problem)
-    check_trackers(cfg.log.trackers)
-    _check_data_files(cfg)
-    check_model_path(cfg.model.path)
-    check_checkpoint_quantization(cfg.model)
-    config = check_model_type(cfg.model)
-    architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
-    n = _check_adapters_fit(cfg)
-    if cfg.data.format == "chat" or (cfg.data.format == "instruction" and cfg.data.template == "chat"):
-        require_chat_template(load_tokenizer(cfg.model), cfg.model.path, cfg.data.format)
+        problems.append(problem)
+    check(check_trackers, cfg.log.trackers)
+    _, data_ok = check(_check_data_files, cfg)
+    _, model_ok = check(check_model_path, cfg.model.path)
+    found = None
+    if model_ok:
+        check(check_checkpoint_quantization, cfg.model)
+        config, type_ok = check(check_model_type, cfg.model)
+        if type_ok:
+            architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
+            n, fit_ok = check(_check_adapters_fit, cfg)
+            found = Preflight(architecture, n) if fit_ok else None
+        tokenizer, tok_ok = check(load_tokenizer, cfg.model)
+        if tok_ok:
+            if cfg.data.format == "chat" or (cfg.data.format == "instruction" and cfg.data.template == "chat"):
+                check(require_chat_template, tokenizer, cfg.model.path, cfg.data.format)
+            if data_ok:
+                check(check_data_rows, cfg, tokenizer)
     # A fresh run over an earlier run's checkpoints is refused before anything loads.
-    check_output_free(cfg, run.paths.adapter, run.paths.checkpoints, resumes=run.resume is not None)
-    return Preflight(architecture, n)
+    check(check_output_free, cfg, run.paths.adapter, run.paths.checkpoints, run.resume is not None)
+    return found, problems
+
+
+def preflight(run: ResolvedRun) -> Preflight:
+    """Raise a UserError naming every problem (the field, the file and the fix) found
+    before anything is loaded. (The backend, its support of the settings and the
+    checkpoint to resume from were decided, and refused where wrong, by resolve_run.)"""
+    found, problems = preflight_problems(run)
+    if problems:
+        raise PreflightError(problems)
+    assert found is not None
+    return found
+
+
+_PREVIEW_ROWS = 4  # rows of each data file read by the preflight (columns, then through the template)
+
+
+def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
+    """The first rows of each local data file (and data.eval's) have the columns data.format
+    reads, and go through the tokenizer and template: found in seconds, not after the
+    model has loaded. Hub datasets are checked when they load."""
+    import datasets
+
+    from wlora_dist.data.rows import ROW, SOURCE, _require_columns
+    from wlora_dist.data.tokens import tokenize
+
+    for field, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for source in sources:
+            if not looks_local(source):
+                continue
+            rows = first_rows(source, _PREVIEW_ROWS)
+            if rows is None:
+                continue
+            if not rows:
+                raise DataError(f"{source} ({field}): no rows; check the file is not empty")
+            tagged = [{**row, SOURCE: 0, ROW: i} for i, row in enumerate(rows)]  # errors name the file's row
+            ds = datasets.Dataset.from_list(tagged)
+            if cfg.data.format == "text":  # packed: a few rows need not fill one sequence
+                _require_columns(ds, [cfg.data.text_field], ["text_field"])
+                bad = [i for i, r in enumerate(rows) if not isinstance(r.get(cfg.data.text_field), str)]
+                if bad:
+                    raise DataError(f"{source} row {bad[0]}: data.text_field {cfg.data.text_field!r} is not text")
+                continue
+            tokenize(ds, tokenizer, cfg.data, [source])
+
+
+def first_rows(source: str, n: int) -> list[dict] | None:
+    """The first ``n`` rows of a local file or saved dataset, read cheaply (None: a kind
+    read only when training loads it)."""
+    import json
+
+    path = os.path.expanduser(source)
+    suffix = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{source}: a folder, but not one saved by datasets.save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            ds = next(iter(ds.values()))
+        return ds.select(range(min(n, len(ds)))).to_list()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        return pf.read_row_group(0).slice(0, n).to_pylist() if pf.num_row_groups else []
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(1 << 16)
+        if head.lstrip().startswith("["):
+            return None  # a JSON array: parsed whole when training loads it
+        rows = []
+        for line in head.splitlines()[: n + 1]:
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # the 64 KiB cut a long line; what was read is enough
+        return rows[:n]
+    if suffix == ".csv":
+        import csv
+
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            return [row for _, row in zip(range(n), csv.DictReader(f), strict=False)]
+    if suffix == ".txt":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [{"text": line.rstrip("\n")} for _, line in zip(range(n), f, strict=False)]
+    return None
 
 
 _TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow-skinny")}
