@@ -214,3 +214,49 @@ def test_zero_limits_are_sized_by_the_model_not_deepspeeds_defaults():
     assert p.before.detail["zero_grad_bucket"] == 2 * numel < GiB // 8
     assert p.after.detail["zero_grad_bucket"] < p.before.detail["zero_grad_bucket"]  # the kept adapters' only
     assert plan(PlanInput(PRESETS["llama3-8b"], 8, BackendSpec("fsdp2"))).before.detail["zero_grad_bucket"] == 0
+
+
+def test_plan_takes_the_launch_it_is_given(tiny_dir, tmp_path, capsys):
+    """`plan --config C --accelerate-config A` plans what `accelerate launch --config_file A
+    train.py --config C` runs: A's process count; a float32 base where the run is on CPU."""
+    import yaml
+
+    from .conftest import ROOT, tiny_config_dict
+
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    acc = str(ROOT / "launch/accelerate/cpu_fsdp2.yaml")
+    assert main(["plan", "--config", str(path), "--accelerate-config", acc]) == 0
+    out = capsys.readouterr().out
+    assert "world size 2: num_processes of" in out and "fsdp2, bf16 base" in out and "world size 2;" in out
+    assert "model.dtype auto: the base in bf16 on a GPU (float32 on CPU: --cpu plans that)" in out
+    assert main(["plan", "--config", str(path), "--accelerate-config", acc, "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fsdp2, fp32 base" in out and "world size 2;" in out
+    assert main(["plan", "--config", str(path), "--accelerate-config", acc, "--world-size", "4"]) == 0
+    assert "world size 4;" in capsys.readouterr().out  # the flag wins
+
+
+def test_offload_recommendations_state_the_host_ram_per_node(capsys):
+    from wlora_dist.planning.memory_plan import adapter_numel, base_param_bytes, host_bytes_per_rank, sites
+
+    inp = PlanInput(PRESETS["llama3-70b"], world_size=8, backend=BackendSpec("fsdp2", offload=True))
+    base = sum(base_param_bytes(inp)[:2])
+    adapters = adapter_numel(inp, sites(inp))  # fp32 masters, gradients and two AdamW moments: 16 bytes each
+    assert host_bytes_per_rank(inp) == pytest.approx(base / 8 + 16 * adapters / 8, rel=1e-6)
+    assert host_bytes_per_rank(replace(inp, backend=BackendSpec("fsdp2"))) == 0
+    assert main(["plan", "--model", "llama3-70b", "--world-size", "8", "--gpu-gib", "24"]) == 0
+    offload = [ln for ln in capsys.readouterr().out.splitlines() if "CPU offload" in ln]
+    assert offload and all("GiB per node (8 ranks)" in ln for ln in offload), offload
+
+
+def test_help_and_readme_list_every_preset(capsys):
+    from .conftest import ROOT
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    readme = (ROOT / "README.md").read_text()
+    for name in PRESETS:
+        assert name in text and f"`{name}`" in readme, name

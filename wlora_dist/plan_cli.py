@@ -22,6 +22,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     kw: dict = {}
     model = args.model
+    notes: list[str] = []
+    launch = _accelerate_launch(args.accelerate_config) if args.accelerate_config else {}
+    if args.world_size is None:
+        args.world_size = launch.get("num_processes", 1)
+        if "num_processes" in launch:
+            notes.append(f"world size {args.world_size}: num_processes of {args.accelerate_config}")
+    on_gpu = not (args.cpu or launch.get("use_cpu"))
     if args.config:  # the run config's choices first (with the launcher's); flags given explicitly win
         from wlora_dist.distributed.launchers import accelerate_config_env, accelerate_overrides
 
@@ -31,7 +38,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from wlora_dist.resolved import resolve_run
 
         run = resolve_run(cfg, resume=False)  # what `train` with this config runs
-        base = run_plan_input(run.cfg, shape_from(model), args.world_size, run.spec)
+        base = run_plan_input(run.cfg, shape_from(model), args.world_size, run.spec, on_gpu=on_gpu)
+        if cfg.model.dtype == "auto" and cfg.model.quantization == "none":
+            notes.append(
+                f"model.dtype auto: the base in {base.base} on {'a GPU' if on_gpu else 'CPU'}"
+                + ("" if not on_gpu else " (float32 on CPU: --cpu plans that)")
+            )
         keys = ("backend", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
         keys += ("micro_batch", "grad_accum", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
         keys += ("blocksize_4bit", "double_quant_4bit")
@@ -74,6 +86,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError(f"--world-size {args.world_size}: must be >= 1")
     if args.gpu_gib <= args.reserve_gib:
         raise UserError(f"--gpu-gib {args.gpu_gib}: must exceed --reserve-gib {args.reserve_gib}")
+    if not on_gpu:
+        kw.setdefault("compute", "fp32")
+        if kw.get("base", "bf16") == "bf16":
+            kw["base"] = "fp32"
     inp = PlanInput(
         shape_from(model), world_size=args.world_size, gpu_gib=args.gpu_gib, reserve_gib=args.reserve_gib, **kw
     )
@@ -105,6 +121,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         )
         return 0
+    for note in notes:
+        print(note)
     print(format_plan(p))
     if p.fits_before and p.fits_after and inp.activation_checkpointing:
         off = plan(replace(inp, activation_checkpointing=False))
@@ -114,12 +132,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 "memory.replan_at_prune=true switches it off there"
             )
     if recs:
+        from wlora_dist.planning.memory_plan import host_bytes_per_rank
+
+        per_node = min(inp.world_size, args.gpus_per_node or 8)
         print("\nsettings that fit the whole run, fastest first:")
         for d, r in recs[:5]:
-            print(f"  {d}: {r.before.total / 2**30:.1f} GiB -> {r.after.total / 2**30:.1f} GiB per rank")
+            line = f"  {d}: {r.before.total / 2**30:.1f} GiB -> {r.after.total / 2**30:.1f} GiB per rank"
+            host = host_bytes_per_rank(r.inp)
+            if host:
+                line += f"; host RAM {host * per_node / 2**30:.1f} GiB per node ({per_node} ranks)"
+            print(line)
     elif not (p.fits_before and p.fits_after):
         print("\nnothing fits: more ranks, a shorter sequence or a smaller model")
     return 0
+
+
+def _accelerate_launch(path: str) -> dict:
+    """What an accelerate config file says about the launch: num_processes (all machines'),
+    num_machines, use_cpu."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"--accelerate-config {path}: {e.strerror}") from None
+    return {k: data[k] for k in ("num_processes", "num_machines", "use_cpu") if k in data}
 
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
@@ -136,14 +174,21 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         "launch/accelerate/zero3.yaml --world-size 8\n  wlora-dist plan --model llama3-8b --gpu-gib 40 --recommend\n  "
         "wlora-dist plan --model llama3-70b --base nf4 --nodes 4 --gpus-per-node 8 --gpu-gib 80",
     )
-    pl.add_argument("--model", help="preset (llama3.2-1b, llama3.2-3b, llama3-8b, llama3-70b), config.json or folder")
+    from wlora_dist.planning.sources import PRESETS
+
+    pl.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}), a config.json or a model folder")
     pl.add_argument("--config", "-c", help="a run config YAML: its model, adapter, batch and backend settings")
     pl.add_argument(
         "--accelerate-config",
         help="with --config: the accelerate config you launch with (its backend, as accelerate launch passes it)",
     )
     pl.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
-    pl.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) in the job (default 1)")
+    pl.add_argument(
+        "--world-size", type=int, help="ranks (GPUs) in the job (default: --accelerate-config's num_processes, or 1)"
+    )
+    pl.add_argument(
+        "--cpu", action="store_true", help="a run on CPU: float32 base and compute (model.dtype auto loads float32)"
+    )
     pl.add_argument(
         "--nodes", type=int, help="with --gpus-per-node: compare FSDP2, HSDP, ZeRO-3 and hpZ on N x G ranks"
     )

@@ -323,6 +323,21 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
     )
 
 
+def host_bytes_per_rank(inp: PlanInput) -> int:
+    """Host (CPU) memory one rank needs under CPU offload, at the larger of the two phases:
+    its base share (FSDP2's cpu_offload / ZeRO-3 offload_param move it), the fp32 adapter
+    masters, their gradients (FSDP2) and the optimizer state. 0 without offload."""
+    if not inp.backend.offload:
+        return 0
+    ws = inp.world_size
+    base = sum(base_param_bytes(inp)[:2])
+    share = math.ceil(base * inp.backend.base_fraction(ws)) if inp.backend.shards_base else 0
+    numel = adapter_numel(inp, sites(inp))
+    parts = inp.backend.mesh_shape(ws)[1] if inp.backend.kind == "fsdp2" else ws
+    trainable = (4 + 8 + (4 if inp.backend.kind == "fsdp2" else 0)) * numel / parts
+    return int(share + trainable)
+
+
 def plan(inp: PlanInput) -> Plan:
     before = breakdown(inp, sites(inp), gates_train=True)
     after = breakdown(inp, kept_sites(inp), gates_train=False)
