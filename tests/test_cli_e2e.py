@@ -52,6 +52,9 @@ def test_train_py_single_process_end_to_end(tmp_path, tiny_dir):
     assert len(lines) >= 3 and lines[0][0] == "1", proc.stderr[-3000:]
     for step, rest in lines:  # the gates are frozen after the prune event: no gate_grad_norm=0 there
         assert ("gate_grad_norm=" in rest) == (int(step) <= 6), (step, rest)
+    # No third-party bars in a log file (each one a line of \r-joined updates), no DCP warning.
+    for noise in ("tokenising (", "Loading weights", "\r", "torch.distributed is disabled", "UserWarning"):
+        assert noise not in proc.stderr, (noise, proc.stderr[-3000:])
 
     metrics = [json.loads(line) for line in (out / "logs/metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]

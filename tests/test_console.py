@@ -129,3 +129,23 @@ def test_a_reader_that_leaves_early_is_not_reported_as_a_disk_error():
         assert proc.stderr.read() == b""
     finally:
         stop(proc)
+
+
+def test_mlflow_schema_lines_and_the_one_process_dcp_warning_are_dropped(tmp_path, monkeypatch, capfd):
+    import warnings
+
+    from wlora_dist.config import LogConfig
+    from wlora_dist.training.tracking import RunLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    silence_known_noise()
+    logger = RunLogger(LogConfig(trackers=["mlflow"], every=1), tmp_path / "logs", 2, True, {"a": 1})
+    logger.step(1, {"loss": 1.0}, {})
+    logger.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        silence_known_noise()
+        warnings.warn("torch.distributed is disabled, unavailable or uninitialized, ...", UserWarning, stacklevel=1)
+    out, err = capfd.readouterr()
+    assert "Creating initial MLflow database tables" not in out + err
+    assert (tmp_path / "logs/mlflow.db").is_file() and not caught

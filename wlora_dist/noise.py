@@ -32,6 +32,12 @@ def silence_known_noise() -> None:
         message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
         category=FutureWarning,
     )
+    # torch.distributed.checkpoint in a single process (export, a one-process run's
+    # checkpoint): it works without a process group and says so on every save and load.
+    warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
+    # MLflow's local store prints its schema migration on a run's first use of the file.
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("DeepSpeed", "bitsandbytes.backends.cpu.ops", "bitsandbytes"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropKnownNoise) for f in logger.filters):

@@ -40,6 +40,22 @@ def setup_logging(is_main: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
+    third_party_bars(is_main and sys.stderr.isatty())
+
+
+def third_party_bars(show: bool) -> None:
+    """datasets' (tokenising, map) and transformers' ("Loading weights") progress bars on
+    rank 0 at a terminal only: in a log file each is one line of \r-joined updates, and on
+    every rank they repeat once per process."""
+    import datasets
+    import transformers
+
+    if show:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
 
 
 class JSONLTracker(GeneralTracker):
