@@ -1,5 +1,6 @@
 """End to end through the command line, as a user runs it, on the tiny Llama."""
 
+import hashlib
 import json
 import os
 import re
@@ -71,6 +72,13 @@ def test_train_py_single_process_end_to_end(tmp_path, tiny_dir):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"))
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     assert sum("lora_A" in n for n, _ in model.named_parameters()) == 5
+    # Its model card: how it was launched, the data's bytes, the final eval.
+    card = (out / "adapter/README.md").read_text()
+    digest = hashlib.sha256((tiny_dir / "data/train.jsonl").read_bytes()).hexdigest()[:16]
+    final = [m for m in metrics if "eval_loss" in m][-1]["eval_loss"]
+    assert "| launcher | one process: `python train.py --config" in card, card
+    assert f"{(tiny_dir / 'data/train.jsonl').resolve()}` (" in card and f"sha256 {digest})" in card
+    assert f"| final eval loss | {final:.4f} (perplexity" in card
     assert sorted(model.peft_config["default"].target_modules) == sorted(report["kept"])
     with model.disable_adapter(), torch.no_grad():
         plain = model(input_ids=torch.tensor([[5, 6, 7]])).logits
@@ -143,6 +151,10 @@ def test_accelerate_launch_runs_the_configured_backend_on_two_processes(launched
     assert proc.stderr.count("tokenised data: ") == 1 and "cannot see rank 0's" not in proc.stderr
     # Known third-party noise is filtered at its source (ZeRO-3's collectives warned hundreds of times).
     assert "FutureWarning" not in proc.stderr and "built successfully" not in proc.stdout + proc.stderr
+    # The model card names the launcher with its command line.
+    card = (out / "adapter/README.md").read_text()
+    launcher = "the deepspeed launcher: `deepspeed --num_gpus 2" if launch == "deepspeed" else "accelerate launch: `"
+    assert f"| launcher | {launcher}" in card and "--config_file" * (launch != "deepspeed") in card, card
     assert "kept 4 adapters" in proc.stdout
     assert (out / "adapter/adapter_model.safetensors").exists()
     report = json.loads((out / "report/selection-final.json").read_text())

@@ -50,9 +50,11 @@ def save_outputs(
     optimizer_step: int,
     per_rank: dict[str, Any],
     report_extra: dict[str, Any],
+    card: dict[str, Any] | None = None,
 ) -> None:
     """Collective. ``per_rank``: this rank's figures for the final report (its bytes
-    before / after the prune event, the prune seconds)."""
+    before / after the prune event, the prune seconds); ``card``: more rows for the model
+    card (the launcher, the data, the final eval)."""
     state = wl.export_state(backend.gather_full)
     ranks = gather_objects(
         {"global_rank": env.global_rank, **per_rank, "base_bytes": base_bytes_by_dtype(wl.peft_model)}
@@ -85,6 +87,7 @@ def save_outputs(
             "optimizer steps": optimizer_step,
             "backend": f"{backend.name}, world size {env.world_size}",
             "command": "`" + " ".join(shlex.quote(a) for a in sys.argv) + "`",
+            **(card or {}),
         }
         save_peft_adapter(state, wl, adapter_dir, model_path, summary)
         logger.info("adapter (peft format) -> %s ; selection report -> %s", adapter_dir, report_dir)

@@ -245,8 +245,22 @@ class Trainer:
             cfg.train.max_steps,
             {**self.memory, "prune_seconds": self.prune_seconds},
             {"rounds": self.rounds_log},
+            self._card_rows(final_eval) if self.env.is_main else None,
         )
         return self._result(history, eval_loss=final_eval.get("eval_loss"))
+
+    def _card_rows(self, final_eval: dict) -> dict[str, str]:
+        """The model card's record of where the adapter came from."""
+        from wlora_dist.training.provenance import data_fingerprints, launcher_description
+
+        data = self.cfg.data
+        rows = {"launcher": launcher_description()}
+        rows["training data"] = "<br>".join(data_fingerprints(data.train)) or "batches passed in"
+        if data.eval:
+            rows["eval data"] = "<br>".join(data_fingerprints(data.eval))
+        if final_eval:
+            rows["final eval loss"] = f"{final_eval['eval_loss']:.4f} (perplexity {final_eval['eval_ppl']:.2f})"
+        return rows
 
     def train_step(self, step: int) -> dict:
         """Optimizer step ``step`` (1-based), then the layout change the schedule puts after it."""
