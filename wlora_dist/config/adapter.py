@@ -22,6 +22,9 @@ class AdapterConfig(Section):
     lora_rank: Annotated[int, at_least(1)] = field(8, "LoRA rank r of every adapter.")
     lora_alpha: Float = field(32.0, "LoRA alpha; the adapter output is scaled by alpha / r.")
     lora_dropout: Annotated[Float, in_unit()] = field(0.0, "Dropout on the adapter input (peft's lora_dropout).")
+    use_rslora: bool = field(
+        False, "rsLoRA: scale the adapter output by alpha / sqrt(r) instead of alpha / r (peft's use_rslora)."
+    )
     target_modules: Annotated[StrList, check(bool, "is empty; name at least one linear, e.g. [q_proj, v_proj]")] = (
         field(
             [*LLAMA_LINEARS, *FUSED_LINEARS],

@@ -14,6 +14,11 @@ class OptimConfig(Section):
         FloatList, check(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)")
     ] = field([0.9, 0.999], "AdamW betas.")
     eps: Float = field(1e-8, "AdamW epsilon.")
+    loraplus_lr_ratio: Annotated[Float, at_least(0)] = field(
+        1.0,
+        "LoRA+: the learning rate of every lora_B is optim.lr times this (the LoRA+ paper suggests 16); 1 = plain "
+        "LoRA. FSDP2 and the replicated backend (not DeepSpeed ZeRO, whose engine owns the parameter groups).",
+    )
     max_grad_norm: Annotated[Float, at_least(0, "0 disables clipping")] = field(
         1.0, "Clip the adapters' gradient norm to this; 0 disables."
     )

@@ -114,20 +114,29 @@ class Backend(ABC):
         self._rebuild_optimizer(wl.trainable_parameters(), keep_state)
 
     def build_optimizer(self, params: list[nn.Parameter]) -> None:
+        """AdamW over ``params`` (WeightLoRA.trainable_parameters: A, B of each kept adapter
+        in turn). Under LoRA+ (optim.loraplus_lr_ratio != 1) the B matrices are a group of
+        their own whose learning rate is the schedule's times the ratio (``lr_scale``)."""
         c = self.optim_cfg
+        ratio = c.loraplus_lr_ratio
+        groups = [{"params": params, "lr_scale": 1.0}]
+        if ratio != 1.0:
+            groups = [{"params": params[0::2], "lr_scale": 1.0}, {"params": params[1::2], "lr_scale": ratio}]
         self.optimizer = torch.optim.AdamW(
-            params, lr=c.lr, betas=(c.betas[0], c.betas[1]), eps=c.eps, weight_decay=c.weight_decay
+            groups, lr=c.lr, betas=(c.betas[0], c.betas[1]), eps=c.eps, weight_decay=c.weight_decay
         )
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.lr * group["lr_scale"]
 
     def _rebuild_optimizer(self, kept: list[nn.Parameter], keep_state: bool) -> None:
         """A new AdamW over ``kept`` at the current LR; Adam state carried over if asked."""
         old = self.optimizer
         assert old is not None
-        lr = old.param_groups[0]["lr"]
+        lr = old.param_groups[0]["lr"] / old.param_groups[0].get("lr_scale", 1.0)
         self.build_optimizer(kept)
         assert self.optimizer is not None
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         if keep_state:
             for p in kept:
                 if p in old.state:
@@ -162,7 +171,7 @@ class Backend(ABC):
         assert self.optimizer is not None
         norm = self.clip_grad_norm(max_grad_norm, extra_norm)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.step()
         return norm
 

@@ -215,6 +215,15 @@ def merge_deepspeed(ours: dict, user: dict) -> dict:
 
 def check_backend_supports(cfg: RunConfig, spec: BackendSpec) -> None:
     """Settings one backend cannot honour, refused before anything is built."""
+    if spec.kind == "zero" and cfg.optim.loraplus_lr_ratio != 1.0:
+        raise ConfigError(
+            [
+                f"optim.loraplus_lr_ratio: {cfg.optim.loraplus_lr_ratio:g} (LoRA+) needs its own parameter group for "
+                "the B matrices, and DeepSpeed ZeRO's engine builds the groups itself; use distributed.backend: fsdp2 "
+                "(or replicated), or set optim.loraplus_lr_ratio: 1"
+            ],
+            "optim",
+        )
     if spec.kind == "zero" and cfg.selection.clip_gates:
         raise ConfigError(
             [

@@ -20,6 +20,7 @@ is never sharded or partitioned; the trainer all-reduces its gradient by hand.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,6 +124,7 @@ class WeightLoRA:
             r=cfg.lora_rank,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
+            use_rslora=cfg.use_rslora,
             target_modules=names,  # exact names: peft matches a full name exactly
             bias="none",
             task_type="CAUSAL_LM",
@@ -283,13 +285,18 @@ class WeightLoRA:
         ranks = {s.name: self.lora_rank(s) for s in kept}
         main_rank, alpha = self.lora_config.r, self.lora_config.lora_alpha
         rank_pattern = {name: r for name, r in ranks.items() if r != main_rank}
-        # alpha_i = scaling_i * r_i keeps each adapter's trained scaling (alpha / r).
-        alphas = {s.name: float(self.lora_layer(s).scaling[ADAPTER]) * ranks[s.name] for s in kept}
+        # alpha_i = scaling_i * r_i (rsLoRA: * sqrt(r_i)) keeps each adapter's trained scaling.
+        rs = bool(self.lora_config.use_rslora)
+        alphas = {
+            s.name: float(self.lora_layer(s).scaling[ADAPTER]) * (math.sqrt(ranks[s.name]) if rs else ranks[s.name])
+            for s in kept
+        }
         alpha_pattern = {name: a for name, a in alphas.items() if abs(a - alpha) > 1e-9 * max(1.0, alpha)}
         return LoraConfig(
             r=main_rank,
             lora_alpha=alpha,
             lora_dropout=self.lora_config.lora_dropout,
+            use_rslora=rs,
             target_modules=sorted(ranks, key=natural_key),
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,

@@ -58,7 +58,10 @@ def build_on_meta(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
     config = _hf_config(cfg)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
+            config,
+            dtype=resolve_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
         )
     quantize_linears(model, cfg)
     return _finish(model, cfg)
@@ -86,7 +89,10 @@ def build_zero3_partitioned(cfg: ModelConfig, device: torch.device, ds_config: d
     config = _hf_config(cfg)
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = AutoModelForCausalLM.from_config(
-            config, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
+            config,
+            dtype=resolve_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
         )
         quantize_linears(model, cfg)
     return _finish(model, cfg)

@@ -67,6 +67,7 @@ def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str]]:
     if problem:
         problems.append(problem)
     check(check_trackers, cfg.log.trackers)
+    check(check_attention, cfg.model.attn_implementation)
     _, data_ok = check(_check_data_files, cfg)
     _, model_ok = check(check_model_path, cfg.model.path)
     found = None
@@ -175,6 +176,18 @@ def first_rows(source: str, n: int) -> list[dict] | None:
         with open(path, encoding="utf-8", errors="replace") as f:
             return [{"text": line.rstrip("\n")} for _, line in zip(range(n), f, strict=False)]
     return None
+
+
+def check_attention(name: str) -> None:
+    """flash_attention_2 needs the flash-attn package (and a GPU: transformers says so at load)."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            [
+                "model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn "
+                "--no-build-isolation, on a machine with CUDA); or use sdpa, PyTorch's own fused attention"
+            ],
+            "model",
+        )
 
 
 _TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow-skinny")}
