@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may download
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The shared tokenised-data cache (paths.default_data_cache): one per test session, not ~/.cache.
+os.environ.setdefault("WLORA_DATA_CACHE", tempfile.mkdtemp(prefix="wlora-data-cache-"))
 
 from wlora_dist.model.tiny import make_model, make_tokenizer, write_default  # noqa: E402
 from wlora_dist.training.trainer import Trainer  # noqa: E402

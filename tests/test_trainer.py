@@ -110,6 +110,7 @@ def test_epochs_with_packed_instruction_rows_through_the_chat_template(tiny_dir,
     raw["selection"]["steps_fraction"] = 0.25
     raw["optim"] = {"lr": 5e-3, "warmup_ratio": 0.2}
     raw["data"] = {"train": [str(f)], "eval_fraction": 0, "format": "instruction", "packing": True, "seq_len": 256}
+    raw["data"]["cache_dir"] = str(tmp_path / "cache")  # this run's copy alone
     trainer = Trainer(config_from_dict(raw), init_distributed())
     seen = []
     trainer.setup()
@@ -119,7 +120,7 @@ def test_epochs_with_packed_instruction_rows_through_the_chat_template(tiny_dir,
         result = trainer.train()
     finally:
         trainer.cleanup()
-    cache = next((tmp_path / "run/data_cache").iterdir())
+    cache = next((tmp_path / "cache").iterdir())
     import datasets
 
     packed = datasets.load_from_disk(str(cache / "train"))
@@ -129,3 +130,27 @@ def test_epochs_with_packed_instruction_rows_through_the_chat_template(tiny_dir,
     assert trainer.cfg.selection.steps == round(0.25 * 2 * per_epoch)
     assert trainer.cfg.optim.warmup_steps == round(0.2 * 2 * per_epoch)
     assert seen[0] == ["input_ids", "labels", "position_ids"]
+
+
+def test_two_runs_of_the_same_data_in_different_folders_tokenise_once(tiny_dir, tmp_path, monkeypatch, caplog):
+    """The tokenised copy lives in the shared cache (not in output.dir): a second run of the
+    same data and tokenizer reads the first one's copy; the cache is $WLORA_DATA_CACHE,
+    else $XDG_CACHE_HOME/wlora_dist/data."""
+    import logging
+
+    from wlora_dist.paths import default_data_cache
+
+    monkeypatch.setenv("WLORA_DATA_CACHE", str(tmp_path / "shared"))
+    caplog.set_level(logging.INFO, logger="wlora_dist")
+    for name in ("first", "second"):
+        cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / name))
+        trainer = Trainer(cfg, init_distributed())
+        trainer.setup()
+        trainer.cleanup()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenised data:")]
+    assert len(said) == 2 and " saved in " in said[0] and said[1].startswith("tokenised data: reusing"), said
+    assert str(tmp_path / "shared") in said[1] and len(list((tmp_path / "shared").iterdir())) == 1
+    assert not (tmp_path / "first/data_cache").exists()
+    monkeypatch.delenv("WLORA_DATA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_data_cache() == tmp_path / "xdg/wlora_dist/data"

@@ -16,3 +16,14 @@ def looks_local(source: str) -> bool:
         or os.path.exists(os.path.expanduser(source))
         or source.count("/") > 1  # hub ids are "name" or "org/name"
     )
+
+
+def default_data_cache() -> Path:
+    """Where tokenised data goes when data.cache_dir is empty: one copy per dataset (the
+    key covers the rows' fingerprints, the tokenizer and the data settings), shared by
+    every run and output folder. $WLORA_DATA_CACHE, else $XDG_CACHE_HOME/wlora_dist/data,
+    else ~/.cache/wlora_dist/data."""
+    if os.environ.get("WLORA_DATA_CACHE"):
+        return Path(os.path.expanduser(os.environ["WLORA_DATA_CACHE"]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "wlora_dist" / "data"

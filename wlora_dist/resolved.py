@@ -14,6 +14,7 @@ the preflight checks and the trainer; the trainer sizes it from its data
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 from wlora_dist.config import ConfigError, RunConfig, validate
 from wlora_dist.distributed.spec import BackendSpec, check_backend_supports, read_user_deepspeed_json, resolve_backend
+from wlora_dist.paths import default_data_cache
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class RunPaths:
     report: Path  # selection reports
     checkpoints: Path  # checkpoint.dir, or <output.dir>/checkpoints
     logs: Path  # metrics.jsonl, tensorboard, trackers' ids
-    data_cache: Path  # the tokenised data (data.cache_dir, or <output.dir>/data_cache)
+    data_cache: Path  # the tokenised data (data.cache_dir, or the shared cache: paths.default_data_cache)
 
     @classmethod
     def of(cls, cfg: RunConfig) -> RunPaths:
@@ -44,7 +46,7 @@ class RunPaths:
             report=out / "report",
             checkpoints=Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out / "checkpoints",
             logs=out / "logs",
-            data_cache=Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "data_cache",
+            data_cache=Path(os.path.expanduser(cfg.data.cache_dir)) if cfg.data.cache_dir else default_data_cache(),
         )
 
 

@@ -40,5 +40,7 @@ class DataConfig(Section):
     cache_dir: str = field(
         "",
         "Where rank 0 writes the tokenised data (datasets' Arrow files, keyed by data, tokenizer and these "
-        "settings) for every rank to read, and a rerun or resume to reuse; empty = <output.dir>/data_cache.",
+        "settings) for every rank to read, and any later run of the same data to reuse; empty = the shared cache "
+        "$WLORA_DATA_CACHE, else $XDG_CACHE_HOME/wlora_dist/data, else ~/.cache/wlora_dist/data. On several "
+        "nodes: a folder every node sees.",
     )
