@@ -283,7 +283,7 @@ def wandb_records(run_dir: Path) -> dict[str, list]:
     (path,) = run_dir.glob("*.wandb")
     data = path.read_bytes()
     assert data[:4] == b":W&B", path
-    out: dict[str, list] = {"history": [], "config": []}
+    out: dict[str, list] = {"history": [], "config": [], "artifacts": [], "exit": [], "preempting": []}
     pos, piece, block = 7, b"", 32768
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # block trailer: padding
@@ -304,4 +304,10 @@ def wandb_records(run_dir: Path) -> dict[str, list]:
             elif which in ("config", "run"):
                 items = record.config.update if which == "config" else record.run.config.update
                 out["config"] += [(i.key, json.loads(i.value_json)) for i in items]
+            elif which == "artifact":
+                out["artifacts"].append((record.artifact.name, record.artifact.type))
+            elif which == "exit":
+                out["exit"].append(record.exit.exit_code)
+            elif which == "preempting":
+                out["preempting"].append(True)
     return out

@@ -76,3 +76,59 @@ def test_trackers_are_checked_before_anything_loads(monkeypatch, tmp_path):
         check_trackers(["wandb"])
     monkeypatch.setenv("WANDB_MODE", "offline")
     check_trackers(["wandb"])
+
+
+def _results(tmp_path):
+    """An adapter folder and a report folder with a heat map, as a finished run leaves them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adapter, report = tmp_path / "run/adapter", tmp_path / "run/report"
+    adapter.mkdir(parents=True)
+    report.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (report / "selection-final.json").write_text("{}")
+    fig = plt.figure(figsize=(1, 1))
+    plt.imshow([[0.0, 1.0], [1.0, 0.0]])
+    fig.savefig(report / "gates-prune.png")
+    plt.close(fig)
+    return adapter, report
+
+
+@pytest.mark.parametrize(
+    ("outcome", "mlflow_status", "wandb_exit"),
+    [("finished", "FINISHED", 0), ("stopped", "KILLED", 0), ("failed", "FAILED", 1)],
+)
+def test_trackers_hold_the_results_and_how_the_run_ended(tmp_path, offline, outcome, mlflow_status, wandb_exit):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "run/logs"
+    adapter, report = _results(tmp_path)
+    logger = RunLogger(LogConfig(trackers=["wandb", "mlflow", "tensorboard"], every=1), log_dir, 2, True, RUN_CONFIG)
+    logger.step(1, {"loss": 3.0, "gates_nonzero": 14}, {})
+    logger.step(2, {"loss": 2.0, "prune_seconds": 0.1, "kept": 4, "gates_nonzero": 4}, {})
+    if outcome == "finished":
+        logger.artifacts(adapter, report, 2)
+    logger.close(outcome)
+
+    client = MlflowClient(tracking_uri=mlflow_local_uri(log_dir))
+    run = client.get_run((log_dir / "mlflow_run_id").read_text())
+    assert run.info.status == mlflow_status
+    assert run.data.metrics["selection/gates_nonzero"] == 4  # the state after the prune event, not a stale 14
+    (folder,) = [p for p in (log_dir / "wandb").iterdir() if p.name.startswith("offline-run-")]
+    records = wandb_records(folder)
+    assert records["exit"] == [wandb_exit] and bool(records["preempting"]) == (outcome == "stopped")
+    if outcome != "finished":
+        return
+    listed = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    listed |= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert listed == {"adapter/adapter_config.json", "report/selection-final.json", "report/gates-prune.png"}
+    assert sorted(t for _, t in records["artifacts"]) == ["model", "selection-report"]
+    assert any(k.startswith("selection/gates-prune/") for row in records["history"] for k in row), records["history"]
+    (events,) = (log_dir / "tensorboard").rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    assert "selection/gates-prune" in acc.Tags()["images"]

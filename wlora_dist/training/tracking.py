@@ -190,7 +190,8 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(postfix, refresh=False)
-        if optimizer_step % self.cfg.every == 0 or optimizer_step == 1:
+        layout_event = "prune_seconds" in metrics or "round_seconds" in metrics  # always in the record
+        if optimizer_step % self.cfg.every == 0 or optimizer_step == 1 or layout_event:
             self.track(optimizer_step, metrics)
             log.info("%s | %s", self.progress(optimizer_step), " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
 
@@ -220,11 +221,62 @@ class RunLogger:
             self.bar.clear()
         log.info(msg, *args)
 
-    def close(self) -> None:
+    def artifacts(self, adapter_dir: Path, report_dir: Path, optimizer_step: int) -> None:
+        """The run's results in its trackers: the adapter folder and the selection reports
+        (JSON, heat maps) as artifacts in MLflow and W&B, the heat maps as images in W&B
+        and TensorBoard. A tracker that fails here is logged, not fatal (the files exist)."""
+        if not self.is_main:
+            return
+        images = sorted(report_dir.glob("gates-*.png"))
+        for t in self.trackers:
+            try:
+                _log_artifacts(t, adapter_dir, report_dir, images, optimizer_step)
+            except Exception as e:  # a tracker's upload must not fail a finished run
+                log.warning("%s: could not log the adapter / reports as artifacts (%s)", t.name, e)
+
+    def close(self, outcome: str = "finished") -> None:
+        """End the trackers' runs as the run ended: ``finished``; ``stopped`` (a signal,
+        resumable: MLflow KILLED, W&B preempted); ``failed`` (MLflow FAILED, W&B exit 1)."""
         if self.bar is not None:
             self.bar.close()
         for t in self.trackers:
-            t.finish()
+            if outcome == "finished":
+                t.finish()
+            elif t.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status="KILLED" if outcome == "stopped" else "FAILED")
+            elif t.name == "wandb":
+                if outcome == "stopped":
+                    t.run.mark_preempting()
+                t.run.finish(exit_code=0 if outcome == "stopped" else 1)
+            else:
+                t.finish()
+
+
+def _log_artifacts(t: GeneralTracker, adapter_dir: Path, report_dir: Path, images: list[Path], step: int) -> None:
+    if t.name == "mlflow":
+        import mlflow
+
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+        mlflow.log_artifacts(str(report_dir), "report")
+    elif t.name == "wandb":
+        import wandb
+
+        run = t.run
+        for folder, kind in ((adapter_dir, "model"), (report_dir, "selection-report")):
+            artifact = wandb.Artifact(f"{folder.name}-{run.id}", type=kind)
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact)
+        if images:  # with the last step's row
+            run.log({f"selection/{p.stem}": wandb.Image(str(p)) for p in images})
+    elif t.name == "tensorboard":
+        import matplotlib.image
+
+        for p in images:
+            pixels = matplotlib.image.imread(str(p))[..., :3]  # RGBA floats in [0, 1] -> RGB
+            t.writer.add_image(f"selection/{p.stem}", pixels, step, dataformats="HWC")
+        t.writer.flush()
 
 
 SELECTION_METRICS = ("gate_grad_norm", "gates_nonzero", "kept", "prune_seconds", "round_seconds")

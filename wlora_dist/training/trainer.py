@@ -59,6 +59,7 @@ class Trainer:
         self.env, self.callbacks = env, list(callbacks)
         self.handle_signals = handle_signals
         self.memory: dict[str, dict[str, int]] = {}  # trainable / optimizer bytes before / after the prune
+        self.outcome = "failed"  # what the trackers are told at cleanup: finished / stopped / failed
         self.steps_per_epoch: int | None = None  # optimizer steps in one pass over data.train (None: batches given)
         self.layout_events: list[LayoutEvent] = []  # rounds, the prune event, a resume
         self.rounds_log: list[dict] = []  # WeightLoRA+: kept set and rank after each round
@@ -229,6 +230,7 @@ class Trainer:
                     step,
                     path,
                 )
+                self.outcome = "stopped"
                 return self._result(history, stopped_at=step, checkpoint=path)
         final_eval = self.evaluate()
         if final_eval:
@@ -247,6 +249,8 @@ class Trainer:
             {"rounds": self.rounds_log},
             self._card_rows(final_eval) if self.env.is_main else None,
         )
+        self.logger.artifacts(self.run.paths.adapter, self.run.paths.report, cfg.train.max_steps)
+        self.outcome = "finished"
         return self._result(history, eval_loss=final_eval.get("eval_loss"))
 
     def _card_rows(self, final_eval: dict) -> dict[str, str]:
@@ -268,6 +272,9 @@ class Trainer:
         change = self.selector.change_at(step)
         if change is not None:
             metrics["prune_seconds" if change.kind == "prune" else "round_seconds"] = self._change_layout(change)
+            # The state after the event (trackers' summaries keep the last value logged).
+            metrics["kept"] = int(self.wl.kept.sum())
+            metrics["gates_nonzero"] = int((self.wl.gates != 0).sum())
         return metrics
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -425,4 +432,4 @@ class Trainer:
     def cleanup(self) -> None:
         if self.saves is not None:
             self.saves.stopper.uninstall()
-        self.logger.close()
+        self.logger.close(self.outcome)
