@@ -219,7 +219,7 @@ def _start(cfg: dict, log: Path) -> subprocess.Popen:
 def _wait_for_step(log: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if f"step {step} |" in log.read_text():
+        if f"step {step}/" in log.read_text():
             return
         assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.02)

@@ -220,6 +220,6 @@ def test_help_lists_config_fields():
 def test_wrong_column_is_a_clear_error_before_training(tmp_path, tiny_dir):
     cfg, out = _write_cfg(tmp_path, tiny_dir)
     proc = _run([sys.executable, "train.py", "--config", str(cfg), "data.text_field=body"])
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # the preflight's (its first rows read before anything loads)
     assert "column 'body' (data.text_field) not in the data" in proc.stderr
     assert "Traceback" not in proc.stderr and not (out / "adapter").exists()

@@ -64,7 +64,9 @@ def test_too_long_rows_error_names_the_row_unless_truncating(tmp_path):
 def test_wrong_column_names_the_field_and_the_columns(tmp_path):
     f = _jsonl(tmp_path / "t.jsonl", [{"body": "abc"}])
     with pytest.raises(DataError, match=r"column 'text' \(data.text_field\).*columns are \['body'\]"):
-        tokenize(load_rows([str(f)]), TOK, DataConfig(train=[str(f)]))
+        tokenize(load_rows([str(f)]), TOK, DataConfig(train=[str(f)], format="text"))
+    with pytest.raises(DataError, match=r"columns \['body'\]: no known format .*data\.text_field"):
+        tokenize(load_rows([str(f)]), TOK, DataConfig(train=[str(f)]))  # format auto
 
 
 def test_missing_empty_and_non_utf8_files(tmp_path):

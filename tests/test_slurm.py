@@ -124,7 +124,7 @@ def test_preemption_signal_checkpoints_requeues_and_the_requeued_job_resumes(tin
     job = _sbatch("single_node.sbatch", tmp_path, env, str(cfg), wait=False)
     log = tmp_path / "wlora-77.out"
     try:
-        _wait_for(log, "step 12 |", job)
+        _wait_for(log, "step 12/", job)
         os.kill(int((tmp_path / "shim/batch.pid").read_text()), signal.SIGUSR1)
         assert job.wait(timeout=180) == 0, log.read_text()[-3000:]
     finally:
@@ -191,7 +191,7 @@ def test_hsdp_on_two_nodes_survives_a_node_failure_by_requeue(tiny_dir, tmp_path
     job = _sbatch("multi_node.sbatch", tmp_path, env, str(cfg(tmp_path)), "distributed.backend=fsdp2", wait=False)
     log = tmp_path / "wlora-51.out"
     try:
-        _wait_for(log, "step 5 |", job)
+        _wait_for(log, "step 5/", job)
         for pid in _descendants(int((tmp_path / "shim/node1.pid").read_text())):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from wlora_dist.config.fields import Float, Section, StrList, at_least, field, in_unit
+from wlora_dist.config.fields import Float, FloatList, Section, StrList, at_least, field, in_unit
 
 
 class DataConfig(Section):
@@ -13,8 +13,17 @@ class DataConfig(Section):
     eval_fraction: Annotated[Float, in_unit()] = field(
         0.05, "Share of the training rows held out when no eval data is given."
     )
-    format: Literal["text", "instruction", "chat"] = field(
-        "text", "text: causal LM packed to seq_len; instruction: loss on the response only; chat: messages."
+    format: Literal["auto", "text", "instruction", "chat"] = field(
+        "auto",
+        "auto: told from each source's columns (text first; then messages; ShareGPT conversations with from/value; "
+        "TRL prompt + completion; prompt + response; Alpaca instruction + input + output), the choice logged; text: "
+        "causal LM packed to seq_len; instruction: loss on the response only; chat: messages (loss on the "
+        "assistant turns).",
+    )
+    weights: FloatList = field(
+        [],
+        "One per data.train source: its share of the training rows (a source resampled, seeded, to that share "
+        "of all the rows); empty = every row once.",
     )
     text_field: str = field("text", "Column with the text (format=text).")
     prompt_field: str = field("prompt", "Column with the prompt (format=instruction).")

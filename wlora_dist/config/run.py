@@ -42,6 +42,12 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("model.path: empty; set it to an HF model folder or hub id")
     if not cfg.data.train:
         p.append("data.train: empty; give a data file, dataset folder or hub id")
+    d = cfg.data
+    if d.weights and (len(d.weights) != len(d.train) or any(w <= 0 for w in d.weights)):
+        p.append(
+            f"data.weights: {d.weights} must be one number > 0 per data.train source ({len(d.train)} given); "
+            "or leave it empty for every row once"
+        )
     p += cfg.selection.problems() + cfg.distributed.zero.problems()
     s, o, t = cfg.selection, cfg.optim, cfg.train
     sized_later = t.epochs > 0  # max_steps follows from the data (size_run)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from wlora_dist.config import DataConfig
 from wlora_dist.data import cache as data_cache
-from wlora_dist.data.rows import IGNORE, DataError, load_rows
+from wlora_dist.data.rows import IGNORE, DataError
 from wlora_dist.data.tokens import tokenize
 from wlora_dist.errors import UserError
 
@@ -111,10 +111,15 @@ def forever(loader: DataLoader, start: int = 0) -> Iterator[dict[str, torch.Tens
 
 
 def train_eval_split(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Raw train rows and eval rows (given, or split off before packing so nothing leaks)."""
-    train = load_rows(cfg.train, cfg.split)
+    """Train rows and eval rows (given, or split off before packing so nothing leaks),
+    each source's format told from its columns and brought to one shape (data/formats.py),
+    the training sources mixed by data.weights."""
+    from wlora_dist.data.formats import load_sources
+
+    train, _, names = load_sources(cfg, cfg.train, seed, cfg.weights or None)
+    log.info("data format: %s", "; ".join(names))
     if cfg.eval:
-        return train, load_rows(cfg.eval, cfg.split)
+        return train, load_sources(cfg, cfg.eval, seed)[0]
     if cfg.eval_fraction <= 0 or len(train) < 2:
         return train, None
     parts = train.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
@@ -124,8 +129,16 @@ def train_eval_split(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, data
 def _tokenise_pair(
     cfg: DataConfig, tokenizer: Any, train_rows: datasets.Dataset, eval_rows: datasets.Dataset | None
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    train = tokenize(train_rows, tokenizer, cfg, cfg.train)
-    return train, None if eval_rows is None else tokenize(eval_rows, tokenizer, cfg, cfg.eval or cfg.train)
+    from wlora_dist.data.formats import canonical, normalised_format
+
+    rows_cfg = canonical(cfg, normalised_format(train_rows.column_names))
+    if eval_rows is not None and normalised_format(eval_rows.column_names) != rows_cfg.format:
+        raise DataError(
+            f"data.eval is {normalised_format(eval_rows.column_names)} data, data.train {rows_cfg.format}: give "
+            "held-out rows of the training data's kind"
+        )
+    train = tokenize(train_rows, tokenizer, rows_cfg, cfg.train)
+    return train, None if eval_rows is None else tokenize(eval_rows, tokenizer, rows_cfg, cfg.eval or cfg.train)
 
 
 def tokenise_once(

@@ -109,6 +109,7 @@ def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
     model has loaded. Hub datasets are checked when they load."""
     import datasets
 
+    from wlora_dist.data.formats import canonical, detect, normalise
     from wlora_dist.data.rows import ROW, SOURCE, _require_columns
     from wlora_dist.data.tokens import tokenize
 
@@ -123,13 +124,18 @@ def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
                 raise DataError(f"{source} ({field}): no rows; check the file is not empty")
             tagged = [{**row, SOURCE: 0, ROW: i} for i, row in enumerate(rows)]  # errors name the file's row
             ds = datasets.Dataset.from_list(tagged)
-            if cfg.data.format == "text":  # packed: a few rows need not fill one sequence
+            shape = detect(ds.column_names, cfg.data)
+            if shape.format == "text":  # packed: a few rows need not fill one sequence
                 _require_columns(ds, [cfg.data.text_field], ["text_field"])
                 bad = [i for i, r in enumerate(rows) if not isinstance(r.get(cfg.data.text_field), str)]
                 if bad:
                     raise DataError(f"{source} row {bad[0]}: data.text_field {cfg.data.text_field!r} is not text")
                 continue
-            tokenize(ds, tokenizer, cfg.data, [source])
+            if cfg.data.format == "auto":
+                ds = normalise(ds, shape, cfg.data)
+                tokenize(ds, tokenizer, canonical(cfg.data, shape.format), [source])
+            else:
+                tokenize(ds, tokenizer, cfg.data, [source])
 
 
 def first_rows(source: str, n: int) -> list[dict] | None:
