@@ -104,3 +104,23 @@ def test_weights_must_match_the_sources():
 
     with pytest.raises(ConfigError, match=r"data.weights: \[1.0\] must be one number > 0 per data.train source"):
         config_from_dict({"model": {"path": "m"}, "data": {"train": ["a.jsonl", "b.jsonl"], "weights": [1]}})
+
+
+def test_preview_prints_rows_with_the_trained_tokens_marked(tiny_dir, tmp_path, capsys):
+    import yaml
+
+    from wlora_dist.cli import main
+
+    from .conftest import tiny_config_dict
+
+    share = _jsonl(tmp_path / "s.jsonl", ROWS["sharegpt"] * 3)
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run")
+    cfg["data"] = {"train": [share], "seq_len": 128}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["preview", "--config", str(path), "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"== {share}: ShareGPT conversations" in out and "-> data.format chat" in out
+    assert out.count("-- row ") == 2 and "[[yo" in out and "[[hi" not in out, out
+    assert main(["preview", "--config", str(path), "--rows", "1", "--ids"]) == 0
+    assert "*" in capsys.readouterr().out

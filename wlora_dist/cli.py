@@ -168,6 +168,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from wlora_dist.data.preview import cmd_preview
+
+    return cmd_preview(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="wlora-dist", description="WeightLoRA fine-tuning, distributed.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -209,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("selection_json")
     r.add_argument("--out", help="PNG path (default: next to the JSON)")
     add_plan_parser(sub)
+    from wlora_dist.data.preview import add_preview_parser
+
+    add_preview_parser(sub)
     c = sub.add_parser(
         "config",
         help="list every config field, or --check YAML files",
@@ -242,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": cmd_report,
         "config": cmd_config,
         "plan": cmd_plan,
+        "preview": _cmd_preview,
     }
     try:
         return handlers[args.command](args)
