@@ -151,6 +151,11 @@ def test_accelerate_launch_runs_the_configured_backend_on_two_processes(launched
     assert proc.stderr.count("tokenised data: ") == 1 and "cannot see rank 0's" not in proc.stderr
     # Known third-party noise is filtered at its source (ZeRO-3's collectives warned hundreds of times).
     assert "FutureWarning" not in proc.stderr and "built successfully" not in proc.stdout + proc.stderr
+    # Without a terminal (as under SLURM): the run length, then step N/M lines with epoch,
+    # elapsed and ETA; no third-party bar (each one a \r-joined line in a file), once per rank.
+    assert re.search(r"run length: 8 optimizer steps \([0-9.]+ epochs of \d+ steps\), 8 rows per step", proc.stderr)
+    assert re.search(r"step 8/8 \| epoch \d+\.\d\d \| elapsed \d:\d\d:\d\d \| eta 0:00:00 \| loss=", proc.stderr)
+    assert "\r" not in proc.stderr and "Loading weights" not in proc.stderr
     # The model card names the launcher with its command line.
     card = (out / "adapter/README.md").read_text()
     launcher = "the deepspeed launcher: `deepspeed --num_gpus 2" if launch == "deepspeed" else "accelerate launch: `"
@@ -220,6 +225,6 @@ def test_help_lists_config_fields():
 def test_wrong_column_is_a_clear_error_before_training(tmp_path, tiny_dir):
     cfg, out = _write_cfg(tmp_path, tiny_dir)
     proc = _run([sys.executable, "train.py", "--config", str(cfg), "data.text_field=body"])
-    assert proc.returncode == 2  # the preflight's (its first rows read before anything loads)
+    assert proc.returncode == 1  # found by the preflight (its first rows read before anything loads)
     assert "column 'body' (data.text_field) not in the data" in proc.stderr
     assert "Traceback" not in proc.stderr and not (out / "adapter").exists()

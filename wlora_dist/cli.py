@@ -148,7 +148,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             from wlora_dist.training.preflight import preflight_problems
 
             try:
-                found, more = preflight_problems(resolve_run(cfg))
+                found, more, _ = preflight_problems(resolve_run(cfg))
             except UserError as e:  # the backend or the checkpoint to resume from
                 found, more = None, list(getattr(e, "problems", None) or [str(e)])
             problems += [p for p in more if p not in problems]

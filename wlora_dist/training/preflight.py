@@ -38,10 +38,9 @@ class Preflight:
 class PreflightError(UserError):
     """Every problem the preflight found, one per line (a single one: its own message)."""
 
-    exit_code = 2
-
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], exit_code: int = 2) -> None:
         self.problems = problems
+        self.exit_code = exit_code  # the first problem's own (a config error 2, a missing file 1)
         head = "" if len(problems) == 1 else f"{len(problems)} problems:\n"
         super().__init__(head + "\n".join(f"  - {p}" if len(problems) > 1 else p for p in problems))
 
@@ -50,17 +49,20 @@ def _message(e: UserError) -> list[str]:
     return list(getattr(e, "problems", None) or [str(e)])
 
 
-def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str]]:
-    """Every check, each on its own: (what was found, every problem). A check that needs
-    an earlier one (the model's files for the adapters) is skipped when that one failed."""
+def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str], int]:
+    """Every check, each on its own: (what was found, every problem, the first problem's
+    exit code). A check that needs an earlier one (the model's files for the adapters) is
+    skipped when that one failed."""
     cfg = run.cfg
     problems: list[str] = []
+    codes: list[int] = []
 
     def check(fn, *args):  # type: ignore[no-untyped-def]
         try:
             return fn(*args), True
         except UserError as e:
             problems.extend(p for p in _message(e) if p not in problems)
+            codes.append(e.exit_code)
             return None, False
 
     problem = run.spec.world_problem(int(os.environ.get("WORLD_SIZE", "1")))  # under a launcher
@@ -86,16 +88,18 @@ def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str]]:
                 check(check_data_rows, cfg, tokenizer)
     # A fresh run over an earlier run's checkpoints is refused before anything loads.
     check(check_output_free, cfg, run.paths.adapter, run.paths.checkpoints, run.resume is not None)
-    return found, problems
+    if problem:
+        codes.insert(0, 2)
+    return found, problems, codes[0] if codes else 2
 
 
 def preflight(run: ResolvedRun) -> Preflight:
     """Raise a UserError naming every problem (the field, the file and the fix) found
     before anything is loaded. (The backend, its support of the settings and the
     checkpoint to resume from were decided, and refused where wrong, by resolve_run.)"""
-    found, problems = preflight_problems(run)
+    found, problems, code = preflight_problems(run)
     if problems:
-        raise PreflightError(problems)
+        raise PreflightError(problems, code)
     assert found is not None
     return found
 
