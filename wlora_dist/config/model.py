@@ -15,11 +15,18 @@ class ModelConfig(Section):
         "auto", "Dtype of the frozen base weights; auto = bfloat16 on GPU, float32 on CPU."
     )
     trust_remote_code: bool = field(False, "Allow code from the model folder/hub to run. Off by default.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
-        "sdpa",
-        "Attention kernel (transformers' attn_implementation): sdpa (PyTorch's fused attention), eager, or "
-        "flash_attention_2 (needs the flash-attn package and a GPU).",
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = field(
+        "auto",
+        "Attention kernel (transformers' attn_implementation): auto = transformers' choice for the family (sdpa "
+        "where supported; Gemma 2 eager), sdpa (PyTorch's fused attention), eager, or flash_attention_2 (needs "
+        "the flash-attn package and a GPU).",
     )
+
+    @property
+    def attention(self) -> str | None:
+        """What to pass to transformers as attn_implementation (None: its own choice)."""
+        return None if self.attn_implementation == "auto" else self.attn_implementation
+
     gradient_checkpointing: bool = field(False, "Recompute activations in backward (less memory, ~30% slower).")
     checkpoint_every_n_layers: Annotated[int, at_least(1)] = field(
         1,

@@ -136,7 +136,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
             dtype=resolve_dtype(cfg.dtype, device),
             trust_remote_code=cfg.trust_remote_code,
             use_safetensors=True,  # never unpickle weights
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=cfg.attention,
         )
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:

@@ -61,7 +61,7 @@ def build_on_meta(cfg: ModelConfig, device: torch.device) -> PreTrainedModel:
             config,
             dtype=resolve_dtype(cfg.dtype, device),
             trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=cfg.attention,
         )
     quantize_linears(model, cfg)
     return _finish(model, cfg)
@@ -92,7 +92,7 @@ def build_zero3_partitioned(cfg: ModelConfig, device: torch.device, ds_config: d
             config,
             dtype=resolve_dtype(cfg.dtype, device),
             trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=cfg.attention,
         )
         quantize_linears(model, cfg)
     return _finish(model, cfg)
