@@ -14,11 +14,10 @@ def cmd_preview(args: argparse.Namespace) -> int:
     import datasets
 
     from wlora_dist.data.formats import canonical, detect, load_sources, normalise
-    from wlora_dist.data.rows import ROW, SOURCE, DataError
+    from wlora_dist.data.rows import ROW, SOURCE, DataError, first_rows
     from wlora_dist.data.tokens import tokenize
     from wlora_dist.model.loading import load_tokenizer
     from wlora_dist.noise import silence_known_noise
-    from wlora_dist.training.preflight import first_rows
 
     silence_known_noise()
     datasets.disable_progress_bars()

@@ -114,7 +114,7 @@ def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
     import datasets
 
     from wlora_dist.data.formats import canonical, detect, normalise
-    from wlora_dist.data.rows import ROW, SOURCE, _require_columns
+    from wlora_dist.data.rows import ROW, SOURCE, _require_columns, first_rows
     from wlora_dist.data.tokens import tokenize
 
     for field, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
@@ -140,52 +140,6 @@ def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
                 tokenize(ds, tokenizer, canonical(cfg.data, shape.format), [source])
             else:
                 tokenize(ds, tokenizer, cfg.data, [source])
-
-
-def first_rows(source: str, n: int) -> list[dict] | None:
-    """The first ``n`` rows of a local file or saved dataset, read cheaply (None: a kind
-    read only when training loads it)."""
-    import json
-
-    path = os.path.expanduser(source)
-    suffix = os.path.splitext(path)[1].lower()
-    if os.path.isdir(path):
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise DataError(f"{source}: a folder, but not one saved by datasets.save_to_disk ({e})") from None
-        if isinstance(ds, datasets.DatasetDict):
-            ds = next(iter(ds.values()))
-        return ds.select(range(min(n, len(ds)))).to_list()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        return pf.read_row_group(0).slice(0, n).to_pylist() if pf.num_row_groups else []
-    if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            head = f.read(1 << 16)
-        if head.lstrip().startswith("["):
-            return None  # a JSON array: parsed whole when training loads it
-        rows = []
-        for line in head.splitlines()[: n + 1]:
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # the 64 KiB cut a long line; what was read is enough
-        return rows[:n]
-    if suffix == ".csv":
-        import csv
-
-        with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            return [row for _, row in zip(range(n), csv.DictReader(f), strict=False)]
-    if suffix == ".txt":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return [{"text": line.rstrip("\n")} for _, line in zip(range(n), f, strict=False)]
-    return None
 
 
 def check_attention(name: str) -> None:
