@@ -217,6 +217,27 @@ def exit_now(*keep_alive: object) -> None:
     os._exit(0)
 
 
+def run_specs(measure: Callable[[dict, DistEnv], tuple[dict, object]], name: str) -> None:
+    """A benchmark worker's main (``python -m torch.distributed.run ... worker.py specs.json``):
+    one process group, each spec of the JSON list in argv[1] measured in turn; every rank
+    writes its records to <first spec's output.dir>/<name>-rank<R>.json."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from wlora_dist.distributed.env import init_distributed, shutdown
+    from wlora_dist.training.tracking import setup_logging
+
+    specs = json.loads(Path(sys.argv[1]).read_text())
+    env = init_distributed(specs[0]["cfg"]["distributed"].get("timeout_minutes", 10))
+    setup_logging(env.is_main)
+    done = [measure(spec, env) for spec in specs]
+    out = Path(specs[0]["cfg"]["output"]["dir"]) / f"{name}-rank{env.global_rank}.json"
+    out.write_text(json.dumps([record for record, _ in done]))
+    shutdown()
+    exit_now(done)  # the trainers outlive the group: see tests/dist_worker.py
+
+
 @contextlib.contextmanager
 def fake_world(world_size: int, backend: str = "replicated") -> Iterator[None]:
     """Rank 0 of ``world_size`` alone in this process (torch's fake process group: every

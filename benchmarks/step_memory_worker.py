@@ -10,7 +10,6 @@ most a training step allocates on top (torch's profiler sees every CPU tensor al
 DeepSpeed's and FSDP2's all-gather buffers, activations, gradient buckets).
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,10 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import exit_now, peak_during, random_batches
+from benchmarks.harness import peak_during, random_batches, run_specs
 from wlora_dist.config import config_from_dict
-from wlora_dist.distributed.env import init_distributed, shutdown
-from wlora_dist.training.tracking import setup_logging
 from wlora_dist.training.trainer import Trainer
 
 
@@ -75,14 +72,7 @@ def measure(spec: dict, env) -> tuple[dict, Trainer]:
 
 
 def main() -> None:
-    specs = json.loads(Path(sys.argv[1]).read_text())
-    env = init_distributed(specs[0]["cfg"]["distributed"].get("timeout_minutes", 10))
-    setup_logging(env.is_main)
-    done = [measure(spec, env) for spec in specs]
-    out = Path(specs[0]["cfg"]["output"]["dir"]) / f"memory-rank{env.global_rank}.json"
-    out.write_text(json.dumps([record for record, _ in done]))
-    shutdown()
-    exit_now(done)  # the trainers outlive the group: see tests/dist_worker.py
+    run_specs(measure, "memory")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ each step's records and the adapters kept at the prune event.
     python -m torch.distributed.run --nproc_per_node 4 benchmarks/traffic_worker.py specs.json
 """
 
-import json
 import sys
 import time
 from dataclasses import asdict
@@ -15,10 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.collectives import CollectiveLog
-from benchmarks.harness import exit_now, random_batches
+from benchmarks.harness import random_batches, run_specs
 from wlora_dist.config import config_from_dict
-from wlora_dist.distributed.env import init_distributed, shutdown
-from wlora_dist.training.tracking import setup_logging
 from wlora_dist.training.trainer import Trainer
 
 
@@ -40,14 +37,7 @@ def measure(spec: dict, env) -> tuple[dict, Trainer]:  # type: ignore[no-untyped
 
 
 def main() -> None:
-    specs = json.loads(Path(sys.argv[1]).read_text())
-    env = init_distributed(specs[0]["cfg"]["distributed"].get("timeout_minutes", 10))
-    setup_logging(env.is_main)
-    done = [measure(spec, env) for spec in specs]
-    out = Path(specs[0]["cfg"]["output"]["dir"]) / f"traffic-rank{env.global_rank}.json"
-    out.write_text(json.dumps([record for record, _ in done]))
-    shutdown()
-    exit_now(done)  # the trainers outlive the group: see tests/dist_worker.py
+    run_specs(measure, "traffic")
 
 
 if __name__ == "__main__":

@@ -311,3 +311,19 @@ def wandb_records(run_dir: Path) -> dict[str, list]:
             elif which == "preempting":
                 out["preempting"].append(True)
     return out
+
+
+def assert_export_reproduces_the_model(trainer, base_dir: Path, adapter_dir: Path) -> None:
+    """The exported adapter, loaded onto the base with plain peft, gives the trained
+    model's logits (1e-5)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(base, str(adapter_dir)).eval()(input_ids=ids).logits
+        trainer.wl.peft_model.eval()
+        ours = trainer.wl.peft_model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)

@@ -6,25 +6,14 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from wlora_dist.config import ConfigError, config_from_dict
 from wlora_dist.distributed.spec import check_backend_supports, resolve_backend
 from wlora_dist.training.preflight import check_attention
 
 from .conftest import tiny_config_dict
+from .helpers import assert_export_reproduces_the_model
 from .helpers import train_in_process as _train
-
-
-def _logits_match_export(trainer, tiny_dir, tmp_path):
-    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"))
-    with torch.no_grad():
-        theirs = PeftModel.from_pretrained(base, str(tmp_path / "run/adapter")).eval()(input_ids=ids).logits
-        trainer.wl.peft_model.eval()
-        ours = trainer.wl.peft_model(input_ids=ids).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.inprocess
@@ -56,7 +45,7 @@ def test_rslora_scales_by_the_square_root_and_exports_to_plain_peft(tiny_dir, tm
     assert float(layer.scaling["default"]) == pytest.approx(8 / 4**0.5)  # alpha / sqrt(r) at the first rank
     config = json.loads((tmp_path / "run/adapter/adapter_config.json").read_text())
     assert config["use_rslora"] is True
-    _logits_match_export(trainer, tiny_dir, tmp_path)
+    assert_export_reproduces_the_model(trainer, tiny_dir / "model", tmp_path / "run/adapter")
 
 
 @pytest.mark.inprocess
@@ -80,7 +69,7 @@ def test_loraplus_gives_b_its_own_learning_rate(tiny_dir, tmp_path):
     a_plus = plus.wl.trainable_parameters()[0::2]
     for x, y in zip(a_plain, a_plus, strict=True):  # A's learning rate is the schedule's in both
         torch.testing.assert_close(x, y)
-    _logits_match_export(plus, tiny_dir, tmp_path / "b")
+    assert_export_reproduces_the_model(plus, tiny_dir / "model", tmp_path / "b/run/adapter")
 
 
 def test_loraplus_under_zero_is_refused_naming_the_field(tiny_dir, tmp_path):

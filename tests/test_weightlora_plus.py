@@ -4,9 +4,7 @@ import json
 
 import pytest
 import torch
-from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from wlora_dist.config import ConfigError, config_from_dict
 from wlora_dist.distributed.env import init_distributed
@@ -14,7 +12,13 @@ from wlora_dist.method.extension import double_rank
 from wlora_dist.training.trainer import Trainer
 
 from .conftest import tiny_config_dict
-from .helpers import assert_base_held_as_uninterrupted, dist_config, run_worker, run_worker_many
+from .helpers import (
+    assert_base_held_as_uninterrupted,
+    assert_export_reproduces_the_model,
+    dist_config,
+    run_worker,
+    run_worker_many,
+)
 from .helpers import train_in_process as _train
 
 
@@ -79,13 +83,7 @@ def test_export_of_per_module_ranks_loads_with_peft_and_reproduces_the_model(tin
     assert config["alpha_pattern"] == {s.name: 32.0 for s in kept}  # alpha/r kept: 8/4 = 32/16
     state = load_file(str(tmp_path / "run/adapter/adapter_model.safetensors"))
     assert {t.shape[0] for k, t in state.items() if "lora_A" in k} == {16}
-    ids = torch.randint(3, 200, (2, 16), generator=_gen())
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "model"))
-    with torch.no_grad():
-        peft_logits = PeftModel.from_pretrained(base, str(tmp_path / "run/adapter")).eval()(input_ids=ids).logits
-        trainer.wl.peft_model.eval()
-        ours = trainer.wl.peft_model(input_ids=ids).logits
-    torch.testing.assert_close(peft_logits, ours, rtol=1e-5, atol=1e-5)
+    assert_export_reproduces_the_model(trainer, tiny_dir / "model", tmp_path / "run/adapter")
 
 
 @pytest.mark.inprocess
