@@ -62,8 +62,6 @@ class CollectiveLog(TorchDispatchMode):
             kind, arg = _OPS[name]
             group = next(a for a in args if isinstance(a, torch.ScriptObject))
             ranks = tuple(dist.get_process_group_ranks(dist.ProcessGroup.unbox(group)))
-            nbytes = sum(t.numel() * t.element_size() for t in _tensors(args[arg]))
-            if kind == "broadcast":
-                nbytes = nbytes  # every member receives the root's tensor
+            nbytes = sum(t.numel() * t.element_size() for t in _tensors(args[arg]))  # broadcast: the root's
             self.records.append(Collective(kind, ranks, nbytes, torch._C._current_graph_task_id() != -1))
         return func(*args, **(kwargs or {}))

@@ -145,12 +145,12 @@ def cmd_config(args: argparse.Namespace) -> int:
         found = None
         if cfg is not None and not args.syntax_only:
             from wlora_dist.resolved import resolve_run
-            from wlora_dist.training.preflight import preflight_problems
+            from wlora_dist.training.preflight import preflight_problems, problems_of
 
             try:
                 found, more, _ = preflight_problems(resolve_run(cfg))
             except UserError as e:  # the backend or the checkpoint to resume from
-                found, more = None, list(getattr(e, "problems", None) or [str(e)])
+                found, more = None, problems_of(e)
             problems += [p for p in more if p not in problems]
         if problems:
             failed = True

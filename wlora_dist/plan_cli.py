@@ -148,8 +148,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _accelerate_launch(path: str) -> dict:
-    """What an accelerate config file says about the launch: num_processes (all machines'),
-    num_machines, use_cpu."""
+    """What an accelerate config file says about the launch: num_processes (all machines')
+    and use_cpu, read as written (accelerate's own launch code, accelerate_config_env,
+    would turn use_cpu on wherever the planning machine has no GPU: a login node)."""
     import yaml
 
     try:
@@ -157,7 +158,7 @@ def _accelerate_launch(path: str) -> dict:
             data = yaml.safe_load(f) or {}
     except OSError as e:
         raise UserError(f"--accelerate-config {path}: {e.strerror}") from None
-    return {k: data[k] for k in ("num_processes", "num_machines", "use_cpu") if k in data}
+    return {k: data[k] for k in ("num_processes", "use_cpu") if k in data}
 
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:

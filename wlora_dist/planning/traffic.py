@@ -49,7 +49,6 @@ from dataclasses import dataclass, field
 from wlora_dist.planning.memory_plan import QUANTISED, PlanInput, _4bit_bytes, _float_bytes, kept_sites, sites
 
 ZERO_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold default (elements)
-WHAT = ("base", "adapters", "gradients", "other")  # what a collective carries; other: loss, gates, norms
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Transfer:
     """``count`` collectives of one kind, each over ``nbytes`` (the whole tensor gathered,
     scattered or reduced), on one process group."""
 
-    what: str  # one of WHAT
+    what: str  # base, adapters, gradients, other (the loss, the gates, DeepSpeed's norm)
     kind: str  # all_gather, reduce_scatter, all_reduce
     group: str  # world, shard (HSDP's shard group / the whole world), replicate, hpz
     nbytes: int

@@ -45,7 +45,8 @@ class PreflightError(UserError):
         super().__init__(head + "\n".join(f"  - {p}" if len(problems) > 1 else p for p in problems))
 
 
-def _message(e: UserError) -> list[str]:
+def problems_of(e: UserError) -> list[str]:
+    """A refusal's problems, one per line (a ConfigError holds several)."""
     return list(getattr(e, "problems", None) or [str(e)])
 
 
@@ -61,13 +62,14 @@ def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str], i
         try:
             return fn(*args), True
         except UserError as e:
-            problems.extend(p for p in _message(e) if p not in problems)
+            problems.extend(p for p in problems_of(e) if p not in problems)
             codes.append(e.exit_code)
             return None, False
 
     problem = run.spec.world_problem(int(os.environ.get("WORLD_SIZE", "1")))  # under a launcher
     if problem:
         problems.append(problem)
+        codes.append(UserError.exit_code)  # what it was refused with before the checks were pooled
     check(check_trackers, cfg.log.trackers)
     check(check_attention, cfg.model.attn_implementation)
     _, data_ok = check(_check_data_files, cfg)
@@ -88,8 +90,6 @@ def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str], i
                 check(check_data_rows, cfg, tokenizer)
     # A fresh run over an earlier run's checkpoints is refused before anything loads.
     check(check_output_free, cfg, run.paths.adapter, run.paths.checkpoints, run.resume is not None)
-    if problem:
-        codes.insert(0, 2)
     return found, problems, codes[0] if codes else 2
 
 

@@ -143,7 +143,7 @@ class Trainer:
         words = f"run length: {t.max_steps} optimizer steps"
         if self.steps_per_epoch:
             words += f" ({t.max_steps / self.steps_per_epoch:.3g} epochs of {self.steps_per_epoch} steps)"
-        rows = t.grad_accum_steps * t.micro_batch_size * self.env.world_size
+        rows = run_checkpoint.rows_per_step(cfg, self.env)
         words += f", {rows} rows per step ({t.micro_batch_size} x {t.grad_accum_steps} accumulated x "
         words += f"{self.env.world_size} ranks); selection {cfg.selection.steps} steps, warmup {o.warmup_steps} steps"
         if self.start_step:
