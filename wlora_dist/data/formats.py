@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import datasets
 
 from wlora_dist.config import DataConfig
-from wlora_dist.data.rows import ROW, SOURCE, DataError, _load_one, _require_columns
+from wlora_dist.data.rows import ROW, SOURCE, DataError, _require_columns, concat_rows, load_parts
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -127,6 +127,14 @@ def normalised_format(columns: list[str]) -> str:
     return "chat" if "messages" in cols else "instruction" if {"prompt", "response"} <= cols else "text"
 
 
+def shape_rows(ds: datasets.Dataset, cfg: DataConfig) -> tuple[datasets.Dataset, DataConfig, Shape]:
+    """One source's rows told apart (``detect``), brought to their shape (``normalise``),
+    and the settings to tokenise them with: what training, the preflight and the preview
+    all do to a source."""
+    shape = detect(ds.column_names, cfg)
+    return normalise(ds, shape, cfg), canonical(cfg, shape.format), shape
+
+
 def canonical(cfg: DataConfig, fmt: str) -> DataConfig:
     """The data settings the tokeniser reads normalised rows with."""
     return cfg.model_copy(
@@ -147,21 +155,15 @@ def load_sources(
     with (source, row) and, with ``weights``, mixed: (rows, the settings to tokenise them
     with, one description per source). Sources must agree on text / instruction / chat."""
     parts, shapes = [], []
-    for k, source in enumerate(sources):
-        part = _load_one(source, cfg.split)
-        part = part.add_column(SOURCE, [k] * len(part)).add_column(ROW, list(range(len(part))))
-        shape = detect(part.column_names, cfg)
-        parts.append(normalise(part, shape, cfg))
+    for part in load_parts(sources, cfg.split):
+        part, _, shape = shape_rows(part, cfg)
+        parts.append(part)
         shapes.append(shape)
     kinds = {s.format for s in shapes}
     if len(kinds) > 1:
         found = "; ".join(f"{src}: {s.name} -> {s.format}" for src, s in zip(sources, shapes, strict=True))
         raise DataError(f"data sources of different formats cannot be mixed ({found}); give sources of one kind")
-    if weights:
-        parts = mix(parts, weights, seed)
-    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    if len(ds) == 0:
-        raise DataError(f"data {sources}: no rows; check the files are not empty")
+    ds = concat_rows(mix(parts, weights, seed) if weights else parts, sources)
     names = [f"{src}: {s.name}" for src, s in zip(sources, shapes, strict=True)]
     return ds, canonical(cfg, shapes[0].format), names
 

@@ -13,7 +13,7 @@ from wlora_dist.config import load_config
 def cmd_preview(args: argparse.Namespace) -> int:
     import datasets
 
-    from wlora_dist.data.formats import canonical, detect, load_sources, normalise
+    from wlora_dist.data.formats import load_sources, shape_rows
     from wlora_dist.data.rows import ROW, SOURCE, DataError, first_rows
     from wlora_dist.data.tokens import tokenize
     from wlora_dist.model.loading import load_tokenizer
@@ -34,8 +34,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
             if not rows:
                 raise DataError(f"{source}: no rows")
             ds = datasets.Dataset.from_list([{**r, SOURCE: 0, ROW: i} for i, r in enumerate(rows)])
-            shape = detect(ds.column_names, cfg.data)
-            ds, rows_cfg, name = normalise(ds, shape, cfg.data), canonical(cfg.data, shape.format), shape.name
+            ds, rows_cfg, shape = shape_rows(ds, cfg.data)
+            name = shape.name
         print(f"== {source}: {name} -> data.format {rows_cfg.format}")
         if rows_cfg.format == "text":  # packed: show each row's own tokens (all trained)
             for i, text in enumerate(ds["text"]):

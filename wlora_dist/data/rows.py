@@ -30,11 +30,20 @@ SOURCE, ROW = "__wlora_source", "__wlora_row"
 def load_rows(sources: list[str], split: str = "train") -> datasets.Dataset:
     """Read every source (file, saved dataset folder or hub id) into one Dataset, each row
     tagged with its source and its row number there (0-based)."""
+    return concat_rows(load_parts(sources, split), sources)
+
+
+def load_parts(sources: list[str], split: str = "train") -> list[datasets.Dataset]:
+    """Each source read on its own, its rows tagged with (source, row)."""
     parts = []
     for k, source in enumerate(sources):
         part = _load_one(source, split)
-        part = part.add_column(SOURCE, [k] * len(part)).add_column(ROW, list(range(len(part))))
-        parts.append(part)
+        parts.append(part.add_column(SOURCE, [k] * len(part)).add_column(ROW, list(range(len(part)))))
+    return parts
+
+
+def concat_rows(parts: list[datasets.Dataset], sources: list[str]) -> datasets.Dataset:
+    """The parts as one Dataset; none at all is an error naming the sources."""
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if len(ds) == 0:
         raise DataError(f"data {sources}: no rows; check the files are not empty")

@@ -25,10 +25,9 @@ def tokenize(
     """Rows -> {input_ids, labels} lists, per cfg.format. ``sources``: the list ``ds`` was
     loaded from (load_rows), so errors name the file and its row."""
     if cfg.format == "auto":  # rows not yet brought to one shape (data/formats.py)
-        from wlora_dist.data.formats import canonical, detect, normalise
+        from wlora_dist.data.formats import shape_rows
 
-        shape = detect(ds.column_names, cfg)
-        ds, cfg = normalise(ds, shape, cfg), canonical(cfg, shape.format)
+        ds, cfg, _ = shape_rows(ds, cfg)
     fn = {"text": _pack_text, "instruction": _instruction, "chat": _chat}[cfg.format]
     fields = {"text": ["text_field"], "instruction": ["prompt_field", "response_field"], "chat": ["messages_field"]}
     _require_columns(ds, [getattr(cfg, f) for f in fields[cfg.format]], fields[cfg.format])
