@@ -124,3 +124,22 @@ def test_preview_prints_rows_with_the_trained_tokens_marked(tiny_dir, tmp_path, 
     assert out.count("-- row ") == 2 and "[[yo" in out and "[[hi" not in out, out
     assert main(["preview", "--config", str(path), "--rows", "1", "--ids"]) == 0
     assert "*" in capsys.readouterr().out
+
+
+def test_the_preflight_reads_rows_as_training_does_with_an_explicit_format(tiny_dir, tmp_path):
+    """data.format: chat over ShareGPT turns trains (the turns are normalised); the
+    preflight's preview of the first rows must not refuse it."""
+    from wlora_dist.config import config_from_dict
+    from wlora_dist.data.pipeline import train_eval_split
+    from wlora_dist.model.loading import load_tokenizer
+    from wlora_dist.training.preflight import check_data_rows
+
+    from .conftest import tiny_config_dict
+
+    share = _jsonl(tmp_path / "s.jsonl", ROWS["sharegpt"] * 4)
+    raw = tiny_config_dict(tiny_dir, tmp_path / "run")
+    raw["data"] = {"train": [share], "format": "chat", "seq_len": 128, "eval_fraction": 0}
+    cfg = config_from_dict(raw)
+    rows, _ = train_eval_split(cfg.data, 0)
+    assert rows[0]["messages"][0] == {"role": "user", "content": "hi"}  # training normalises the turns
+    check_data_rows(cfg, load_tokenizer(cfg.model))  # and so does the preflight

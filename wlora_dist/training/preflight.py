@@ -113,8 +113,8 @@ def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
     model has loaded. Hub datasets are checked when they load."""
     import datasets
 
-    from wlora_dist.data.formats import canonical, detect, normalise
-    from wlora_dist.data.rows import ROW, SOURCE, _require_columns, first_rows
+    from wlora_dist.data.formats import shape_rows
+    from wlora_dist.data.rows import ROW, SOURCE, first_rows
     from wlora_dist.data.tokens import tokenize
 
     for field, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
@@ -127,19 +127,13 @@ def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
             if not rows:
                 raise DataError(f"{source} ({field}): no rows; check the file is not empty")
             tagged = [{**row, SOURCE: 0, ROW: i} for i, row in enumerate(rows)]  # errors name the file's row
-            ds = datasets.Dataset.from_list(tagged)
-            shape = detect(ds.column_names, cfg.data)
-            if shape.format == "text":  # packed: a few rows need not fill one sequence
-                _require_columns(ds, [cfg.data.text_field], ["text_field"])
-                bad = [i for i, r in enumerate(rows) if not isinstance(r.get(cfg.data.text_field), str)]
+            ds, rows_cfg, _ = shape_rows(datasets.Dataset.from_list(tagged), cfg.data)  # as training reads them
+            if rows_cfg.format == "text":  # packed: a few rows need not fill one sequence
+                bad = [i for i, t in enumerate(ds["text"]) if not isinstance(t, str)]
                 if bad:
                     raise DataError(f"{source} row {bad[0]}: data.text_field {cfg.data.text_field!r} is not text")
                 continue
-            if cfg.data.format == "auto":
-                ds = normalise(ds, shape, cfg.data)
-                tokenize(ds, tokenizer, canonical(cfg.data, shape.format), [source])
-            else:
-                tokenize(ds, tokenizer, cfg.data, [source])
+            tokenize(ds, tokenizer, rows_cfg, [source])
 
 
 def check_attention(name: str) -> None:
