@@ -149,3 +149,18 @@ def test_mlflow_schema_lines_and_the_one_process_dcp_warning_are_dropped(tmp_pat
     out, err = capfd.readouterr()
     assert "Creating initial MLflow database tables" not in out + err
     assert (tmp_path / "logs/mlflow.db").is_file() and not caught
+
+
+@pytest.mark.launched
+def test_commands_that_load_or_write_models_print_no_bar_lines_into_a_log_file(tmp_path):
+    """`wlora-dist make-tiny` with its output in a file (no terminal): transformers' bar for
+    writing the shards would be a line of \\r-joined updates; none is printed."""
+    import sys
+
+    from .helpers import run_command
+
+    cmd = [sys.executable, "-m", "wlora_dist.cli", "make-tiny", "--out", str(tmp_path / "t"), "--rows", "20"]
+    proc = run_command([*cmd, "--hidden", "16", "--layers", "1"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "t/model/config.json").is_file() and (tmp_path / "t/data/train.jsonl").is_file()
+    assert "\r" not in proc.stderr and "Writing model shards" not in proc.stderr, proc.stderr

@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         "plan": cmd_plan,
         "preview": _cmd_preview,
     }
+    if args.command in ("make-tiny", "export", "generate", "preview"):  # train: setup_logging, per rank
+        from wlora_dist.training.tracking import third_party_bars
+
+        third_party_bars(sys.stderr.isatty())  # a log file gets no \r-joined bar lines
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:

@@ -20,7 +20,6 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from wlora_dist.noise import silence_known_noise
 
     silence_known_noise()
-    datasets.disable_progress_bars()
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.model)
     color = sys.stdout.isatty() and not args.no_color
