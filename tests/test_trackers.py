@@ -101,12 +101,15 @@ def _results(tmp_path):
     ("outcome", "mlflow_status", "wandb_exit"),
     [("finished", "FINISHED", 0), ("stopped", "KILLED", 0), ("failed", "FAILED", 1)],
 )
-def test_trackers_hold_the_results_and_how_the_run_ended(tmp_path, offline, outcome, mlflow_status, wandb_exit):
+def test_trackers_hold_the_results_and_how_the_run_ended(
+    tmp_path, offline, outcome, mlflow_status, wandb_exit, monkeypatch
+):
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_dir = tmp_path / "run/logs"
     adapter, report = _results(tmp_path)
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts must not land in ./mlruns of the start folder
     logger = RunLogger(LogConfig(trackers=["wandb", "mlflow", "tensorboard"], every=1), log_dir, 2, True, RUN_CONFIG)
     logger.step(1, {"loss": 3.0, "gates_nonzero": 14}, {})
     logger.step(2, {"loss": 2.0, "prune_seconds": 0.1, "kept": 4, "gates_nonzero": 4}, {})
@@ -126,6 +129,8 @@ def test_trackers_hold_the_results_and_how_the_run_ended(tmp_path, offline, outc
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     listed |= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert listed == {"adapter/adapter_config.json", "report/selection-final.json", "report/gates-prune.png"}
+    assert run.info.artifact_uri.startswith((log_dir / "mlflow-artifacts").resolve().as_uri())
+    assert (log_dir / "mlflow-artifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert sorted(t for _, t in records["artifacts"]) == ["model", "selection-report"]
     assert any(k.startswith("selection/gates-prune/") for row in records["history"] for k in row), records["history"]
     (events,) = (log_dir / "tensorboard").rglob("events.out.tfevents.*")

@@ -138,8 +138,11 @@ def make_tracker(name: str, cfg: LogConfig, log_dir: Path, run_config: dict, res
         from accelerate.tracking import MLflowTracker
 
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            # MLflow's own local store (its plain-file store is in maintenance mode and refuses).
+            # MLflow's own local store (its plain-file store is in maintenance mode and refuses);
+            # its artifacts beside it, not in ./mlruns of whatever folder the run started in.
             mlflow.set_tracking_uri(mlflow_local_uri(log_dir))
+            if mlflow.get_experiment_by_name(cfg.project) is None:
+                mlflow.create_experiment(cfg.project, (log_dir / "mlflow-artifacts").resolve().as_uri())
         run_id = _run_id(log_dir, "mlflow", resuming)
         tracker = MLflowTracker(cfg.project, run_id=run_id, run_name=run_name)
     else:
