@@ -260,3 +260,11 @@ def test_help_and_readme_list_every_preset(capsys):
     readme = (ROOT / "README.md").read_text()
     for name in PRESETS:
         assert name in text and f"`{name}`" in readme, name
+
+
+def test_dotted_targets_count_the_one_linear_each_names():
+    from wlora_dist.planning.memory_plan import sites
+
+    shape = PRESETS["llama3-8b"]
+    inp = PlanInput(shape, targets=("layers.3.mlp.down_proj", "model.layers.31.self_attn.q_proj", "v_proj"))
+    assert sorted(sites(inp)) == sorted([(3, "down_proj"), (31, "q_proj"), *((i, "v_proj") for i in range(32))])

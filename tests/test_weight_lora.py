@@ -178,3 +178,18 @@ def test_export_replaces_atomically(tiny_model, tmp_path):
         save_peft_adapter(Boom(), wl, target, "tiny")
     assert (target / "adapter_model.safetensors").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folder left
+
+
+def test_a_dotted_target_names_one_linear_as_in_peft(tiny_model):
+    """peft's rule: an entry matches a module named exactly so or ending with "." + it."""
+    targets = ["layers.1.mlp.down_proj", "layers.0.self_attn.q_proj", "v_proj"]
+    wl = WeightLoRA.attach(tiny_model, AdapterConfig(lora_rank=2, target_modules=targets))
+    assert [s.name for s in wl.sites] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
+    # "ayers.1.mlp.down_proj" is not a path suffix of any name (peft matches whole components).
+    with pytest.raises(ConfigError, match="matches no linear"):
+        WeightLoRA.attach(tiny_model, AdapterConfig(target_modules=["ayers.1.mlp.down_proj"]))

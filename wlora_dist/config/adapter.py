@@ -28,8 +28,9 @@ class AdapterConfig(Section):
     target_modules: Annotated[StrList, check(bool, "is empty; name at least one linear, e.g. [q_proj, v_proj]")] = (
         field(
             [*LLAMA_LINEARS, *FUSED_LINEARS],
-            "Linear module names that get an adapter (the default covers Llama, Qwen2/3, Mistral, Gemma 1/2/3 and "
-            "Phi-3's fused qkv_proj / gate_up_proj).",
+            "Linear module names that get an adapter, matched as peft matches them: a name (q_proj) targets every "
+            "linear of that name, a dotted path (layers.3.mlp.down_proj) the one linear whose name ends with it. "
+            "The default covers Llama, Qwen2/3, Mistral, Gemma 1/2/3 and Phi-3's fused qkv_proj / gate_up_proj.",
         )
     )
     layers: Annotated[IntList, check(lambda v: all(i >= 0 for i in v), "has a negative index")] | None = field(

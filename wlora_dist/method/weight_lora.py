@@ -52,6 +52,12 @@ class AdapterSite:
     kind: str  # last name component, e.g. "q_proj"
 
 
+def is_target(name: str, targets: list[str] | tuple[str, ...]) -> bool:
+    """peft's rule: a module is a target when its name equals an entry or ends with "." +
+    the entry; so ``q_proj`` names every q_proj and ``layers.3.mlp.down_proj`` one linear."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
 def find_target_modules(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Full names of the linears that get an adapter, in canonical (natural-sort) order."""
     found = []
@@ -60,7 +66,7 @@ def find_target_modules(model: nn.Module, cfg: AdapterConfig) -> list[str]:
         if cfg.include_lm_head and kind == "lm_head" and _is_linear(module):
             found.append(name)  # the output head: no decoder layer, so adapter.layers does not apply
             continue
-        if kind not in cfg.target_modules or not _is_linear(module):
+        if not is_target(name, cfg.target_modules) or not _is_linear(module):
             continue
         m = _LAYER_RE.search(name)
         layer = int(m.group(1)) if m else None

@@ -17,6 +17,7 @@ weights only, DeepSpeed's ``estimate_zero*_model_states_mem_needs`` model states
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -98,7 +99,13 @@ class Plan:
 
 def sites(inp: PlanInput) -> list[tuple[int, str]]:
     layers = range(inp.shape.layers) if inp.lora_layers is None else inp.lora_layers
-    return [(i, t) for i in layers for t in inp.shape.kinds if t in inp.targets]
+    named = {_named_site(t) for t in inp.targets if "." in t} - {None}  # e.g. "layers.3.mlp.down_proj"
+    return [(i, t) for i in layers for t in inp.shape.kinds if t in inp.targets or (i, t) in named]
+
+
+def _named_site(target: str) -> tuple[int, str] | None:
+    m = re.search(r"(?:^|\.)layers\.(\d+)\..*?(\w+)$", target)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def kept_sites(inp: PlanInput) -> list[tuple[int, str]]:
