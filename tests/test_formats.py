@@ -143,3 +143,18 @@ def test_the_preflight_reads_rows_as_training_does_with_an_explicit_format(tiny_
     rows, _ = train_eval_split(cfg.data, 0)
     assert rows[0]["messages"][0] == {"role": "user", "content": "hi"}  # training normalises the turns
     check_data_rows(cfg, load_tokenizer(cfg.model))  # and so does the preflight
+
+
+def test_a_trl_completion_keeps_its_own_leading_space(tmp_path):
+    """TRL's completions carry their separator (" blue."): the plain template adds a space
+    only where neither side has one, so the trained tokens are the completion's own."""
+    rows = [{"prompt": "The sky is", "completion": " blue."}, {"prompt": "Q:\n", "response": "A"}]
+    rows += [{"prompt": "Say", "response": "hi"}]
+    for row in rows:
+        path = _jsonl(tmp_path / "r.jsonl", [row] * 4)
+        cfg = DataConfig(train=[path], seq_len=64, template="plain")
+        ds, rows_cfg, _ = load_sources(cfg, [path])
+        ids = tokenize(ds, TOK, rows_cfg, [path])[0]["input_ids"]
+        answer = row.get("completion", row.get("response"))
+        sep = "" if answer.startswith(" ") or row["prompt"].endswith("\n") else " "
+        assert TOK.decode(ids) == row["prompt"] + sep + answer + TOK.eos_token, TOK.decode(ids)

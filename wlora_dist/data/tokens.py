@@ -96,13 +96,21 @@ def _instruction(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) 
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenizer
             )
         else:
-            p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            r = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
-            ids, labels = p + r, [IGNORE] * len(p) + r
+            ids, labels = plain_instruction(prompt, response, tokenizer)
         ids, labels = _fit(ids, labels, i, cfg)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
     return out
+
+
+def plain_instruction(prompt: str, response: str, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """A prompt / response row without a chat template: the prompt, one space, the response
+    and EOS, with the loss on the response. No space is added where one is already there: a
+    TRL completion (" blue.") or a prompt ending in a newline keeps its own separator."""
+    p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    sep = "" if response[:1].isspace() or prompt[-1:].isspace() else " "
+    r = tokenizer(sep + response, add_special_tokens=False)["input_ids"] + _eos(tokenizer)
+    return p + r, [IGNORE] * len(p) + r
 
 
 def _template(tokenizer: Any, messages: list[dict], gen: bool = False) -> list[int]:
