@@ -67,9 +67,10 @@ def round_k(n: int, round_: int) -> int:
 
 
 def projection_period(cfg: SelectionConfig) -> int:
-    """P: project_every, or by default ceil(T / 4) (four projections over the phase)."""
+    """P: project_every, or by default ceil(T / 2) (two projections over the phase: at T/2
+    and at T; docs/method.md, "Defaults, by evidence")."""
     if cfg.project_every is None:
-        return max(1, math.ceil(cfg.steps / 4))
+        return max(1, math.ceil(cfg.steps / 2))
     return cfg.project_every
 
 
