@@ -17,7 +17,6 @@ weights only, DeepSpeed's ``estimate_zero*_model_states_mem_needs`` model states
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -104,8 +103,12 @@ def sites(inp: PlanInput) -> list[tuple[int, str]]:
 
 
 def _named_site(target: str) -> tuple[int, str] | None:
-    m = re.search(r"(?:^|\.)layers\.(\d+)\..*?(\w+)$", target)
-    return (int(m.group(1)), m.group(2)) if m else None
+    """(layer, kind) of a dotted target such as "layers.3.mlp.down_proj"; None otherwise."""
+    parts = target.split(".")
+    for i, part in enumerate(parts[:-2]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1]), parts[-1]
+    return None
 
 
 def kept_sites(inp: PlanInput) -> list[tuple[int, str]]:
