@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wlora_dist.distributed.spec import BackendSpec  # noqa: E402
+from wlora_dist.planning import memory_plan  # noqa: E402
 from wlora_dist.planning.memory_plan import GiB, PlanInput, breakdown, plan, sites  # noqa: E402
 from wlora_dist.planning.shapes import LINEARS, ModelShape  # noqa: E402
 from wlora_dist.planning.sources import PRESETS  # noqa: E402
@@ -199,6 +200,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         "config": which,
         **timing,
         "peak_bytes": measured["peak_bytes"],
+        "reserved_peak_bytes": measured["reserved_peak_bytes"],
         "resident_bytes": measured["resident_bytes"],
         "per_rank_bytes": h.step_bytes.last,
         "adapters": adapters,
@@ -215,10 +217,21 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
 # ---------------------------------------------------------------- the comparison (driver)
 
 
-def planned(mode: Mode, which: str, kept: list[list], checkpointing: bool) -> int:
+def _planned_or_none(mode: Mode, which: str, result: dict | None = None) -> int | None:
+    """The planner's peak for a configuration; for a failed one (no kept set measured) the
+    bound over the K largest adapters, so an out-of-memory line says what was planned."""
+    try:
+        kept = result["kept_sites"] if result else None
+        return planned(mode, which, kept, result["activation_checkpointing"] if result else mode.checkpointing)
+    except Exception:  # a planning gap must not lose the measured line
+        return None
+
+
+def planned(mode: Mode, which: str, kept: list[list] | None, checkpointing: bool) -> int:
     """The planner's peak for configuration ``which`` (plain peft: no gate products);
-    ``kept``: (layer, module) of the K adapters (c) kept."""
-    kept_sites = tuple((int(layer), str(kind)) for layer, kind in kept)
+    ``kept``: (layer, module) of the K adapters (c) kept; None: the planner's bound (the K
+    largest)."""
+    kept_sites = tuple((int(layer), str(kind)) for layer, kind in kept) if kept is not None else None
     on_gpu = mode.device == "cuda"
     inp = PlanInput(
         mode.shape,
@@ -239,7 +252,7 @@ def planned(mode: Mode, which: str, kept: list[list], checkpointing: bool) -> in
     if which == "b":
         return plan(inp).before.total
     if which == "d":
-        return breakdown(inp, list(kept_sites), gates_train=False).total
+        return breakdown(inp, memory_plan.kept_sites(inp), gates_train=False).total
     return plan(inp).after.total
 
 
@@ -250,10 +263,18 @@ def run_worker(mode_name: str, which: str, keep: list[str] | None, timeout: int,
     if keep is not None:
         cmd += ["--keep", json.dumps(keep)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise ConfigurationFailed(f"configuration ({which}) ran past --timeout {timeout} s") from e
     if proc.returncode != 0:
-        raise SystemExit(f"configuration ({which}) failed:\n{proc.stderr[-4000:]}")
+        raise ConfigurationFailed(f"configuration ({which}) failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class ConfigurationFailed(RuntimeError):
+    """One configuration's worker failed (out of memory, a crash, its timeout): recorded,
+    and the mode goes on with the others."""
 
 
 SHORT = {"a": "plain, n", "b": "selection, n", "c": "pruned, K", "d": "plain, K", "e": "pruned, re-planned"}
@@ -274,11 +295,28 @@ def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None, o
     wanted = set(only) | ({"b"} if "d" in only else set())
     if not (mode.checkpointing and mode.budget_gib):
         wanted.discard("e")
-    results = {}
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "partial.jsonl"
+    partial.write_text("")  # one line per configuration as it ends: a mode stopped mid-way keeps them
     for which in "bcade":  # (b) first: (d) trains plain peft on exactly the set (b) keeps
-        if which in wanted:
+        if which not in wanted:
+            continue
+        try:
+            if which == "d" and "b" not in results:
+                raise ConfigurationFailed("configuration (d) needs the set (b) keeps, and (b) failed")
             keep = results["b"]["kept"] if which == "d" else None
             results[which] = run_worker(mode_name, which, keep, timeout, timed)
+            line = {**results[which], "planned_peak_bytes": _planned_or_none(mode, which, results[which])}
+        except ConfigurationFailed as e:
+            failed[which] = str(e)
+            line = {"config": which, "error": str(e)[-2000:], "planned_peak_bytes": _planned_or_none(mode, which)}
+            print(f"({which}) failed; going on with the others: {str(e).splitlines()[0]}", file=sys.stderr)
+        with open(partial, "a") as f:
+            f.write(json.dumps({"mode": mode_name, **line}) + "\n")
+    if not results:
+        raise SystemExit(f"every configuration of {mode_name} failed; see {partial}")
     kept_sites = next(r["kept_sites"] for r in results.values())
     base = results["a"]["tokens_per_s"] if "a" in results else None
     for which, r in results.items():
@@ -299,10 +337,10 @@ def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None, o
         "c_vs_d": ratio("c", "d", 1.0),
         "prune_seconds": results["c"]["prune_seconds"] if "c" in results else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "failed": failed,
     }
-    if "e" in results:
+    if {"e", "c"} <= results.keys():
         summary["e_over_c"] = ratio("e", "c")
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(markdown(summary))
     chart(summary, out / "results.png")
@@ -316,18 +354,22 @@ def markdown(s: dict) -> str:
         f"{s['settings']['seq_len']}, LoRA r={s['settings']['rank']}, K={s['settings']['k']}, "
         f"backend {s['settings']['backend']} (world size {s['settings']['world_size']})",
         "",
-        "| configuration | adapters | act. ckpt | tokens/s | vs (a) | peak GiB | planned GiB | "
+        "| configuration | adapters | act. ckpt | tokens/s | vs (a) | peak GiB | reserved GiB | planned GiB | "
         "params MiB | grads MiB | optimizer MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["results"]:
         b = r["per_rank_bytes"]
+        reserved = r.get("reserved_peak_bytes")
         lines.append(
             f"| {r['label']} | {r['adapters']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
             f"{r['tokens_per_s']:,.0f} | {_x(r['ratio_to_a'])} | {r['peak_bytes'] / GiB:.3g} | "
+            f"{'-' if reserved is None else f'{reserved / GiB:.3g}'} | "
             f"{r['planned_peak_bytes'] / GiB:.3g} | {b['trainable_param_bytes'] / mib:.2f} | "
             f"{b['grad_bytes'] / mib:.2f} | {b['optimizer_state_bytes'] / mib:.2f} |"
         )
+    for which, message in s.get("failed", {}).items():
+        lines.append(f"| {LABELS[which]} | failed: {message.splitlines()[0]} | | | | | | | | | |")
     lines.append("")
     if s["selection_overhead"] is not None:
         lines.append(f"- selection overhead, (a) over (b): {s['selection_overhead']:+.1%}")

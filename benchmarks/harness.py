@@ -200,7 +200,15 @@ class Harness:
         device = self.trainer.env.device
         resident = resident_bytes(self.trainer) if device.type != "cuda" else torch.cuda.memory_allocated(device)
         peak_extra, metrics = peak_during(self.run_step, device)
-        return {"resident_bytes": resident, "peak_bytes": resident + peak_extra, **_json_safe(metrics)}
+        # On a GPU out-of-memory happens at the allocator's reserved level, not the allocated
+        # one: its peak over the same step (peak_during resets both) is recorded beside it.
+        reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+        return {
+            "resident_bytes": resident,
+            "peak_bytes": resident + peak_extra,
+            "reserved_peak_bytes": reserved,
+            **_json_safe(metrics),
+        }
 
 
 def exit_now(*keep_alive: object) -> None:

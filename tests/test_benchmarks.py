@@ -47,3 +47,61 @@ def test_tiny_cpu_comparison(tmp_path):
         assert 0.9 < x["planned_peak_bytes"] / x["peak_bytes"] < 1.1, x["config"]
         assert x["tokens_per_s"] > 0
     assert s["prune_seconds"] is not None and s["prune_seconds"] > 0
+
+
+def test_a_failing_configuration_is_recorded_and_the_mode_goes_on(tmp_path, monkeypatch):
+    """benchmarks/compare.py's driver (workers replaced, nothing trains): each configuration's
+    line is in partial.jsonl before the next one starts, so a mode stopped by its budget keeps
+    what it finished; one that fails (out of memory, a crash) is recorded with the planned
+    bytes and the others still run and are summarised."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import compare
+
+    partial = tmp_path / "partial.jsonl"
+    started: list[tuple[str, int]] = []
+
+    def fake_worker(mode_name, which, keep, timeout, timed):
+        started.append((which, len(partial.read_text().splitlines())))
+        if which == "c":
+            raise compare.ConfigurationFailed("configuration (c) failed (exit 1):\nCUDA out of memory")
+        return {
+            "config": which,
+            "tokens_per_s": {"a": 100.0, "b": 98.0, "d": 130.0, "e": 140.0}[which],
+            "peak_bytes": 2**30,
+            "reserved_peak_bytes": None,
+            "resident_bytes": 2**29,
+            "per_rank_bytes": {"trainable_param_bytes": 1, "grad_bytes": 1, "optimizer_state_bytes": 2},
+            "adapters": 14 if which != "d" else 4,
+            "kept": ["model.layers.0.mlp.down_proj"],
+            "kept_sites": [[0, "down_proj"]],
+            "prune_seconds": None,
+            "setup_seconds": 0.1,
+            "activation_checkpointing": False,
+            "device": "cpu",
+        }
+
+    monkeypatch.setattr(compare, "run_worker", fake_worker)
+    s = compare.compare("tiny-cpu", tmp_path, timeout=10)
+    assert started == [("b", 0), ("c", 1), ("a", 2), ("d", 3), ("e", 4)]  # each line written before the next
+    lines = [json.loads(x) for x in partial.read_text().splitlines()]
+    assert [x["config"] for x in lines] == ["b", "c", "a", "d", "e"]
+    assert "CUDA out of memory" in lines[1]["error"] and lines[1]["planned_peak_bytes"] > 0
+    assert all(x["planned_peak_bytes"] > 0 for x in lines)
+    assert [r["config"] for r in s["results"]] == ["a", "b", "d", "e"] and set(s["failed"]) == {"c"}
+    assert s["c_over_a"] is None and abs(s["selection_overhead"] - (100 / 98 - 1)) < 1e-9
+    md = (tmp_path / "results.md").read_text()
+    assert "failed: configuration (c) failed (exit 1):" in md and (tmp_path / "results.png").is_file()
+
+
+def test_configuration_d_is_recorded_as_failed_when_b_fails(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import compare
+
+    def fake_worker(mode_name, which, keep, timeout, timed):
+        raise compare.ConfigurationFailed(f"configuration ({which}) ran past --timeout 10 s")
+
+    monkeypatch.setattr(compare, "run_worker", fake_worker)
+    with pytest.raises(SystemExit, match="every configuration of tiny-cpu failed"):
+        compare.compare("tiny-cpu", tmp_path, timeout=10, only="bd")
+    lines = [json.loads(x) for x in (tmp_path / "partial.jsonl").read_text().splitlines()]
+    assert [x["config"] for x in lines] == ["b", "d"] and "needs the set (b) keeps" in lines[1]["error"]

@@ -8,8 +8,10 @@
 # Steps: env (versions, GPU), tests (pytest -m gpu: the correctness checks), and any mode
 # of benchmarks/compare.py, optionally with configurations: "8b-fsdp2:c" runs (c) only.
 # Results go to $OUT (default benchmarks/results/gpu): env.txt, tests.log,
-# gpu_checks.jsonl (what each check measured), <mode>.json (compare.py's results), and
-# bench.log. Every step is bounded by what is left of BUDGET_S (default 570 s, inside a
+# gpu_checks.jsonl (what each check measured), <mode>.json (compare.py's results),
+# <mode>.partial.jsonl (each configuration's result or error as it ended: what a mode cut
+# short by the budget or an out-of-memory still measured), preinstalled.txt, install.txt
+# (each carried wheel: installed or why not) and bench.log. Every step is bounded by what is left of BUDGET_S (default 570 s, inside a
 # 10-minute call), so a call that runs out still returns what finished.
 # Meant for a throwaway GPU machine: it installs the wheels into /tmp/site and this
 # checkout (`pip install -e .`) into whatever `python3` is first on the PATH; do not run
@@ -31,9 +33,25 @@ bounded() {  # bounded <max seconds> <command...>: at most min(max, what is left
     timeout --signal=TERM --kill-after=10 "$t" "$@"
 }
 
+# What the machine has, before anything is installed (a wheel that fails below is then
+# still explained by what it found).
+python3 - <<'PY' 2>&1 | tee "$OUT/preinstalled.txt"
+import importlib, platform
+print("python", platform.python_version())
+for m in ("torch", "transformers", "accelerate", "peft", "pyarrow"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:  # noqa: BLE001
+        print(m, "MISSING", type(e).__name__)
+PY
 if [ -d .gpu-wheels ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .gpu-wheels/*.whl || exit 1
+    # One wheel at a time: one that does not install is reported, and the others still are.
+    for whl in .gpu-wheels/*.whl; do
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site "$whl" >/tmp/pip-one.log 2>&1 \
+            && echo "installed $(basename "$whl")" \
+            || { echo "FAILED to install $(basename "$whl"):"; tail -3 /tmp/pip-one.log; }
+    done 2>&1 | tee "$OUT/install.txt"
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
@@ -74,6 +92,8 @@ PY
             >>"$OUT/bench.log" 2>&1
         rc=$?
         [ -f "/tmp/bench/$mode/results.json" ] && cp "/tmp/bench/$mode/results.json" "$OUT/$mode.json"
+        # Each configuration's line as it ended (or its error): kept when the mode is cut short.
+        [ -f "/tmp/bench/$mode/partial.jsonl" ] && cp "/tmp/bench/$mode/partial.jsonl" "$OUT/$mode.partial.jsonl"
         [ -f "/tmp/bench/$mode/results.md" ] && cat "/tmp/bench/$mode/results.md"
         [ $rc -ne 0 ] && { echo "$step: exit $rc"; tail -25 "$OUT/bench.log"; }
         ;;
