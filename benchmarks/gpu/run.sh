@@ -2,8 +2,13 @@
 # Run ON the GPU machine, from the repository root, with .gpu-wheels/ beside it (made by
 # benchmarks/gpu/prepare.sh on a machine with the package registries):
 #
-#     bash benchmarks/gpu/run.sh                     # env, tests, then every benchmark mode
+#     bash benchmarks/gpu/run.sh call1               # = env tests 8b         (one 10-minute call)
+#     bash benchmarks/gpu/run.sh call2               # = 8b-48gb 8b-fsdp2:c 8b-zero3:c 1b-int8
+#     bash benchmarks/gpu/run.sh call3               # = 70b-int8-ws8 70b-bf16-ws8 (fake process group)
 #     bash benchmarks/gpu/run.sh env tests 8b        # chosen steps, in this order
+#
+# Every step at once does not fit one 10-minute device call: run the three calls above, one
+# call each (no argument = call1). Each leaves a handful of small files in $OUT.
 #
 # Steps: env (versions, GPU), tests (pytest -m gpu: the correctness checks), and any mode
 # of benchmarks/compare.py, optionally with configurations: "8b-fsdp2:c" runs (c) only.
@@ -56,8 +61,15 @@ if [ -d .gpu-wheels ]; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
-steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env tests 8b 8b-48gb 8b-fsdp2:c 8b-zero3:c 70b-int8-ws8 1b-int8)
+steps=()
+for a in "${@:-call1}"; do
+    case $a in
+    call1) steps+=(env tests 8b) ;;
+    call2) steps+=(8b-48gb 8b-fsdp2:c 8b-zero3:c 1b-int8) ;;
+    call3) steps+=(70b-int8-ws8 70b-bf16-ws8) ;;
+    *) steps+=("$a") ;;
+    esac
+done
 for step in "${steps[@]}"; do
     echo "== $step ($(left) s left)" | tee -a "$OUT/bench.log"
     case $step in
