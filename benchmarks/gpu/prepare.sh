@@ -7,8 +7,9 @@
 # The GPU image (python 3.12, torch 2.11 cu130) already has torch, accelerate, peft,
 # transformers, triton, numpy, pandas, pyarrow, msgpack, ninja, py-cpuinfo, psutil,
 # huggingface_hub. It lacks deepspeed, bitsandbytes, datasets (+ dill, multiprocess,
-# xxhash), hjson, pydantic, liger-kernel; transformers and peft are pinned to the versions
-# the CPU suite runs so the GPU checks test the same code.
+# xxhash), hjson, pydantic; transformers and peft are brought too. Every version is the one
+# installed in the environment the CPU suite passed in (VENV_PY, default .venv/bin/python,
+# made by `make setup`), so the GPU checks test the same code the suite tested.
 set -euo pipefail
 OUT=${1:-.gpu-wheels}
 PY=${PYTHON:-python3}
@@ -16,15 +17,22 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 PLAT=(--python-version 3.12 --implementation cp --only-binary=:all: --no-deps)
 for n in 17 24 27 28 31 34 35; do PLAT+=(--platform "manylinux_2_${n}_x86_64"); done
 PLAT+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
-$PY -m pip download -q "${PLAT[@]}" -d "$OUT" \
-    bitsandbytes==0.50.2 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 xxhash==4.1.0 \
-    hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection \
-    "typing-extensions>=4.16" peft==0.21.2 transformers==5.24.0 liger-kernel==0.8.5 \
-    "fsspec<=2026.9.0"
+VENV_PY=${VENV_PY:-.venv/bin/python}
+[ -x "$VENV_PY" ] || { echo "no $VENV_PY: run 'make setup' first (its versions are the ones carried)" >&2; exit 1; }
+pins=$("$VENV_PY" - <<'PYEOF'
+import importlib.metadata as md
+names = ["bitsandbytes", "datasets", "dill", "multiprocess", "xxhash", "hjson", "pydantic", "pydantic-core",
+         "annotated-types", "typing-inspection", "typing-extensions", "peft", "transformers", "fsspec", "deepspeed"]
+print(" ".join(f"{n}=={md.version(n)}" for n in names))
+PYEOF
+)
+echo "carrying the suite's versions: $pins"
+ds_pin=$(tr ' ' '\n' <<<"$pins" | grep '^deepspeed==')
+$PY -m pip download -q "${PLAT[@]}" -d "$OUT" $(tr ' ' '\n' <<<"$pins" | grep -v '^deepspeed==')
 # deepspeed ships only a source distribution: build a pure-Python wheel (its CUDA ops are
 # JIT-built on first use; wlora_dist uses torch's Adam, so none is built).
-DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" deepspeed==0.19.8 \
-    || DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps -w "$OUT" deepspeed==0.19.8
+DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" "$ds_pin" \
+    || DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps -w "$OUT" "$ds_pin"
 # bitsandbytes' wheel carries a library per CUDA version (123 MiB unpacked): keep the
 # CUDA 13 ones the image's torch uses and the CPU one, so the folder stays carryable.
 bnb=$(ls "$OUT"/bitsandbytes-*.whl)
