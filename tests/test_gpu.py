@@ -11,8 +11,10 @@ tolerances below can be compared with the margins actually seen (docs/measuremen
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,27 @@ pytestmark = [
     pytest.mark.launched,  # trains in this process and launches the reference runs
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+
+# Each check is bounded (WLORA_GPU_TEST_TIMEOUT seconds, default 150): on a first GPU run a
+# hung NCCL start must fail its own check, not eat the device call with every later one.
+TEST_TIMEOUT_S = int(os.environ.get("WLORA_GPU_TEST_TIMEOUT", "150"))
+
+
+@pytest.fixture(autouse=True)
+def _bounded_check():
+    def expired(signum, frame):
+        raise TimeoutError(f"GPU check ran past {TEST_TIMEOUT_S} s (WLORA_GPU_TEST_TIMEOUT)")
+
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S - 5, exit=False)  # where it hung, on stderr
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        faulthandler.cancel_dump_traceback_later()
+
 
 CUDA = torch.device("cuda")
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the reference run: the same code on the CPU, fp32
