@@ -47,6 +47,7 @@ def test_tiny_cpu_comparison(tmp_path):
         assert 0.9 < x["planned_peak_bytes"] / x["peak_bytes"] < 1.1, x["config"]
         assert x["tokens_per_s"] > 0
     assert s["prune_seconds"] is not None and s["prune_seconds"] > 0
+    assert 0 < s["prune_layout_seconds"] < s["prune_seconds"]  # the layout change alone: no probe forwards
 
 
 def test_a_failing_configuration_is_recorded_and_the_mode_goes_on(tmp_path, monkeypatch):

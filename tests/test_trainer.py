@@ -154,3 +154,14 @@ def test_two_runs_of_the_same_data_in_different_folders_tokenise_once(tiny_dir, 
     monkeypatch.delenv("WLORA_DATA_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_data_cache() == tmp_path / "xdg/wlora_dist/data"
+
+
+def test_the_prune_event_times_the_layout_change_apart_from_its_probe_forwards(tiny_dir, tmp_path):
+    import json
+
+    _, result = _train(tiny_dir, tmp_path)
+    event = result.history[3]  # T = 4: the prune event follows step 4
+    assert 0 < event["prune_layout_seconds"] < event["prune_seconds"]
+    assert all("prune_layout_seconds" not in h for i, h in enumerate(result.history) if i != 3)
+    report = json.loads((tmp_path / "run/report/selection-prune.json").read_text())
+    assert report["prune_layout_seconds"] == event["prune_layout_seconds"]

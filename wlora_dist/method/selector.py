@@ -80,7 +80,8 @@ class LayoutEvent:
     rank: int  # LoRA rank of the kept adapters (0 when none is kept)
     removed: list[weakref.ref] = field(default_factory=list)  # the removed A / B tensors (dead once freed)
     probe_losses: tuple[float, float] | None = None  # the trainer's probe loss before / after
-    seconds: float = 0.0  # wall time of the change, as the trainer measured it
+    seconds: float = 0.0  # wall time of the change, as the trainer measured it (probe losses included)
+    layout_seconds: float = 0.0  # of which the layout change itself: the selector, the backend rebuild, the re-plan
 
 
 class Selector:

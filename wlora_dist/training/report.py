@@ -109,6 +109,7 @@ def round_record(event: LayoutEvent) -> dict[str, Any]:
         "rank": event.rank,
         "kept": event.kept,
         "seconds": event.seconds,
+        "layout_seconds": event.layout_seconds,
         "probe_loss_before": before,
         "probe_loss_after": after,
     }
@@ -123,7 +124,12 @@ def report_layout_change(
     prune = change.kind == "prune"
     extra: dict[str, Any] = {"rounds": rounds}
     if prune:
-        extra.update(prune_seconds=event.seconds, probe_loss_before=before, probe_loss_after=after)
+        extra.update(
+            prune_seconds=event.seconds,
+            prune_layout_seconds=event.layout_seconds,
+            probe_loss_before=before,
+            probe_loss_after=after,
+        )
     if out_dir is not None:
         write_report(wl, out_dir, change.step, "prune" if prune else f"round{change.round_}", extra)
     kept_names = set(event.kept)

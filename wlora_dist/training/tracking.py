@@ -282,7 +282,15 @@ def _log_artifacts(t: GeneralTracker, adapter_dir: Path, report_dir: Path, image
         t.writer.flush()
 
 
-SELECTION_METRICS = ("gate_grad_norm", "gates_nonzero", "kept", "prune_seconds", "round_seconds")
+SELECTION_METRICS = (
+    "gate_grad_norm",
+    "gates_nonzero",
+    "kept",
+    "prune_seconds",
+    "round_seconds",
+    "prune_layout_seconds",
+    "round_layout_seconds",
+)
 
 
 def namespaced(metrics: dict[str, float]) -> dict[str, float]:

@@ -271,7 +271,9 @@ class Trainer:
         metrics = self._optimizer_step(step)
         change = self.selector.change_at(step)
         if change is not None:
-            metrics["prune_seconds" if change.kind == "prune" else "round_seconds"] = self._change_layout(change)
+            what = "prune" if change.kind == "prune" else "round"
+            metrics[f"{what}_seconds"] = self._change_layout(change)
+            metrics[f"{what}_layout_seconds"] = self.layout_events[-1].layout_seconds
             # The state after the event (trackers' summaries keep the last value logged).
             metrics["kept"] = int(self.wl.kept.sum())
             metrics["gates_nonzero"] = int((self.wl.gates != 0).sum())
@@ -373,9 +375,11 @@ class Trainer:
         the probe loss around it (continuity), the re-plan, the report and the log."""
         t0 = time.perf_counter()
         before = self.probe_loss()
+        t1 = time.perf_counter()
         event = self.selector.apply(change, self.backend)
         if change.kind == "prune" and self.cfg.memory.replan_at_prune:
             self._replan()
+        event.layout_seconds = time.perf_counter() - t1
         event.probe_losses = (before, self.probe_loss())  # equal unless re-initialised
         event.seconds = time.perf_counter() - t0
         self.layout_events.append(event)
