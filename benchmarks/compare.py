@@ -165,6 +165,12 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
     }
     if BackendSpec.parse(mode.backend).kind == "zero":
         overrides["distributed.zero.stage"] = BackendSpec.parse(mode.backend).zero_stage
+    if which == "d":
+        # Plain peft on exactly (b)'s kept set, attached to those K linears only: attaching
+        # all n and removing the rest visited removed adapters when a meta-built (8-bit)
+        # base was materialised (KeyError "adapter ... was removed" in the 1b-int8 mode).
+        assert keep, "(d) needs the set (b) keeps"
+        overrides["adapter.target_modules"] = list(keep)
     if which == "e":
         overrides.update(
             {
@@ -177,7 +183,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_llama(mode.shape, device, dtype, int8=mode.int8, meta=mode.backend == "fsdp2")
     t0 = time.perf_counter()
-    h = Harness.build(cfg, env, model, plain_lora=not wlora, keep=keep if which == "d" else None)
+    h = Harness.build(cfg, env, model, plain_lora=not wlora)
     setup_s = time.perf_counter() - t0
     prune_s = layout_s = None
     if which in ("c", "e"):

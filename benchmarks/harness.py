@@ -119,18 +119,10 @@ def bench_config(overrides: dict) -> RunConfig:
 
 
 class _Strip(Callback):
-    """Before wrapping: keep only the adapters named ``keep`` (plain peft on that set) and,
-    for ``plain``, remove the gates (exactly peft LoRA)."""
-
-    def __init__(self, keep: list[str] | None, plain: bool) -> None:
-        self.keep, self.plain = keep, plain
+    """Before wrapping, for plain peft LoRA: remove the gates (exactly peft LoRA)."""
 
     def on_adapters_attached(self, trainer: Trainer, wl: WeightLoRA) -> None:
-        if self.keep is not None:
-            keep = set(self.keep)
-            wl.remove([s.index for s in wl.sites if s.name not in keep])
-        if self.plain:
-            wl.remove_gates()
+        wl.remove_gates()
 
 
 class _BytesAtStepEnd(Callback):
@@ -157,15 +149,14 @@ class Harness:
         env: DistEnv,
         model: nn.Module,
         plain_lora: bool = False,
-        keep: list[str] | None = None,
     ) -> Harness:
-        """``plain_lora``: peft LoRA exactly, no gates (our forward hooks removed);
-        ``keep``: attach adapters to these module names only (the others removed before
-        wrapping, so the model is plain peft on that set)."""
+        """``plain_lora``: peft LoRA exactly, no gates (our forward hooks removed). Plain
+        peft on a chosen set of adapters: name them in adapter.target_modules (full
+        module names match exactly, as in peft)."""
         if cfg.model.gradient_checkpointing:
             enable_checkpointing(model, cfg.model.checkpoint_every_n_layers)
         step_bytes = _BytesAtStepEnd()
-        tr = Trainer(cfg, env, [_Strip(keep, plain_lora), step_bytes])
+        tr = Trainer(cfg, env, [_Strip(), step_bytes] if plain_lora else [step_bytes])
         batches = random_batches(
             model.config.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.seed + env.global_rank
         )
