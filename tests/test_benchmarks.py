@@ -106,3 +106,24 @@ def test_configuration_d_is_recorded_as_failed_when_b_fails(tmp_path, monkeypatc
         compare.compare("tiny-cpu", tmp_path, timeout=10, only="bd")
     lines = [json.loads(x) for x in (tmp_path / "partial.jsonl").read_text().splitlines()]
     assert [x["config"] for x in lines] == ["b", "d"] and "needs the set (b) keeps" in lines[1]["error"]
+
+
+@pytest.mark.inprocess
+def test_configuration_d_on_a_meta_built_8bit_base_attaches_only_the_kept_set():
+    """(d), plain peft on (b)'s kept set, over a base built on meta with 8-bit linears (as
+    the 1b-int8 GPU mode builds it): it used to attach all n adapters and remove the rest,
+    and materialising the base then visited a removed adapter (KeyError)."""
+    from dataclasses import replace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import compare
+
+    mode = replace(compare.MODES["tiny-cpu"], int8=True, checkpointing=False, budget_gib=None, timed=1)
+    keep = ["model.layers.3.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    r = compare._run_config(mode, "d", keep, torch.device("cpu"))
+    assert r["adapters"] == 3 and sorted(r["kept"]) == sorted(keep)
+    hidden, inter, rank = 256, 688, 8
+    expected = rank * ((hidden + inter) * 2 + hidden * 2) * 4  # A + B of up, down, q in float32
+    assert r["per_rank_bytes"]["trainable_param_bytes"] == expected
