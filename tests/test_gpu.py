@@ -174,20 +174,13 @@ def test_int8_loss_and_gradients_close_to_the_dequantised_float_reference(tiny_d
     wl8 = _int8_wl_cuda(tiny_dir / "model")
     dtype = next(p.dtype for p in wl8.peft_model.parameters() if p.is_floating_point() and not p.requires_grad)
     wlf = dequantised_twin(wl8, tiny_dir / "model", dtype, CUDA)
-    losses = []
-    for wl in (wl8, wlf):
-        wl.peft_model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = wl.peft_model(**_batch(CUDA)).loss
-        loss.backward()
-        losses.append(float(loss.detach()))
-    grad_errs = [
-        rel_err(p8.grad, pf.grad) for p8, pf in zip(wl8.trainable_parameters(), wlf.trainable_parameters(), strict=True)
-    ]
-    gate_err = rel_err(wl8.gates.grad, wlf.gates.grad)
-    report("int8_vs_dequantised", losses=losses, max_grad_rel_err=max(grad_errs), gate_grad_rel_err=gate_err)
+    # The float32 pass tells bnb's int8 CUDA matmul (activations quantised) from bf16
+    # rounding: on CPU, where bnb dequantises instead, bf16 autocast alone gives 1.1%.
+    fp32 = _twin_errors(wl8, wlf, autocast=False)
+    losses, grad_err, gate_err = _twin_errors(wl8, wlf, autocast=True)
+    report("int8_vs_dequantised", losses=losses, max_grad_rel_err=grad_err, gate_grad_rel_err=gate_err, fp32=fp32)
     assert abs(losses[0] - losses[1]) / losses[1] < 0.01, losses
-    assert max(grad_errs) < 0.05 and gate_err < 0.05, (max(grad_errs), gate_err)
+    assert grad_err < 0.05 and gate_err < 0.05, (grad_err, gate_err)
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
@@ -247,3 +240,105 @@ def test_fsdp2_world_size_8_fake_process_group_shards_and_prunes():
     assert len(kept) == 6 and len(h.trainer.wl.trainable_parameters()) == 12
     assert all(torch.isfinite(torch.tensor(losses)))
     assert abs(local / full - 1 / 8) < 0.01  # every parameter sharded 8 ways (rows padded)
+
+
+@pytest.fixture(scope="module")
+def tiny64_dir(tmp_path_factory) -> Path:
+    """The tiny Llama at hidden 64: bnb's 4-bit block size (64) must divide every input."""
+    from wlora_dist.model.tiny import write_default
+
+    return write_default(tmp_path_factory.mktemp("tiny64"), rows=50, hidden=64, layers=2, seed=0)
+
+
+def _nf4_wl_cuda(model_dir: Path, double_quant: bool):
+    from wlora_dist.config import AdapterConfig, ModelConfig
+    from wlora_dist.method.weight_lora import WeightLoRA
+    from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
+
+    cfg = ModelConfig(path=str(model_dir), quantization="nf4", bnb_4bit_use_double_quant=double_quant)
+    wl = WeightLoRA.attach(build_on_meta(cfg, CUDA), AdapterConfig(lora_rank=4, lora_alpha=8))
+    materialize_sharded(wl, str(model_dir), CUDA, 0)
+    return wl
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["dq-off", "dq-on"])
+def test_nf4_weights_and_logits_as_load_in_4bit_on_cuda(tiny64_dir, double_quant):
+    """The NF4 base on the GPU against transformers' load_in_4bit on the same GPU (float32
+    compute, so the comparison is of the quantisation, not of bf16 rounding). The first
+    level (codes, absmax) is computed by the same bnb CUDA call on the same float32 rows;
+    with double quantisation bnb quantises the absmax again on CUDA. What is bitwise and what
+    only close is reported (gpu_checks.jsonl) and bounded here: the dequantised weights and
+    the logits within 1e-3 relative (on CPU both are bitwise, tests/test_nf4.py)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .helpers import int8_modules
+
+    wl = _nf4_wl_cuda(tiny64_dir / "model", double_quant)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    theirs = AutoModelForCausalLM.from_pretrained(
+        str(tiny64_dir / "model"), quantization_config=q, dtype=torch.float32, device_map={"": 0}
+    )
+    import bitsandbytes.functional as bnbf
+
+    codes_differ = 0
+    weight_errs = []
+    for name, m in int8_modules(wl.peft_model).items():
+        ref = theirs.get_submodule(name).weight
+        codes_differ += int((m.weight.reshape(-1) != ref.data.reshape(-1)).sum())
+        ref_w = bnbf.dequantize_4bit(ref.data, ref.quant_state).float()
+        weight_errs.append(rel_err(m.dequantized_weight(torch.float32), ref_w))
+    ids = _batch(CUDA)["input_ids"]
+    theirs.train()
+    with torch.no_grad(), wl.peft_model.disable_adapter():
+        ours = wl.peft_model(input_ids=ids).logits
+        ref_logits = theirs(input_ids=ids).logits
+    logit_err = rel_err(ours, ref_logits)
+    report(
+        "nf4_vs_load_in_4bit",
+        double_quant=double_quant,
+        codes_differ=codes_differ,
+        max_weight_rel_err=max(weight_errs),
+        logits_rel_err=logit_err,
+        logits_bitwise=bool(torch.equal(ours, ref_logits)),
+    )
+    assert codes_differ == 0, codes_differ
+    assert max(weight_errs) < 1e-3 and logit_err < 1e-3, (max(weight_errs), logit_err)
+
+
+def _twin_errors(wl_q, wl_f, autocast: bool) -> tuple[list[float], float, float]:
+    """(losses, max A / B gradient relative error, gate gradient relative error) of one
+    training forward / backward of the quantised model and of its dequantised float twin."""
+    losses = []
+    for wl in (wl_q, wl_f):
+        wl.peft_model.train()
+        wl.peft_model.zero_grad(set_to_none=True)
+        wl.gates.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = wl.peft_model(**_batch(CUDA)).loss
+        loss.backward()
+        losses.append(float(loss.detach()))
+    pairs = zip(wl_q.trainable_parameters(), wl_f.trainable_parameters(), strict=True)
+    grad_errs = [rel_err(a.grad, b.grad) for a, b in pairs if a is not wl_q.gates]
+    return losses, max(grad_errs), rel_err(wl_q.gates.grad, wl_f.gates.grad)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["dq-off", "dq-on"])
+def test_nf4_loss_and_gradients_match_the_dequantised_float_reference(tiny64_dir, double_quant):
+    """Same adapters on the NF4 base (bnb's CUDA dequantise + matmul) and on a float base
+    holding its dequantised weights. In float32 they compute the same numbers: loss and every
+    A / B / gate gradient within 1e-4 (bitwise on CPU). Under bf16 autocast the two paths
+    round in different places; on the tiny wide-init model that alone moves gradients by
+    8-9% on CPU (measured), so the bf16 numbers are reported, not bounded."""
+    wl4 = _nf4_wl_cuda(tiny64_dir / "model", double_quant)
+    wlf = dequantised_twin(wl4, tiny64_dir / "model", torch.float32, CUDA)
+    bf16 = _twin_errors(wl4, wlf, autocast=True)
+    fp32 = _twin_errors(wl4, wlf, autocast=False)
+    report("nf4_vs_dequantised", double_quant=double_quant, fp32=fp32, bf16_autocast=bf16)
+    losses, grad_err, gate_err = fp32
+    assert abs(losses[0] - losses[1]) <= 1e-4 * losses[1], losses
+    assert grad_err < 1e-4 and gate_err < 1e-4, (grad_err, gate_err)
