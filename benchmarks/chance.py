@@ -159,9 +159,9 @@ class RunResult:
     kept_layers: list[int] = field(default_factory=list)
 
 
-def run_one(method: str, seed: int, task: Task, model_dir: Path, data: tuple[Path, Path], work: Path) -> RunResult:
-    from transformers import AutoTokenizer
-
+def run_one(
+    method: str, seed: int, task: Task, model_dir: Path, data: tuple[Path, Path], eval_ids: torch.Tensor, work: Path
+) -> RunResult:
     from wlora_dist.config import config_from_dict
     from wlora_dist.distributed.env import init_distributed
     from wlora_dist.training.trainer import Trainer
@@ -197,7 +197,7 @@ def run_one(method: str, seed: int, task: Task, model_dir: Path, data: tuple[Pat
         _normalise_gate_gradients(trainer.selector)
     try:
         result = trainer.train()
-        loss, acc = held_out(trainer.wl.peft_model, AutoTokenizer.from_pretrained(model_dir), data[1], task.seq_len)
+        loss, acc = held_out(trainer.wl.peft_model, eval_ids)
         wl = trainer.wl
         kept_sites = wl.kept_sites()
         trainable = sum(p.numel() for p in wl.trainable_parameters() if p is not wl.gates)
@@ -236,18 +236,24 @@ def _normalise_gate_gradients(selector: Any) -> None:
     selector.update_gates = corrected_update
 
 
-@torch.no_grad()
-def held_out(model: torch.nn.Module, tokenizer: Any, eval_path: Path, seq_len: int) -> tuple[float, float]:
-    """(loss, next-token accuracy) over every held-out token, the rows tokenised and packed
-    exactly as the trainer reads them (wlora_dist.data.tokens.tokenize, format text)."""
+def held_out_blocks(model_dir: Path, eval_path: Path, seq_len: int) -> torch.Tensor:
+    """The held-out rows tokenised and packed exactly as the trainer reads them
+    (wlora_dist.data.tokens.tokenize, format text): once per benchmark, every run scores them."""
     import datasets
+    from transformers import AutoTokenizer
 
     from wlora_dist.config import DataConfig
     from wlora_dist.data.tokens import tokenize
 
     rows = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = tokenize(datasets.Dataset.from_list(rows), tokenizer, DataConfig(format="text", seq_len=seq_len))
-    ids = torch.tensor(blocks["input_ids"])
+    return torch.tensor(blocks["input_ids"])
+
+
+@torch.no_grad()
+def held_out(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float]:
+    """(loss, next-token accuracy) over every held-out token (``held_out_blocks``)."""
     was_training = model.training
     model.eval()
     right = total = 0
@@ -262,12 +268,12 @@ def held_out(model: torch.nn.Module, tokenizer: Any, eval_path: Path, seq_len: i
     return loss_sum / total, right / total
 
 
-def base_result(model_dir: Path, task: Task, data: tuple[Path, Path]) -> RunResult:
+def base_result(model_dir: Path, eval_ids: torch.Tensor) -> RunResult:
     """The pretrained model before any fine-tuning: what every method starts from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    loss, acc = held_out(model, AutoTokenizer.from_pretrained(model_dir), data[1], task.seq_len)
+    loss, acc = held_out(model, eval_ids)
     return RunResult("no fine-tuning", 0, loss, acc, 0, 0, 0.0, 0.0)
 
 
@@ -389,11 +395,12 @@ def run(args: argparse.Namespace) -> tuple[list[RunResult], list[dict[str, Any]]
     info = json.loads((model_dir / "pretrain.json").read_text())
     info = {k: info[k] for k in ("heldout_loss", "unigram_entropy", "corpus_chars", "tokens", "seconds")}
     data = make_task_data(task, args.cache / f"task-{task.rows}-{task.max_files}")
-    results: list[RunResult] = [base_result(model_dir, task, data)]
+    eval_ids = held_out_blocks(model_dir, data[1], task.seq_len)
+    results: list[RunResult] = [base_result(model_dir, eval_ids)]
     jobs = [(m, s) for s in range(args.seeds) for m in args.methods]
     with tempfile.TemporaryDirectory(prefix="wlora-chance-") as tmp:
         for method, seed in tqdm(jobs, desc="fine-tuning runs", disable=None):
-            results.append(run_one(method, seed, task, model_dir, data, Path(tmp)))
+            results.append(run_one(method, seed, task, model_dir, data, eval_ids, Path(tmp)))
             with open(args.out / "partial.jsonl", "a") as f:
                 f.write(json.dumps(results[-1].__dict__) + "\n")
     saved = {"task": task.__dict__, "pretrained": info, "runs": [r.__dict__ for r in results]}
