@@ -6,7 +6,8 @@ process would inflate later peaks).
     python benchmarks/compare.py --mode 8b                  # one GPU (H100 80 GB)
     python benchmarks/compare.py --mode 70b-int8-ws8        # one GPU standing in for rank 0 of 8
     python benchmarks/compare.py --mode 8b-fsdp2 --only c   # the prune event under FSDP2 (NCCL)
-    (modes: tiny-cpu, 1b, 1b-int8, 8b, 8b-48gb, 8b-fsdp2, 8b-zero3, 70b-int8-ws8, 70b-bf16-ws8)
+    (modes: tiny-cpu, 1b, 1b-int8, 1b-nf4, 8b, 8b-48gb, 8b-fsdp2, 8b-zero3, 70b-bf16-ws8,
+     70b-int8-ws8, 70b-nf4-ws8)
 
 Configurations:
   (a) plain peft LoRA on all n adapters
@@ -58,8 +59,10 @@ class Mode:
     device: str = "cuda"
     world_size: int = 1
     backend: str = "replicated"
-    int8: bool = False
+    quant: str = "none"  # the frozen base: none (the compute dtype), int8 or nf4
+    double_quant: bool = False  # nf4: QLoRA's double quantisation of the absmax
     checkpointing: bool = False
+    loss_shards: int = 0  # train.loss_shards (0: transformers' loss)
     budget_gib: float = 0.0  # > 0: also run (e), re-planning at the prune event under this budget
     reserve_gib: float = 2.0  # of the budget, left to the CUDA context / NCCL / fragmentation
     warmup: int = 2
@@ -114,14 +117,32 @@ MODES: dict[str, Mode] = {
         micro_batch=2,
         seq_len=2048,
         k=16,
-        int8=True,
+        quant="int8",
         notes=["8-bit base (Int8Linear, bitsandbytes kernels) vs docs/measurements.md's bf16 numbers at 1B"],
+    ),
+    "1b-nf4": Mode(
+        PRESETS["llama3.2-1b"],
+        micro_batch=2,
+        seq_len=2048,
+        k=16,
+        quant="nf4",
+        double_quant=True,
+        notes=["NF4 base with double quantisation (QLoRA's; Linear4bit, bitsandbytes kernels), lm_head in bf16"],
     ),
     # The prune event's cost at 8B under each sharding backend, on a real one-rank NCCL group.
     "8b-fsdp2": Mode(PRESETS["llama3-8b"], micro_batch=2, seq_len=2048, k=32, backend="fsdp2", checkpointing=True),
     "8b-zero3": Mode(PRESETS["llama3-8b"], micro_batch=2, seq_len=2048, k=32, backend="zero3", checkpointing=True),
     "70b-bf16-ws8": _70B_WS8,
-    "70b-int8-ws8": replace(_70B_WS8, int8=True),
+    "70b-int8-ws8": replace(_70B_WS8, quant="int8"),
+    # Tiled loss: transformers' keeps three fp32 copies of the 128k-vocabulary logits at the
+    # peak, planned 1.5 GiB of the 12.4 (the 12 GiB target's margin).
+    "70b-nf4-ws8": replace(
+        _70B_WS8,
+        quant="nf4",
+        double_quant=True,
+        loss_shards=8,
+        notes=[*_70B_WS8.notes, "NF4 base with double quantisation, lm_head in bf16; train.loss_shards 8"],
+    ),
 }
 
 
@@ -161,6 +182,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         "train.micro_batch_size": mode.micro_batch,
         "data.seq_len": mode.seq_len,
         "model.gradient_checkpointing": mode.checkpointing,
+        "train.loss_shards": mode.loss_shards,
         "distributed.backend": BackendSpec.parse(mode.backend).kind,
     }
     if BackendSpec.parse(mode.backend).kind == "zero":
@@ -181,7 +203,9 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         )
     cfg = bench_config(overrides)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_llama(mode.shape, device, dtype, int8=mode.int8, meta=mode.backend == "fsdp2")
+    model = random_llama(
+        mode.shape, device, dtype, quant=mode.quant, meta=mode.backend == "fsdp2", double_quant=mode.double_quant
+    )
     t0 = time.perf_counter()
     h = Harness.build(cfg, env, model, plain_lora=not wlora)
     setup_s = time.perf_counter() - t0
@@ -209,6 +233,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         "peak_bytes": measured["peak_bytes"],
         "reserved_peak_bytes": measured["reserved_peak_bytes"],
         "resident_bytes": measured["resident_bytes"],
+        "loss": measured.get("loss"),  # of the measured step: finite, or the numbers mean nothing
         "per_rank_bytes": h.step_bytes.last,
         "adapters": adapters,
         "kept": kept,
@@ -245,7 +270,8 @@ def planned(mode: Mode, which: str, kept: list[list] | None, checkpointing: bool
         mode.shape,
         mode.world_size,
         BackendSpec.parse(mode.backend),
-        base="int8" if mode.int8 else ("bf16" if on_gpu else "fp32"),
+        base=mode.quant if mode.quant != "none" else ("bf16" if on_gpu else "fp32"),
+        double_quant_4bit=mode.double_quant,
         compute="bf16" if on_gpu else "fp32",
         lora_rank=mode.rank,
         targets=mode.targets,
@@ -253,6 +279,7 @@ def planned(mode: Mode, which: str, kept: list[list] | None, checkpointing: bool
         micro_batch=mode.micro_batch,
         seq_len=mode.seq_len,
         activation_checkpointing=checkpointing,  # as the run had it ((e): after its switch)
+        loss_shards=mode.loss_shards,
         kept=kept_sites,
     )
     if which == "a":

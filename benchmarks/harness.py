@@ -23,7 +23,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from wlora_dist.config import RunConfig, config_from_dict, set_dotted
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.checkpoint_reader import CheckpointReader
 from wlora_dist.model.loading import enable_checkpointing
+from wlora_dist.model.nf4 import Linear4bit
 from wlora_dist.planning.shapes import ModelShape
 from wlora_dist.training.callbacks import Callback
 from wlora_dist.training.trainer import Trainer
@@ -44,46 +46,70 @@ def llama_config(shape: ModelShape) -> LlamaConfig:
     )
 
 
+Quant = str  # "none" | "int8" | "nf4": how the frozen base's linears are stored
+
+
 def random_llama(
-    shape: ModelShape, device: torch.device, dtype: torch.dtype, seed: int = 0, int8: bool = False, meta: bool = False
+    shape: ModelShape,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    quant: Quant = "none",
+    meta: bool = False,
+    double_quant: bool = False,
 ) -> LlamaForCausalLM:
     """A random-init Llama built directly on ``device`` in ``dtype`` (no float32 detour).
-    ``meta`` (or ``int8``: linears as Int8Linear): structure only, for a backend to
-    materialise with ``RandomWeights`` (each rank fills its own shard)."""
+    ``meta`` (or a quantised base: linears as Int8Linear / NF4 Linear4bit, lm_head kept in
+    ``dtype`` as the product's default model.int8_skip_modules keeps it): structure only,
+    for a backend to materialise with ``RandomWeights`` (each rank fills its own shard).
+    ``double_quant``: the NF4 absmax quantised once more (QLoRA's)."""
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device("meta" if meta or int8 else device):
+        with torch.device("meta" if meta or quant != "none" else device):
             model = LlamaForCausalLM(llama_config(shape))
     finally:
         torch.set_default_dtype(default)
-    if int8:
+    if quant == "int8":
         from wlora_dist.model.int8 import to_int8_linears
 
         to_int8_linears(model, ["lm_head"], 6.0)
+    elif quant == "nf4":
+        from wlora_dist.model.nf4 import to_4bit_linears
+
+        to_4bit_linears(model, ["lm_head"], "nf4", 64, None, double_quant)
+    elif quant != "none":
+        raise ValueError(f"quant={quant!r}: none, int8 or nf4")
     model.config.use_cache = False
     return model.requires_grad_(False)
 
 
-class RandomWeights:
+class RandomWeights(CheckpointReader):
     """CheckpointReader's ``rows`` for a checkpoint that does not exist: random rows of
     the right dtype (float: N(0, 0.02); int8 weight: uniform int8; SCB: row absmax ~ 0.1),
-    the same rows for the same (name, start) on every rank."""
+    the same rows for the same (name, start) on every rank. A 4-bit layer's packed codes
+    and absmax are not drawn: its float rows are (``_read``), and the reader quantises
+    them as it quantises a checkpoint's (double quantisation included), so the codes are
+    ones bnb's kernels really meet."""
 
     def __init__(self, model: nn.Module) -> None:
+        super().__init__("<random weights>", model, files={})
         # remove_duplicate=False: a tied lm_head is read under its own name too (llama3.2-1b).
         self.params = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}
         # Drawn on the GPU where there is one: 8B+ random rows on the CPU take minutes.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.bytes_read = 0
-        self.tensors = 0
+
+    def _generator(self, name: str, start: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        if module in self.four_bit and leaf in Linear4bit.PACKED:
+            return super().rows(name, start, stop)  # quantised from _read's float rows
         p = self.params[name]
         shape = (stop - start, *p.shape[1:])
-        dev = self.device
-        gen = torch.Generator(dev).manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted per process
+        dev, gen = self.device, self._generator(name, start)
         if p.dtype == torch.int8:
             return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen, device=dev)
         if name.endswith(".SCB"):
@@ -92,8 +118,23 @@ class RandomWeights:
             return torch.ones(shape, dtype=p.dtype, device=dev)
         return (0.02 * torch.randn(shape, generator=gen, device=dev)).to(p.dtype)
 
-    def close(self) -> None:
-        pass
+    def _read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Float rows [start, stop) of a 4-bit layer's weight (``key``: <module>.weight), as a
+        bf16 checkpoint would hold them (float32 on CPU)."""
+        layer = self.four_bit[key.removesuffix(".weight")]
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        rows = 0.02 * torch.randn(
+            stop - start, layer.in_features, generator=self._generator(key, start), device=self.device
+        )
+        self.bytes_read += rows.numel() * dtype.itemsize
+        self.tensors += 1
+        return rows.to(dtype)
+
+    def _whole_absmax(self, module: str, layer: Linear4bit) -> torch.Tensor:
+        """The whole layer's first-level absmax, quantised here from rows every rank draws
+        alike: the same on every rank without the gather, which a fake process group (the
+        70B modes) would leave empty."""
+        return self._quantised_rows(module, 0, layer.out_features)["absmax"].view(torch.float32)
 
 
 def random_batches(vocab: int, micro_batch: int, seq_len: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:

@@ -58,7 +58,9 @@ def run_case(case: dict) -> dict:
                 "distributed.backend": backend,
             }
         )
-        model = random_llama(shape, env.device, torch.float32, int8=int8, meta=backend == "fsdp2")
+        model = random_llama(
+            shape, env.device, torch.float32, quant="int8" if int8 else "none", meta=backend == "fsdp2"
+        )
         h = Harness.build(cfg, env, model)
         for _ in range(steps - 1):
             h.run_step()  # the first creates AdamW's state

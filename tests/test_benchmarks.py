@@ -120,10 +120,104 @@ def test_configuration_d_on_a_meta_built_8bit_base_attaches_only_the_kept_set():
     sys.path.insert(0, str(ROOT))
     from benchmarks import compare
 
-    mode = replace(compare.MODES["tiny-cpu"], int8=True, checkpointing=False, budget_gib=None, timed=1)
+    mode = replace(compare.MODES["tiny-cpu"], quant="int8", checkpointing=False, budget_gib=None, timed=1)
     keep = ["model.layers.3.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
     r = compare._run_config(mode, "d", keep, torch.device("cpu"))
     assert r["adapters"] == 3 and sorted(r["kept"]) == sorted(keep)
     hidden, inter, rank = 256, 688, 8
     expected = rank * ((hidden + inter) * 2 + hidden * 2) * 4  # A + B of up, down, q in float32
     assert r["per_rank_bytes"]["trainable_param_bytes"] == expected
+
+
+def _nf4_cpu_mode(world_size: int, backend: str):
+    """The nf4 GPU modes' settings on tiny-cpu's shape (intermediate 704: a multiple of the
+    4-bit block size, as every real model's is), on the CPU."""
+    from dataclasses import replace
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import compare
+
+    tiny = compare.MODES["tiny-cpu"]
+    return replace(
+        tiny,
+        shape=replace(tiny.shape, intermediate=704),
+        quant="nf4",
+        double_quant=True,
+        loss_shards=compare.MODES["70b-nf4-ws8"].loss_shards,
+        checkpointing=False,
+        budget_gib=0,
+        warmup=1,
+        timed=1,
+        world_size=world_size,
+        backend=backend,
+    )
+
+
+@pytest.mark.inprocess
+def test_random_weights_fill_a_4bit_base_with_bnbs_own_codes():
+    """The nf4 modes' base: RandomWeights draws float rows and the checkpoint reader's own
+    quantisation turns them into codes, so every 4-bit layer holds bitwise what bitsandbytes'
+    quantize_4bit (double quantisation on) makes of those rows."""
+    import bitsandbytes as bnb
+    import torch
+
+    from benchmarks.harness import RandomWeights, random_llama
+    from wlora_dist.model.nf4 import Linear4bit
+    from wlora_dist.model.sharded_loading import fill_base
+
+    shape = _nf4_cpu_mode(1, "replicated").shape
+    model = random_llama(shape, torch.device("cpu"), torch.float32, quant="nf4", double_quant=True)
+    model.to_empty(device="cpu")
+    fill_base(model, RandomWeights(model))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    assert len(layers) == 7 * shape.layers and "lm_head" not in layers
+    for name in ("model.layers.0.self_attn.k_proj", "model.layers.3.mlp.down_proj"):
+        layer = layers[name]
+        rows = RandomWeights(model)._read(name + ".weight", 0, layer.out_features)
+        packed, state = bnb.functional.quantize_4bit(rows, blocksize=64, compress_statistics=True, quant_type="nf4")
+        assert torch.equal(layer.weight.reshape(-1), packed.reshape(-1))
+        assert torch.equal(layer.absmax.reshape(-1), state.absmax.reshape(-1))
+        assert torch.equal(layer.nested_absmax.view(torch.float32), state.state2.absmax.float())
+        assert layer.nested_offset.view(torch.float32).item() == pytest.approx(float(state.offset), abs=0.0)
+        # And the codes are NF4's: each weight within half of NF4's widest step (-1 to -0.696:
+        # 0.152 of its block's absmax), plus the double quantisation's error on the absmax
+        # (measured: 0.155 at most here; 0.0921 relative in the mean square).
+        block_max = rows.view(layer.out_features, -1, 64).abs().amax(-1, keepdim=True)
+        err = (layer.dequantized_weight() - rows).view(layer.out_features, -1, 64).abs()
+        assert (err <= 0.16 * block_max).all()
+
+
+@pytest.mark.inprocess
+@pytest.mark.parametrize("world_size,backend", [(1, "replicated"), (8, "fsdp2")])
+def test_the_nf4_modes_run_on_a_cpu_stand_in(world_size, backend):
+    """1b-nf4 (one process) and 70b-nf4-ws8 (rank 0 of 8 through the fake process group,
+    where the double quantisation's gather of the absmax would come back empty) on a tiny
+    shape: a finite loss, K adapters after the prune event, each rank holding its share
+    of each kept adapter, and the planner's peak within 5% of the counted one."""
+    import math
+
+    import torch
+
+    from benchmarks import compare
+
+    mode = _nf4_cpu_mode(world_size, backend)
+    r = compare.run_config(mode, "c", None)
+    assert math.isfinite(r["loss"]) and r["adapters"] == mode.k and r["prune_layout_seconds"] is not None
+    s, rank = mode.shape, mode.rank
+    dims = {
+        "q_proj": (s.hidden, s.heads * s.d),
+        "k_proj": (s.hidden, s.kv_heads * s.d),
+        "v_proj": (s.hidden, s.kv_heads * s.d),
+        "o_proj": (s.heads * s.d, s.hidden),
+        "gate_proj": (s.hidden, s.intermediate),
+        "up_proj": (s.hidden, s.intermediate),
+        "down_proj": (s.intermediate, s.hidden),
+    }
+    chunk = lambda rows: -(-rows // world_size)  # noqa: E731 (FSDP2's rows per rank)
+    expected = sum(
+        (chunk(rank) * dims[kind][0] + chunk(dims[kind][1]) * rank) * 4 for _, kind in r["kept_sites"]
+    )  # A [r, in] and B [out, r], float32
+    assert r["per_rank_bytes"]["trainable_param_bytes"] == expected
+    planned = compare.planned(mode, "c", r["kept_sites"], r["activation_checkpointing"])
+    assert abs(planned - r["peak_bytes"]) <= 0.05 * r["peak_bytes"], (planned, r["peak_bytes"])
+    assert torch.distributed.is_initialized() is False  # the fake group is gone with the run

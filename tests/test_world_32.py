@@ -41,7 +41,7 @@ def _run(shard: int, int8: bool) -> dict:
                 "model.dtype": "float32",
             }
         )
-        model = random_llama(SHAPE, CPU, torch.float32, meta=True, int8=int8)
+        model = random_llama(SHAPE, CPU, torch.float32, meta=True, quant="int8" if int8 else "none")
         h = Harness.build(cfg, env, model)
         peft = h.trainer.wl.peft_model
         out: dict = {"mesh": tuple(h.trainer.backend.mesh.shape), "base": [sum(base_bytes_by_dtype(peft).values())]}

@@ -5,9 +5,10 @@
 #     bash benchmarks/gpu/run.sh call1               # = env tests 8b         (one 10-minute call)
 #     bash benchmarks/gpu/run.sh call2               # = 8b-48gb 8b-fsdp2:c 8b-zero3:c 1b-int8
 #     bash benchmarks/gpu/run.sh call3               # = 70b-int8-ws8 70b-bf16-ws8 (fake process group)
+#     bash benchmarks/gpu/run.sh call4               # = 1b-nf4 70b-nf4-ws8 (4-bit base)
 #     bash benchmarks/gpu/run.sh env tests 8b        # chosen steps, in this order
 #
-# Every step at once does not fit one 10-minute device call: run the three calls above, one
+# Every step at once does not fit one 10-minute device call: run the four calls above, one
 # call each (no argument = call1). Each leaves a handful of small files in $OUT.
 #
 # Steps: env (versions, GPU), tests (pytest -m gpu: the correctness checks), and any mode
@@ -67,6 +68,7 @@ for a in "${@:-call1}"; do
     call1) steps+=(env tests 8b) ;;
     call2) steps+=(8b-48gb 8b-fsdp2:c 8b-zero3:c 1b-int8) ;;
     call3) steps+=(70b-int8-ws8 70b-bf16-ws8) ;;
+    call4) steps+=(1b-nf4 70b-nf4-ws8) ;;
     *) steps+=("$a") ;;
     esac
 done

@@ -45,9 +45,11 @@ class CheckpointReader:
     in a bnb 8-bit folder, or quantised (bnb's quantisation) from the float rows just read:
     a rank reads and quantises only its own rows, never a whole float tensor."""
 
-    def __init__(self, model_path: str, model: nn.Module) -> None:
+    def __init__(self, model_path: str, model: nn.Module, files: dict[str, Path] | None = None) -> None:
+        """``files``: tensor name -> safetensors file (default: the folder's own; the
+        benchmarks' random weights pass none and draw the float rows instead, ``_read``)."""
         self.path = model_path
-        self.files = _checkpoint_files(Path(os.path.expanduser(model_path)))
+        self.files = _checkpoint_files(Path(os.path.expanduser(model_path))) if files is None else files
         self.int8 = {name.replace(".base_layer", "") for name, m in model.named_modules() if isinstance(m, Int8Linear)}
         self.four_bit = {
             name.replace(".base_layer", ""): m for name, m in model.named_modules() if isinstance(m, Linear4bit)
