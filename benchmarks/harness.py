@@ -46,15 +46,12 @@ def llama_config(shape: ModelShape) -> LlamaConfig:
     )
 
 
-Quant = str  # "none" | "int8" | "nf4": how the frozen base's linears are stored
-
-
 def random_llama(
     shape: ModelShape,
     device: torch.device,
     dtype: torch.dtype,
     seed: int = 0,
-    quant: Quant = "none",
+    quant: str = "none",
     meta: bool = False,
     double_quant: bool = False,
 ) -> LlamaForCausalLM:
@@ -62,7 +59,8 @@ def random_llama(
     ``meta`` (or a quantised base: linears as Int8Linear / NF4 Linear4bit, lm_head kept in
     ``dtype`` as the product's default model.int8_skip_modules keeps it): structure only,
     for a backend to materialise with ``RandomWeights`` (each rank fills its own shard).
-    ``double_quant``: the NF4 absmax quantised once more (QLoRA's)."""
+    ``quant``: none, int8 or nf4; ``double_quant``: the NF4 absmax quantised once more
+    (QLoRA's)."""
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -100,35 +98,40 @@ class RandomWeights(CheckpointReader):
         # Drawn on the GPU where there is one: 8B+ random rows on the CPU take minutes.
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def _generator(self, name: str, start: int) -> torch.Generator:
-        return torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted
-
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        module, _, leaf = name.rpartition(".")
-        if module in self.four_bit and leaf in Linear4bit.PACKED:
-            return super().rows(name, start, stop)  # quantised from _read's float rows
+        """An 8-bit layer's codes and scales are drawn as they are (quantising float rows
+        would only cost time); everything else comes through CheckpointReader's ``rows``
+        from ``_read``'s float rows (quantised there for a 4-bit layer)."""
         p = self.params[name]
-        shape = (stop - start, *p.shape[1:])
-        dev, gen = self.device, self._generator(name, start)
-        if p.dtype == torch.int8:
-            return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen, device=dev)
-        if name.endswith(".SCB"):
-            return (0.05 + 0.1 * torch.rand(shape, generator=gen, device=dev)).view(torch.int32)
-        if name.endswith("norm.weight"):
-            return torch.ones(shape, dtype=p.dtype, device=dev)
-        return (0.02 * torch.randn(shape, generator=gen, device=dev)).to(p.dtype)
+        if p.dtype == torch.int8 or name.endswith(".SCB"):
+            shape, gen = (stop - start, *p.shape[1:]), self._generator(name, start)
+            if p.dtype == torch.int8:
+                return torch.randint(-127, 128, shape, dtype=torch.int8, generator=gen, device=self.device)
+            return (0.05 + 0.1 * torch.rand(shape, generator=gen, device=self.device)).view(torch.int32)
+        return super().rows(name, start, stop)
 
     def _read(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Float rows [start, stop) of a 4-bit layer's weight (``key``: <module>.weight), as a
-        bf16 checkpoint would hold them (float32 on CPU)."""
-        layer = self.four_bit[key.removesuffix(".weight")]
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        rows = 0.02 * torch.randn(
-            stop - start, layer.in_features, generator=self._generator(key, start), device=self.device
-        )
-        self.bytes_read += rows.numel() * dtype.itemsize
+        """Float rows [start, stop) of tensor ``key``: N(0, 0.02), norms 1. A 4-bit layer's
+        weight (which this model holds packed) comes as a bf16 checkpoint would hold it
+        (float32 on CPU), for the reader to quantise."""
+        layer = self.four_bit.get(key.removesuffix(".weight"))
+        if layer is not None:
+            shape = (stop - start, layer.in_features)
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        else:
+            p = self.params[key]
+            shape, dtype = (stop - start, *p.shape[1:]), p.dtype
+        if key.endswith("norm.weight"):
+            rows = torch.ones(shape, dtype=dtype, device=self.device)
+        else:
+            gen = self._generator(key, start)
+            rows = (0.02 * torch.randn(shape, generator=gen, device=self.device)).to(dtype)
+        self.bytes_read += rows.numel() * rows.element_size()
         self.tensors += 1
-        return rows.to(dtype)
+        return rows
+
+    def _generator(self, name: str, start: int) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(zlib.crc32(name.encode()) + start)  # not hash(): salted
 
     def _whole_absmax(self, module: str, layer: Linear4bit) -> torch.Tensor:
         """The whole layer's first-level absmax, quantised here from rows every rank draws
