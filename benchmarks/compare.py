@@ -6,8 +6,11 @@ process would inflate later peaks).
     python benchmarks/compare.py --mode 8b                  # one GPU (H100 80 GB)
     python benchmarks/compare.py --mode 70b-int8-ws8        # one GPU standing in for rank 0 of 8
     python benchmarks/compare.py --mode 8b-fsdp2 --only c   # the prune event under FSDP2 (NCCL)
+    python benchmarks/compare.py --mode 8b+compile --only cd # train.compile on (c) and (d)
+    python benchmarks/compare.py --mode 8b --standin        # the same steps on a tiny CPU stand-in
     (modes: tiny-cpu, 1b, 1b-int8, 1b-nf4, 8b, 8b-48gb, 8b-fsdp2, 8b-zero3, 70b-bf16-ws8,
-     70b-int8-ws8, 70b-nf4-ws8)
+     70b-int8-ws8, 70b-nf4-ws8; "+compile" adds train.compile, "+liger" liger-kernel's fused
+     Llama kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy; GPU only))
 
 Configurations:
   (a) plain peft LoRA on all n adapters
@@ -17,10 +20,13 @@ Configurations:
   (e) wlora_dist after the prune event with memory.replan_at_prune (modes with
       activation checkpointing): checkpointing switched off where the plan says K fit
 
-Each reports tokens/s and its ratio to (a), the peak memory of a step (torch.cuda on a
-GPU; CPU: profiler allocation events on top of resident bytes), the planner's figure for
-the same step, and per-rank bytes of trainable parameters, gradients and optimizer state
-(counted from the tensors). Writes results.json, results.md and results.png to --out.
+Each reports tokens/s (of the median of at least 10 timed steps after the warm-up, with
+their spread; per GPU too) and its ratio to (a), model-FLOPs utilisation against a
+measured peak (--peak-tflops; benchmarks/flops.py says what is counted), the peak memory of
+a step (torch.cuda on a GPU; CPU: profiler allocation events on top of resident bytes),
+the planner's figure for the same step, and per-rank bytes of trainable parameters,
+gradients and optimizer state (counted from the tensors). (a) runs first, so a mode cut
+short by its time still holds a ratio. Writes results.json, results.md and results.png to --out.
 World sizes > 1 run rank 0 alone with torch's fake process group: shapes, shards and
 peaks are real, collectives are no-ops (tokens/s leaves communication out).
 Timings are measurements, never assertions (tests/test_benchmarks.py only checks that
@@ -35,12 +41,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import flops  # noqa: E402
 from wlora_dist.distributed.spec import BackendSpec  # noqa: E402
 from wlora_dist.planning import memory_plan  # noqa: E402
 from wlora_dist.planning.memory_plan import GiB, PlanInput, breakdown, plan, sites  # noqa: E402
@@ -66,7 +74,9 @@ class Mode:
     budget_gib: float = 0.0  # > 0: also run (e), re-planning at the prune event under this budget
     reserve_gib: float = 2.0  # of the budget, left to the CUDA context / NCCL / fragmentation
     warmup: int = 2
-    timed: int = 5
+    timed: int = 10
+    compile: bool = False  # train.compile: every decoder layer through torch.compile
+    liger: bool = False  # liger-kernel's fused Llama kernels (GPU only)
     notes: list[str] = field(default_factory=list)
 
 
@@ -79,8 +89,8 @@ _70B_WS8 = Mode(
     backend="fsdp2",
     checkpointing=True,
     warmup=1,
-    timed=2,
-    notes=["rank 0 of 8 via the fake process group: communication left out of tokens/s"],
+    timed=10,
+    notes=["rank 0 of 8 via the fake process group: one rank, compute only (communication left out of tokens/s)"],
 )
 
 MODES: dict[str, Mode] = {
@@ -95,7 +105,7 @@ MODES: dict[str, Mode] = {
         budget_gib=0.5,
         reserve_gib=0.0,
         warmup=1,
-        timed=8,
+        timed=10,
         notes=["CPU timings are noisy; this mode exists to run the whole pipeline in seconds"],
     ),
     "1b": Mode(PRESETS["llama3.2-1b"], micro_batch=4, seq_len=2048, k=16),
@@ -145,6 +155,37 @@ MODES: dict[str, Mode] = {
     ),
 }
 
+VARIANTS = ("compile", "liger")
+
+# The CPU stand-in of every mode (benchmarks/gpu/run.sh with WLORA_GPU_STANDIN=1): the same
+# backend, world size, base precision and schedule on a two-layer model, so the steps and
+# files of a device call are exercised in seconds. Hidden 64 and intermediate 128:
+# multiples of the 4-bit block size.
+STANDIN_SHAPE = ModelShape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=512)
+
+
+def mode_for(spec: str, standin: bool = False) -> Mode:
+    """A mode from its spec: a name of MODES, then "+compile" / "+liger" in any order
+    (e.g. "8b+compile+liger"); ``standin``: its CPU stand-in."""
+    name, *variants = spec.split("+")
+    if name not in MODES or any(v not in VARIANTS for v in variants):
+        raise ValueError(f"mode {spec!r}: one of {sorted(MODES)}, optionally + one or more of {list(VARIANTS)}")
+    mode = replace(MODES[name], **{v: True for v in variants})
+    if standin and mode.device != "cpu":  # a CPU mode is its own stand-in
+        mode = replace(
+            mode,
+            shape=STANDIN_SHAPE,
+            micro_batch=2,
+            seq_len=64,
+            k=4,
+            rank=4,
+            device="cpu",
+            budget_gib=0.0,
+            warmup=1,
+            notes=[f"CPU stand-in of {spec} (a two-layer model): timings and peaks mean nothing"],
+        )
+    return mode
+
 
 # ---------------------------------------------------------------- one configuration (worker)
 
@@ -155,7 +196,9 @@ def run_config(mode: Mode, which: str, keep: list[str] | None) -> dict:
     from benchmarks.harness import fake_world
 
     if mode.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("this mode needs a GPU; none here (try --mode tiny-cpu)")
+        raise SystemExit("this mode needs a GPU; none here (try --mode tiny-cpu or --standin)")
+    if mode.liger and mode.device != "cuda":
+        raise SystemExit("+liger needs a GPU: liger-kernel's kernels are triton kernels")
     with fake_world(mode.world_size, BackendSpec.parse(mode.backend).kind):
         return _run_config(mode, which, keep, torch.device(mode.device))
 
@@ -184,6 +227,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         "model.gradient_checkpointing": mode.checkpointing,
         "train.loss_shards": mode.loss_shards,
         "distributed.backend": BackendSpec.parse(mode.backend).kind,
+        "train.compile": mode.compile,
     }
     if BackendSpec.parse(mode.backend).kind == "zero":
         overrides["distributed.zero.stage"] = BackendSpec.parse(mode.backend).zero_stage
@@ -203,6 +247,14 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         )
     cfg = bench_config(overrides)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if mode.liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        # Patches transformers' Llama classes before the model is built; the fused linear
+        # cross-entropy replaces the loss unless the mode tiles it (train.loss_shards).
+        apply_liger_kernel_to_llama(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=not mode.loss_shards
+        )
     model = random_llama(
         mode.shape, device, dtype, quant=mode.quant, meta=mode.backend == "fsdp2", double_quant=mode.double_quant
     )
@@ -226,6 +278,7 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         while h.step < steps_t:
             h.run_step()
     kept = [s.name for s in h.trainer.wl.kept_sites()]
+    site_kinds = [(s.layer, s.kind) for s in h.trainer.wl.sites if s.name in kept or which in "ab"]
     checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in h.trainer.wl.base_model.modules())
     out = {
         "config": which,
@@ -242,6 +295,10 @@ def _run_config(mode: Mode, which: str, keep: list[str] | None, device) -> dict:
         "prune_layout_seconds": layout_s,  # the layout change itself: selector + backend rebuild
         "setup_seconds": setup_s,
         "activation_checkpointing": checkpointing,
+        "compile": mode.compile,
+        "liger": mode.liger,
+        "flops_per_token": flops.flops_per_token(mode.shape, mode.seq_len, mode.rank, [k for _, k in site_kinds]),
+        "scope": "one rank, compute only" if mode.world_size > 1 else "the whole step",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     return out
@@ -291,17 +348,21 @@ def planned(mode: Mode, which: str, kept: list[list] | None, checkpointing: bool
     return plan(inp).after.total
 
 
-def run_worker(mode_name: str, which: str, keep: list[str] | None, timeout: int, timed: int | None) -> dict:
-    cmd = [sys.executable, __file__, "--mode", mode_name, "--worker", which]
+def run_worker(
+    spec: str, which: str, keep: list[str] | None, timeout: float, timed: int | None, standin: bool = False
+) -> dict:
+    cmd = [sys.executable, __file__, "--mode", spec, "--worker", which]
     if timed is not None:
         cmd += ["--timed", str(timed)]
     if keep is not None:
         cmd += ["--keep", json.dumps(keep)]
+    if standin:
+        cmd.append("--standin")
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
-        raise ConfigurationFailed(f"configuration ({which}) ran past --timeout {timeout} s") from e
+        raise ConfigurationFailed(f"configuration ({which}) ran past its timeout, {timeout:.0f} s") from e
     if proc.returncode != 0:
         raise ConfigurationFailed(f"configuration ({which}) failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -320,11 +381,26 @@ LABELS = {
     "d": "(d) plain peft LoRA on the same K",
     "e": "(e) (c) + re-plan at prune",
 }
+MIN_CONFIG_S = 10.0  # a configuration given less than this by the deadline is not started
 
 
-def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None, only: str = "abcde") -> dict:
-    """Configurations ``only`` (default all; (d) needs (b)'s kept set, so asks for (b))."""
-    mode = MODES[mode_name]
+def compare(
+    spec: str,
+    out: Path,
+    timeout: float,
+    timed: int | None = None,
+    only: str = "abcde",
+    *,
+    standin: bool = False,
+    deadline: float | None = None,
+    peak_tflops: float | None = None,
+    on_line: Callable[[dict], None] | None = None,
+) -> dict:
+    """Configurations ``only`` of mode ``spec`` (default all; (d) needs (b)'s kept set, so
+    asks for (b)), (a) first. Each gets ``timeout`` seconds, or what is left before
+    ``deadline`` (time.time()); one that would get less than MIN_CONFIG_S is recorded as
+    skipped. ``on_line``: called with each configuration's line as it ends."""
+    mode = mode_for(spec, standin)
     if timed is not None:
         mode = replace(mode, timed=timed)
     wanted = set(only) | ({"b"} if "d" in only else set())
@@ -335,24 +411,32 @@ def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None, o
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "partial.jsonl"
     partial.write_text("")  # one line per configuration as it ends: a mode stopped mid-way keeps them
-    for which in "bcade":  # (b) first: (d) trains plain peft on exactly the set (b) keeps
+    for which in "abcde":  # (a) first: the baseline every ratio needs; (d) after (b), whose set it trains
         if which not in wanted:
             continue
+        left = timeout if deadline is None else min(timeout, deadline - time.time())
         try:
             if which == "d" and "b" not in results:
                 raise ConfigurationFailed("configuration (d) needs the set (b) keeps, and (b) failed")
+            if left < MIN_CONFIG_S:
+                raise ConfigurationFailed(f"configuration ({which}) skipped: {max(left, 0):.0f} s left of the budget")
             keep = results["b"]["kept"] if which == "d" else None
-            results[which] = run_worker(mode_name, which, keep, timeout, timed)
-            line = {**results[which], "planned_peak_bytes": _planned_or_none(mode, which, results[which])}
+            r = results[which] = run_worker(spec, which, keep, left, timed, standin)
+            r["mfu"] = flops.mfu(r["flops_per_token"], r["tokens_per_s_per_gpu"], (peak_tflops or 0) * 1e12)
+            line = {**r, "planned_peak_bytes": _planned_or_none(mode, which, r)}
         except ConfigurationFailed as e:
             failed[which] = str(e)
             line = {"config": which, "error": str(e)[-2000:], "planned_peak_bytes": _planned_or_none(mode, which)}
             print(f"({which}) failed; going on with the others: {str(e).splitlines()[0]}", file=sys.stderr)
+        line = {"mode": spec, **line}
         with open(partial, "a") as f:
-            f.write(json.dumps({"mode": mode_name, **line}) + "\n")
+            f.write(json.dumps(line) + "\n")
+        if on_line is not None:
+            on_line(line)
     if not results:
-        raise SystemExit(f"every configuration of {mode_name} failed; see {partial}")
-    kept_sites = next(r["kept_sites"] for r in results.values())
+        raise SystemExit(f"every configuration of {spec} failed; see {partial}")
+    # The K adapters the run kept ((a) keeps all n): the planner's bound where no run pruned.
+    kept_sites = next((results[w]["kept_sites"] for w in "bcde" if w in results), None)
     base = results["a"]["tokens_per_s"] if "a" in results else None
     for which, r in results.items():
         r["label"] = LABELS[which]
@@ -363,7 +447,8 @@ def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None, o
         return results[x]["tokens_per_s"] / results[y]["tokens_per_s"] - minus if {x, y} <= results.keys() else None
 
     summary = {
-        "mode": mode_name,
+        "mode": spec,
+        "standin": standin,
         "settings": {k: v for k, v in asdict(mode).items() if k != "shape"},
         "shape": asdict(mode.shape),
         "results": [results[w] for w in sorted(results)],
@@ -372,6 +457,7 @@ def compare(mode_name: str, out: Path, timeout: int, timed: int | None = None, o
         "c_vs_d": ratio("c", "d", 1.0),
         "prune_seconds": results["c"]["prune_seconds"] if "c" in results else None,
         "prune_layout_seconds": results["c"].get("prune_layout_seconds") if "c" in results else None,
+        "peak_tflops": peak_tflops,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "failed": failed,
     }
@@ -390,22 +476,23 @@ def markdown(s: dict) -> str:
         f"{s['settings']['seq_len']}, LoRA r={s['settings']['rank']}, K={s['settings']['k']}, "
         f"backend {s['settings']['backend']} (world size {s['settings']['world_size']})",
         "",
-        "| configuration | adapters | act. ckpt | tokens/s | vs (a) | peak GiB | reserved GiB | planned GiB | "
-        "params MiB | grads MiB | optimizer MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | adapters | act. ckpt | tokens/s per GPU | spread | vs (a) | MFU | peak GiB | reserved GiB | "
+        "planned GiB | params MiB | grads MiB | optimizer MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["results"]:
         b = r["per_rank_bytes"]
         reserved = r.get("reserved_peak_bytes")
         lines.append(
             f"| {r['label']} | {r['adapters']} | {'yes' if r['activation_checkpointing'] else 'no'} | "
-            f"{r['tokens_per_s']:,.0f} | {_x(r['ratio_to_a'])} | {r['peak_bytes'] / GiB:.3g} | "
-            f"{'-' if reserved is None else f'{reserved / GiB:.3g}'} | "
+            f"{r['tokens_per_s_per_gpu']:,.0f} | {r['spread']:.1%} | {_x(r['ratio_to_a'])} | "
+            f"{_pct(r.get('mfu'), '')} | "
+            f"{r['peak_bytes'] / GiB:.3g} | {'-' if reserved is None else f'{reserved / GiB:.3g}'} | "
             f"{r['planned_peak_bytes'] / GiB:.3g} | {b['trainable_param_bytes'] / mib:.2f} | "
             f"{b['grad_bytes'] / mib:.2f} | {b['optimizer_state_bytes'] / mib:.2f} |"
         )
     for which, message in s.get("failed", {}).items():
-        lines.append(f"| {LABELS[which]} | failed: {message.splitlines()[0]} | | | | | | | | | |")
+        lines.append(f"| {LABELS[which]} | failed: {message.splitlines()[0]} |" + " |" * 11)
     lines.append("")
     if s["selection_overhead"] is not None:
         lines.append(f"- selection overhead, (a) over (b): {s['selection_overhead']:+.1%}")
@@ -417,6 +504,14 @@ def markdown(s: dict) -> str:
         lines.append(f"- prune event: {s['prune_seconds']:.3f} s{of_which}")
     if "e_over_c" in s:
         lines.append(f"- re-planning at the prune event, (e) / (c): {s['e_over_c']:.2f}x")
+    first = s["results"][0]
+    lines.append(
+        f"- tokens/s: the median of {first['steps']} timed steps after {s['settings']['warmup']} warm-up steps; "
+        f"spread: (p90 - p10) / median; {first['scope']}"
+    )
+    peak = s.get("peak_tflops")
+    against = f"{peak:.0f} TFLOP/s measured in the same call" if peak else "no measured peak (-)"
+    lines.append(f"- MFU: model FLOPs per token (benchmarks/flops.py) x tokens/s per GPU, against {against}")
     lines += [f"- {n}" for n in s["settings"]["notes"]]
     lines.append(f"- per-rank bytes: counted from the tensors while the gradients exist; {s['time']}")
     return "\n".join(lines) + "\n"
@@ -426,8 +521,8 @@ def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:+.1%}"
+def _pct(v: float | None, sign: str = "+") -> str:
+    return "-" if v is None else f"{v:{sign}.1%}"
 
 
 def chart(s: dict, path: Path) -> None:
@@ -462,24 +557,30 @@ def chart(s: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=sorted(MODES), default="tiny-cpu")
+    ap.add_argument("--mode", default="tiny-cpu", help=f"one of {sorted(MODES)}, optionally +compile / +liger")
     ap.add_argument("--out", help="folder for results.json / .md / .png (default benchmarks/results/<mode>)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     ap.add_argument("--timed", type=int, help="timed steps per configuration (default: the mode's)")
     ap.add_argument("--only", default="abcde", help="configurations to run, e.g. 'c' or 'abcd' (default all)")
+    ap.add_argument("--standin", action="store_true", help="the mode's CPU stand-in (a two-layer model)")
+    ap.add_argument("--peak-tflops", type=float, help="the device's measured peak, for MFU")
     ap.add_argument("--worker", choices=list(LABELS), help=argparse.SUPPRESS)
     ap.add_argument("--keep", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    try:
+        mode = mode_for(args.mode, args.standin)
+    except ValueError as e:
+        ap.error(str(e))
     if args.worker:
         import torch
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         keep = json.loads(args.keep) if args.keep else None
-        mode = MODES[args.mode] if args.timed is None else replace(MODES[args.mode], timed=args.timed)
+        mode = mode if args.timed is None else replace(mode, timed=args.timed)
         print(json.dumps(run_config(mode, args.worker, keep)))
         return 0
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / args.mode
-    s = compare(args.mode, out, args.timeout, args.timed, args.only)
+    s = compare(args.mode, out, args.timeout, args.timed, args.only, standin=args.standin, peak_tflops=args.peak_tflops)
     print(markdown(s))
     print(f"-> {out}/results.json, results.md, results.png")
     return 0

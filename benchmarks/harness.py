@@ -214,8 +214,10 @@ class Harness:
         return self.trainer.train_step(self.step)
 
     def timed_steps(self, n: int) -> dict:
-        """``n`` steps (synchronised on a GPU); tokens/s of the median step, which one slow
-        step (a page fault, another process) does not move."""
+        """``n`` steps (synchronised on a GPU): tokens/s of the median step, which one slow
+        step (a page fault, another process) does not move, and the spread of the steps.
+        tokens/s counts every rank's tokens (the trainer's figure); per GPU divides by the
+        world size (under the fake process group: one rank, compute only)."""
         device = self.trainer.env.device
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         steps = []
@@ -225,9 +227,18 @@ class Harness:
             m = self.run_step()
             sync()
             steps.append((time.perf_counter() - s0, m["tokens_per_s"] * m["step_seconds"]))
-        steps.sort()
-        seconds, tokens = steps[len(steps) // 2]
-        return {"tokens_per_s": tokens / seconds, "median_step_s": seconds, "steps": n}
+        seconds = sorted(s for s, _ in steps)
+        median_s = seconds[len(seconds) // 2]
+        tokens = steps[0][1]  # every step has the same batch shape
+        world = self.trainer.env.world_size
+        return {
+            "tokens_per_s": tokens / median_s,
+            "tokens_per_s_per_gpu": tokens / median_s / world,
+            "median_step_s": median_s,
+            "step_seconds": [round(s, 5) for s, _ in steps],  # in the order they ran
+            "spread": (_quantile(seconds, 0.9) - _quantile(seconds, 0.1)) / median_s,  # p90 - p10, of the median
+            "steps": n,
+        }
 
     def measured_step(self) -> dict:
         """One step with its peak memory: resident bytes before it plus the most it
@@ -312,6 +323,14 @@ def fake_world(world_size: int, backend: str = "replicated") -> Iterator[None]:
 def kept_layer_kinds(h: Harness) -> list[tuple[int, str]]:
     """(decoder layer, module kind) of the adapters a run keeps, as the planner names them."""
     return [(s.layer, s.kind) for s in h.trainer.wl.kept_sites() if s.layer is not None]
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between order statistics (numpy's default)."""
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
 def _json_safe(d: dict) -> dict:

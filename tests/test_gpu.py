@@ -7,6 +7,10 @@ torch's fake process group.
 
 With WLORA_GPU_REPORT=<file>, each check appends what it measured (one JSON line), so the
 tolerances below can be compared with the margins actually seen (docs/measurements.md).
+With WLORA_GPU_STANDIN=1 the checks run on the CPU instead (gloo for NCCL): how
+benchmarks/gpu/run.sh's CPU stand-in exercises them, and how they are tried before a GPU
+run (on CPU bitsandbytes dequantises instead of running its CUDA kernels, so the margins
+mean little; the code paths are the ones the GPU takes).
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ import torch
 
 from .helpers import K, dequantised_twin, dist_config, run_worker
 
+STANDIN = os.environ.get("WLORA_GPU_STANDIN") == "1"  # the CPU plays the GPU (benchmarks/gpu/run.sh)
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.launched,  # trains in this process and launches the reference runs
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not (torch.cuda.is_available() or STANDIN), reason="needs a CUDA GPU"),
 ]
 
 # Each check is bounded (WLORA_GPU_TEST_TIMEOUT seconds, default 150): on a first GPU run a
@@ -49,7 +55,7 @@ def _bounded_check():
         faulthandler.cancel_dump_traceback_later()
 
 
-CUDA = torch.device("cuda")
+CUDA = torch.device("cpu" if STANDIN else "cuda")
 CPU_ONLY = {"CUDA_VISIBLE_DEVICES": ""}  # the reference run: the same code on the CPU, fp32
 
 
@@ -57,7 +63,7 @@ def report(check: str, **values) -> None:
     path = os.environ.get("WLORA_GPU_REPORT")
     if path:
         with open(path, "a") as f:
-            f.write(json.dumps({"check": check, **values}) + "\n")
+            f.write(json.dumps({"kind": "measured", "check": check, **values}) + "\n")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,12 +112,13 @@ def test_bf16_selection_keeps_the_planted_modules_as_fp32_does():
         assert r["gpu"] == r["cpu"], rows
 
 
-def _int8_wl_cuda(model_dir: Path):
+def _int8_wl_cuda(model_dir: Path, dtype: str = "auto"):
+    """Our 8-bit base with adapters on the GPU; ``dtype``: its float parts (auto: bf16)."""
     from wlora_dist.config import AdapterConfig, ModelConfig
     from wlora_dist.method.weight_lora import WeightLoRA
     from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
 
-    cfg = ModelConfig(path=str(model_dir), quantization="int8")
+    cfg = ModelConfig(path=str(model_dir), quantization="int8", dtype=dtype)
     wl = WeightLoRA.attach(build_on_meta(cfg, CUDA), AdapterConfig(lora_rank=4, lora_alpha=8))
     materialize_sharded(wl, str(model_dir), CUDA, 0)
     return wl
@@ -123,35 +130,53 @@ def _batch(device: torch.device) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def test_int8_logits_bitwise_those_of_bnb_linear8bitlt_on_cuda(tiny_dir):
-    """Our Int8Linear makes bitsandbytes' own CUDA call: with the adapters off, the logits
-    are bitwise those of transformers' load_in_8bit model on the same GPU, in train and eval.
-
-    The reference is loaded in float32, so bnb quantises the same float32 weights we do (a
-    first H200 run loaded it in bf16: bnb then quantised the bf16-cast weights, 86 of the
-    first linear's 1,024 codes differed by 1, and the logits by 0.55); the codes and scales
-    are compared first, then bnb's float parts are cast to our dtype for the forward."""
+def _bnb_8bit_model(model_dir: Path):
+    """transformers' own load_in_8bit model (bitsandbytes' Linear8bitLt) on the device,
+    loaded in float32: bnb then quantises the same float32 weights we do (loaded in bf16 it
+    quantised bf16-cast weights: a first H200 run differed in 86 of 1,024 codes)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        device_map={"": CUDA.index or 0} if CUDA.type == "cuda" else {"": "cpu"},
+        dtype=torch.float32,
+    )
+
+
+def _same_codes(ours: dict, bnb_model) -> dict:
+    """Compare our int8 codes and scales with bnb's, then copy ours into bnb's layers, so
+    what follows compares the same weights: CUDA's quantisation may round a rare code the
+    other way. Returns what differed (reported, and bounded by the caller)."""
+    codes_differ = scales_differ = off_by_more = 0
+    for name, m in ours.items():
+        ref = bnb_model.get_submodule(name)
+        diff = (m.weight.int() - ref.weight.data.int()).abs()
+        codes_differ += int((diff > 0).sum())
+        off_by_more += int((diff > 1).sum())
+        scales_differ += int((m.SCB.view(torch.float32) != ref.weight.SCB).sum())
+        ref.weight.data.copy_(m.weight)
+        ref.weight.SCB.copy_(m.SCB.view(torch.float32))
+    codes = sum(m.weight.numel() for m in ours.values())
+    return {"codes": codes, "codes_differ": codes_differ, "codes_off_by_more_than_1": off_by_more,
+            "scales_differ": scales_differ}  # fmt: skip
+
+
+def test_int8_logits_bitwise_those_of_bnb_linear8bitlt_on_cuda(tiny_dir):
+    """Our Int8Linear makes bitsandbytes' own CUDA call: with the adapters off and the same
+    int8 codes and scales in both (ours copied into the reference after comparing them),
+    the logits are bitwise those of transformers' load_in_8bit model on the same GPU, in
+    train and eval. The codes themselves: at most 0.1% differ, none by more than 1."""
     from .helpers import int8_modules
 
     wl = _int8_wl_cuda(tiny_dir / "model")
     model = wl.peft_model
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
-    bnb_model = AutoModelForCausalLM.from_pretrained(
-        str(tiny_dir / "model"),
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-        device_map={"": 0},
-        dtype=torch.float32,
-    )
+    bnb_model = _bnb_8bit_model(tiny_dir / "model")
     ours = int8_modules(model)
-    codes_differ = scales_differ = 0
-    for name, m in ours.items():
-        ref = bnb_model.get_submodule(name)
-        codes_differ += int((m.weight != ref.weight.data).sum())
-        scales_differ += int((m.SCB.view(torch.float32) != ref.weight.SCB).sum())
-    report("int8_codes_vs_bnb", linears=len(ours), codes_differ=codes_differ, scales_differ=scales_differ)
-    assert codes_differ == 0 and scales_differ == 0, (codes_differ, scales_differ)
+    codes = _same_codes(ours, bnb_model)
+    report("int8_codes_vs_bnb", linears=len(ours), **codes)
+    assert codes["codes_off_by_more_than_1"] == 0 and codes["codes_differ"] <= 1e-3 * codes["codes"], codes
     for p in bnb_model.parameters():  # the float parts (embeddings, norms, lm_head) as ours
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
@@ -167,20 +192,66 @@ def test_int8_logits_bitwise_those_of_bnb_linear8bitlt_on_cuda(tiny_dir):
         torch.testing.assert_close(ours_logits, theirs, rtol=0, atol=0)
 
 
+def _bnb_peft_arm(model_dir: Path, wl8, ours: dict):
+    """The third arm: bitsandbytes' own load_in_8bit model with a plain peft LoRA holding
+    the same int8 codes as ``wl8`` and the same A and B values (gates are 1 in ``wl8``, so
+    the two compute the same function)."""
+    from peft import LoraConfig, get_peft_model
+
+    from wlora_dist.method.weight_lora import ADAPTER
+
+    bnb_model = _bnb_8bit_model(model_dir)
+    _same_codes(ours, bnb_model)
+    names = [s.name for s in wl8.sites]
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=names, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(bnb_model, cfg)
+    with torch.no_grad():
+        for site in wl8.sites:
+            layer = peft_model.base_model.model.get_submodule(site.name)
+            for part in ("lora_A", "lora_B"):
+                getattr(layer, part)[ADAPTER].weight.copy_(getattr(wl8.lora_layer(site), part)[ADAPTER].weight)
+    params = [
+        getattr(peft_model.base_model.model.get_submodule(s.name), part)[ADAPTER].weight
+        for s in wl8.sites
+        for part in ("lora_A", "lora_B")
+    ]
+    return peft_model, params
+
+
 def test_int8_loss_and_gradients_close_to_the_dequantised_float_reference(tiny_dir):
     """Same adapters on the 8-bit base (bnb's int8 CUDA matmul) and on a float base holding
     the dequantised weights: loss and every A / B / gate gradient agree to the precision
-    bnb's kernels work in (activations quantised to int8 in eval, fp16 in training)."""
-    wl8 = _int8_wl_cuda(tiny_dir / "model")
-    dtype = next(p.dtype for p in wl8.peft_model.parameters() if p.is_floating_point() and not p.requires_grad)
-    wlf = dequantised_twin(wl8, tiny_dir / "model", dtype, CUDA)
-    # The float32 pass tells bnb's int8 CUDA matmul (activations quantised) from bf16
-    # rounding: on CPU, where bnb dequantises instead, bf16 autocast alone gives 1.1%.
-    fp32 = _twin_errors(wl8, wlf, autocast=False)
-    losses, grad_err, gate_err = _twin_errors(wl8, wlf, autocast=True)
-    report("int8_vs_dequantised", losses=losses, max_grad_rel_err=grad_err, gate_grad_rel_err=gate_err, fp32=fp32)
-    assert abs(losses[0] - losses[1]) / losses[1] < 0.01, losses
-    assert grad_err < 0.05 and gate_err < 0.05, (grad_err, gate_err)
+    bnb's kernels work in (activations quantised to int8 in eval, fp16 in training).
+
+    Three arms, each in float32 and under bf16 autocast: ours, bitsandbytes' own
+    load_in_8bit model with a plain peft LoRA (same codes, same A and B), and the
+    dequantised float twin. How far bnb + peft is from the twin is LLM.int8's own error;
+    ours must be no further than that (a first H200 run saw 12% on A / B gradients and
+    bounded ours alone at 5%, which left the gap unattributed)."""
+    from .helpers import int8_modules
+
+    wl8 = _int8_wl_cuda(tiny_dir / "model", dtype="float32")
+    wlf = dequantised_twin(wl8, tiny_dir / "model", torch.float32, CUDA)
+    bnb_peft, bnb_params = _bnb_peft_arm(tiny_dir / "model", wl8, int8_modules(wl8.peft_model))
+    arms = {}
+    for precision, autocast in (("fp32", False), ("bf16", True)):
+        losses, grad_err, gate_err = _twin_errors(wl8, wlf, autocast=autocast)
+        bnb_loss = _forward_backward(bnb_peft, autocast)
+        bnb_err = max(rel_err(a.grad, b.grad) for a, b in zip(bnb_params, wlf.trainable_parameters(), strict=True))
+        arms[precision] = {
+            "losses": {"ours": losses[0], "bnb_peft": bnb_loss, "twin": losses[1]},
+            "ours_grad_rel_err": grad_err,
+            "ours_gate_grad_rel_err": gate_err,
+            "bnb_peft_grad_rel_err": bnb_err,
+        }
+    report("int8_vs_dequantised", **arms)
+    for precision, a in arms.items():
+        loss = a["losses"]
+        assert abs(loss["ours"] - loss["twin"]) / loss["twin"] < 0.01, (precision, loss)
+        # Ours is LLM.int8 as bnb + peft compute it: no further from the twin than they are
+        # (25% and 0.5% absolute of slack: the two arms round in different orders).
+        assert a["ours_grad_rel_err"] <= 1.25 * a["bnb_peft_grad_rel_err"] + 0.005, (precision, a)
+        assert a["ours_gate_grad_rel_err"] <= max(0.05, 1.25 * a["bnb_peft_grad_rel_err"]), (precision, a)
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
@@ -251,11 +322,14 @@ def tiny64_dir(tmp_path_factory) -> Path:
 
 
 def _nf4_wl_cuda(model_dir: Path, double_quant: bool):
+    """Our NF4 base with adapters on the GPU, in float32 (its float parts and the 4-bit
+    matmul's compute dtype): the references below are float32, and a bf16 side against them
+    at 1e-3 / 1e-4 would measure bf16 rounding, not the quantisation."""
     from wlora_dist.config import AdapterConfig, ModelConfig
     from wlora_dist.method.weight_lora import WeightLoRA
     from wlora_dist.model.sharded_loading import build_on_meta, materialize_sharded
 
-    cfg = ModelConfig(path=str(model_dir), quantization="nf4", bnb_4bit_use_double_quant=double_quant)
+    cfg = ModelConfig(path=str(model_dir), quantization="nf4", bnb_4bit_use_double_quant=double_quant, dtype="float32")
     wl = WeightLoRA.attach(build_on_meta(cfg, CUDA), AdapterConfig(lora_rank=4, lora_alpha=8))
     materialize_sharded(wl, str(model_dir), CUDA, 0)
     return wl
@@ -281,7 +355,10 @@ def test_nf4_weights_and_logits_as_load_in_4bit_on_cuda(tiny64_dir, double_quant
         bnb_4bit_compute_dtype=torch.float32,
     )
     theirs = AutoModelForCausalLM.from_pretrained(
-        str(tiny64_dir / "model"), quantization_config=q, dtype=torch.float32, device_map={"": 0}
+        str(tiny64_dir / "model"),
+        quantization_config=q,
+        dtype=torch.float32,
+        device_map={"": CUDA.index or 0} if CUDA.type == "cuda" else {"": "cpu"},
     )
     import bitsandbytes.functional as bnbf
 
@@ -310,18 +387,24 @@ def test_nf4_weights_and_logits_as_load_in_4bit_on_cuda(tiny64_dir, double_quant
     assert max(weight_errs) < 1e-3 and logit_err < 1e-3, (max(weight_errs), logit_err)
 
 
+def _forward_backward(model, autocast: bool) -> float:
+    """One training forward / backward of ``model`` on the fixed batch (gradients zeroed
+    first); its loss."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(CUDA.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**_batch(CUDA)).loss
+    loss.backward()
+    return float(loss.detach())
+
+
 def _twin_errors(wl_q, wl_f, autocast: bool) -> tuple[list[float], float, float]:
     """(losses, max A / B gradient relative error, gate gradient relative error) of one
     training forward / backward of the quantised model and of its dequantised float twin."""
     losses = []
     for wl in (wl_q, wl_f):
-        wl.peft_model.train()
-        wl.peft_model.zero_grad(set_to_none=True)
         wl.gates.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = wl.peft_model(**_batch(CUDA)).loss
-        loss.backward()
-        losses.append(float(loss.detach()))
+        losses.append(_forward_backward(wl.peft_model, autocast))
     pairs = zip(wl_q.trainable_parameters(), wl_f.trainable_parameters(), strict=True)
     grad_errs = [rel_err(a.grad, b.grad) for a, b in pairs if a is not wl_q.gates]
     return losses, max(grad_errs), rel_err(wl_q.gates.grad, wl_f.gates.grad)

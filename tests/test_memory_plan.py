@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 from wlora_dist.cli import main
 from wlora_dist.distributed.spec import BackendSpec
@@ -174,6 +175,11 @@ def test_replan_at_prune_switches_checkpointing_off_same_math(tiny_dir, tmp_path
     fits = {"replan_at_prune": True, "budget_gib": 2.0, "reserve_gib": 0.0}
     run, result = _train(tiny_dir, tmp_path / "b", model=ckpt, memory=fits)
     assert not _checkpointing_on(run) and run.replanned.activation_checkpointing is False
+    # Nor is the embedding output made to require grad any more (transformers and peft each
+    # registered a hook; one outlived the switch): what precedes the first adapter keeps nothing.
+    embeddings = run.wl.base_model.get_input_embeddings()
+    assert not [h for h in embeddings._forward_hooks.values() if h.__name__ == "make_inputs_require_grads"]
+    assert not embeddings(torch.tensor([[3, 4]])).requires_grad
     assert result.kept == ref_result.kept
     losses = [h["loss"] for h in result.history]
     ref_losses = [h["loss"] for h in ref_result.history]

@@ -1,4 +1,4 @@
-"""Every private API of torch, DeepSpeed, accelerate and datasets that wlora_dist relies on,
+"""Every private API of torch, DeepSpeed, accelerate, transformers and datasets that wlora_dist relies on,
 in one table, each checked to exist in the installed version: an upgrade that removes or
 renames one fails here, naming where wlora_dist uses it, before it fails in a run.
 
@@ -106,6 +106,20 @@ PRIVATE = [
         "deepspeed.runtime.engine:DeepSpeedEngine",
         "distributed/zero_internals.py: destroy_engine removes the engine's own module hooks",
         ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"),
+    ),
+    Private(
+        "torch",
+        "torch.nn.modules.module:Module.__init__",
+        "model/loading.py: remove_input_require_grads removes the embeddings' require-grad hooks from the module's "
+        "forward hooks",
+        ("_forward_hooks",),
+    ),
+    Private(
+        "transformers",
+        "transformers.modeling_utils:PreTrainedModel.enable_input_require_grads",
+        "model/loading.py: remove_input_require_grads finds the hook by its name (transformers keeps a handle to "
+        "the last one registered only)",
+        ("make_inputs_require_grads", "_require_grads_hooks"),
     ),
     Private(
         "accelerate",

@@ -9,7 +9,9 @@
 # huggingface_hub. It lacks deepspeed, bitsandbytes, datasets (+ dill, multiprocess,
 # xxhash), hjson, pydantic; transformers and peft are brought too. Every version is the one
 # installed in the environment the CPU suite passed in (VENV_PY, default .venv/bin/python,
-# made by `make setup`), so the GPU checks test the same code the suite tested.
+# made by `make setup`), so the GPU checks test the same code the suite tested. liger-kernel
+# (pure Python, triton kernels: the +liger benchmark variants) is not in that environment,
+# since nothing on CPU can run it: its version is pinned here (LIGER).
 set -euo pipefail
 OUT=${1:-.gpu-wheels}
 PY=${PYTHON:-python3}
@@ -26,9 +28,10 @@ names = ["bitsandbytes", "datasets", "dill", "multiprocess", "xxhash", "hjson", 
 print(" ".join(f"{n}=={md.version(n)}" for n in names))
 PYEOF
 )
-echo "carrying the suite's versions: $pins"
+LIGER=${LIGER:-liger-kernel==0.8.5}
+echo "carrying the suite's versions: $pins, and $LIGER"
 ds_pin=$(tr ' ' '\n' <<<"$pins" | grep '^deepspeed==')
-$PY -m pip download -q "${PLAT[@]}" -d "$OUT" $(tr ' ' '\n' <<<"$pins" | grep -v '^deepspeed==')
+$PY -m pip download -q "${PLAT[@]}" -d "$OUT" $(tr ' ' '\n' <<<"$pins" | grep -v '^deepspeed==') "$LIGER"
 # deepspeed ships only a source distribution: build a pure-Python wheel (its CUDA ops are
 # JIT-built on first use; wlora_dist uses torch's Adam, so none is built).
 DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$OUT" "$ds_pin" \

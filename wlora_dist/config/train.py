@@ -30,5 +30,11 @@ class TrainConfig(Section):
         "the same loss, without three fp32 copies of the logits at the peak (at 128k vocabulary the largest "
         "activation); 8 is a good start.",
     )
+    compile: bool = field(
+        False,
+        "Compile each decoder layer with torch.compile (inductor), as torchtune does: every layer with the same "
+        "adapters shares one graph (after the prune event, one per distinct kept set, at most one per layer). "
+        "The first steps and the first step after the prune event pay the compilation (seconds to minutes).",
+    )
     eval_every: Annotated[int, at_least(0)] = field(0, "Evaluate every N optimizer steps (0 = only at the end).")
     eval_batches: Annotated[int, at_least(1)] = field(8, "Micro-batches per evaluation (per rank).")

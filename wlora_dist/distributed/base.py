@@ -272,16 +272,6 @@ def base_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
     return out
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The repeated decoder blocks of a causal LM (``model.model.layers``): FSDP2's units,
-    ZeRO-3's gathering granularity."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__}: expected a decoder-only model with model.layers (Llama-like)")
-    return list(layers)
-
-
 def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This rank's storage of ``param`` and the global index of its first row (dim 0)."""
     if not isinstance(param, DTensor):

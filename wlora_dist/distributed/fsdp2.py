@@ -31,10 +31,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from transformers import PreTrainedModel
 
 from wlora_dist.config import ModelConfig
-from wlora_dist.distributed.base import Backend, WeightsSource, decoder_layers
+from wlora_dist.distributed.base import Backend, WeightsSource
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.errors import UserError
 from wlora_dist.method.weight_lora import ADAPTER, AdapterSite, WeightLoRA
+from wlora_dist.model.blocks import decoder_layers
 from wlora_dist.model.sharded_loading import build_on_meta, is_on_meta
 
 if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)

@@ -8,8 +8,8 @@ from typing import Any
 from torch import nn
 
 from wlora_dist.config import OptimConfig, TrainConfig, ZeROConfig
-from wlora_dist.distributed.base import decoder_layers
 from wlora_dist.distributed.spec import merge_deepspeed, zero_bucket_numel
+from wlora_dist.model.blocks import decoder_layers
 
 
 def deepspeed_config(

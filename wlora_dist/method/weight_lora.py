@@ -8,6 +8,13 @@ this module adds what peft does not have: the gate vector ``w`` (n floats, one p
 adapter, in a fixed order by module name) applied by a forward hook on each ``lora_A``,
 and the physical removal of adapters whose gate is 0.
 
+The hooks are one function that reads its gate from the module (``lora_A.wlora_gate``, a
+view of w[i] made once per model forward by a pre-hook on the input embeddings), not a
+closure over the index i: ``torch.compile`` guards on a Python integer, so a closure per
+index made dynamo compile every decoder layer again (8 graphs for 12 layers, then its
+recompile limit); a tensor read from the module is a graph input, and every layer with
+the same adapters shares one graph, as with plain peft.
+
 w_i B_i A_i x = B_i (w_i A_i x): the gate multiplies A's r-wide output, not B's
 out-wide one, because the product keeps its other factor for w_i's gradient. On B's
 output that was a tensor of every adapter's output width per token (10.5 GiB at Llama-3
@@ -115,10 +122,12 @@ class WeightLoRA:
         self.gates = torch.ones(len(sites), dtype=torch.float32, device=device, requires_grad=True)
         self.kept = torch.ones(len(sites), dtype=torch.bool)
         self._hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._gated: dict[int, nn.Module] = {}  # index -> the lora_A its gate hook is on
         for site in sites:
-            self._hooks[site.index] = (
-                self.lora_layer(site).lora_A[ADAPTER].register_forward_hook(self._gate_hook(site.index))
-            )
+            self._gate(site, self.lora_layer(site).lora_A[ADAPTER])
+        # Every forward enters through the input embeddings (peft's forward and generate
+        # alike): the per-adapter views of w are made there, once per model forward.
+        self._views_hook = self.base_model.get_input_embeddings().register_forward_pre_hook(self._gate_views)
 
     # -- construction -----------------------------------------------------------------
 
@@ -162,13 +171,25 @@ class WeightLoRA:
                 assign(a, a_init)
                 assign(b, b_init)
 
-    def _gate_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            # peft computes lora_B(lora_A(dropout(x))) * scaling; we scale lora_A's output by
-            # w_i. With w_i == 1 this is bitwise plain peft LoRA (x * 1.0 == x).
-            return output * self.gates[index].to(output.dtype)
+    def _gate(self, site: AdapterSite, lora_a: nn.Module) -> None:
+        """Gate adapter ``site`` through its ``lora_A`` module (the shared hook; a view of
+        w[i] until the next forward makes a new one)."""
+        self._ungate(site.index)
+        lora_a.wlora_gate = self.gates[site.index]
+        self._gated[site.index] = lora_a
+        self._hooks[site.index] = lora_a.register_forward_hook(_apply_gate)
 
-        return hook
+    def _ungate(self, index: int) -> None:
+        if index in self._hooks:
+            self._hooks.pop(index).remove()
+            del self._gated.pop(index).wlora_gate
+
+    def _gate_views(self, module: nn.Module, args: tuple) -> None:
+        """Once per model forward, before any adapter runs: each gated lora_A gets its view
+        of w (one unbind: w's gradient flows back through these views)."""
+        views = self.gates.unbind(0)
+        for index, lora_a in self._gated.items():
+            lora_a.wlora_gate = views[index]
 
     # -- access -----------------------------------------------------------------------
 
@@ -206,9 +227,9 @@ class WeightLoRA:
     def remove_gates(self) -> None:
         """Plain peft LoRA from here on: the gate hooks are removed and w frozen (the
         benchmarks' baselines)."""
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
+        for index in list(self._hooks):
+            self._ungate(index)
+        self._views_hook.remove()
         self.freeze_gates()
 
     def freeze_gates(self) -> None:
@@ -233,7 +254,7 @@ class WeightLoRA:
             site = self.sites[i]
             layer = self.lora_layer(site)
             removed += self.adapter_params(site)
-            self._hooks.pop(i).remove()
+            self._ungate(i)
             parent_name, _, child = site.name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name), child, layer.get_base_layer())
             # Drop the adapter submodules so nothing reachable from the layer holds them.
@@ -261,8 +282,7 @@ class WeightLoRA:
         layer.lora_A[ADAPTER] = new_a
         layer.lora_B[ADAPTER] = new_b
         layer.r[ADAPTER] = rank
-        self._hooks.pop(site.index).remove()
-        self._hooks[site.index] = new_a.register_forward_hook(self._gate_hook(site.index))
+        self._gate(site, new_a)
         return old
 
     # -- export -------------------------------------------------------------------------
@@ -311,6 +331,12 @@ class WeightLoRA:
             base_model_name_or_path=base_model_name_or_path,
             inference_mode=True,  # a finished adapter, as peft saves one
         )
+
+
+def _apply_gate(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """peft computes lora_B(lora_A(dropout(x))) * scaling; this scales lora_A's output by
+    w_i. With w_i == 1 it is bitwise plain peft LoRA (x * 1.0 == x)."""
+    return output * module.wlora_gate.to(output.dtype)
 
 
 def _copy_full(param: nn.Parameter, value: torch.Tensor) -> None:

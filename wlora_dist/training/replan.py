@@ -14,7 +14,7 @@ from torch import nn
 from wlora_dist.config import RunConfig
 from wlora_dist.distributed.env import DistEnv
 from wlora_dist.distributed.spec import BackendSpec
-from wlora_dist.model.loading import enable_checkpointing
+from wlora_dist.model.loading import disable_checkpointing, enable_checkpointing
 from wlora_dist.planning.memory_plan import GiB, PlanInput, plan
 from wlora_dist.planning.search import recommend, replan_after_prune
 from wlora_dist.planning.sources import run_plan_input, shape_of_hf_config
@@ -97,10 +97,9 @@ def replan_at_prune(inp: PlanInput | None, model: nn.Module, logger: RunLogger) 
         return None
     planned = plan(switched).after.total
     if not switched.activation_checkpointing:
-        model.activation_checkpointing_disable()
-        # transformers made the embedding output require grad for checkpointing, so every
-        # layer upstream of the first adapter built a graph; without checkpointing none is needed.
-        model.disable_input_require_grads()
+        # transformers and peft made the embedding output require grad for checkpointing, so
+        # every layer upstream of the first adapter built a graph; without it none is needed.
+        disable_checkpointing(model)
         what = "activation checkpointing switched off"
     else:
         enable_checkpointing(model, switched.checkpoint_every)

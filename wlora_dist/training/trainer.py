@@ -29,6 +29,7 @@ from wlora_dist.method.init import derive_seed
 from wlora_dist.method.schedule import run_lr_multiplier
 from wlora_dist.method.selector import LayoutChange, LayoutEvent, Selector, fit_problems
 from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.blocks import compile_decoder_layers
 from wlora_dist.model.loading import load_tokenizer
 from wlora_dist.resolved import ResolvedRun, resolve_run
 from wlora_dist.training import evaluation, replan, run_checkpoint, saves
@@ -178,6 +179,8 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_adapters_attached(self, wl)
         self.backend.prepare(wl)
+        if cfg.train.compile:
+            compile_decoder_layers(wl.base_model)
         wl.gates.data = wl.gates.data.to(env.device)
         self.selector = Selector(wl, cfg.selection, cfg.train.seed, REPLICA_SYNC)
         torch.manual_seed(derive_seed(cfg.train.seed, rank=env.global_rank))  # dropout differs per rank, as in DDP
