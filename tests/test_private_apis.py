@@ -20,7 +20,9 @@ class Private:
     package: str
     what: str  # module:attribute (dotted within the module), or module:Class.attr for source checks
     used_in: str  # where wlora_dist relies on it, and for what
-    in_source: tuple[str, ...] = ()  # names the class's (or function's) source must contain
+    # Names the class's (or function's) source must contain. A class, not Module.__init__:
+    # once torch.compile has run, dynamo has wrapped nn.Module.__init__ in a function of its own.
+    in_source: tuple[str, ...] = ()
 
 
 PRIVATE = [
@@ -54,7 +56,7 @@ PRIVATE = [
     ),
     Private(
         "torch",
-        "torch.nn.modules.module:Module.__init__",
+        "torch.nn.modules.module:Module",
         "model/sharded_loading.py: recomputing non-persistent buffers after sharded loading",
         ("_non_persistent_buffers_set",),
     ),
@@ -109,7 +111,7 @@ PRIVATE = [
     ),
     Private(
         "torch",
-        "torch.nn.modules.module:Module.__init__",
+        "torch.nn.modules.module:Module",
         "model/loading.py: remove_input_require_grads removes the embeddings' require-grad hooks from the module's "
         "forward hooks",
         ("_forward_hooks",),

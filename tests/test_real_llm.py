@@ -1,0 +1,208 @@
+"""The real-model study (benchmarks/real_llm.py) in miniature: the GGUF conversion on a tiny
+GGUF file written here, the arithmetic task, each method's config, and the protocol (rates
+per method, seeds, kept sets retrained, a resumed study running nothing twice)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import real_llm
+from benchmarks.real_model import arithmetic
+from benchmarks.real_model.convert import convert
+
+
+def test_each_method_is_the_config_it_claims():
+    st = real_llm.Study()  # SmolLM2: 30 layers, n = 210, K = 52 (n / 4), rank 8
+    assert (st.n, st.k) == (210, 52)
+    sections = {m: real_llm.method_sections(m, st, 0, kept=["model.layers.0.mlp.up_proj"]) for m in real_llm.METHODS}
+    assert sections["lora-all"] == {"selection": {"method": "none"}}
+    assert sections["lora-equal"]["adapter"] == {"lora_rank": 2}  # 210 x 2 = 420 ~ 52 x 8 = 416
+    assert sections["wlora"]["selection"] == {"method": "topk", "k": 52, "schedule": "main"}
+    assert sections["wlora-authors"]["selection"]["preset"] == "authors"
+    assert sections["wlora-authors"]["selection"]["schedule"] == "main"  # one schedule shape for all
+    assert sections["wlora-plus"] == {
+        "selection": {"method": "topk", "k": 52, "schedule": "main", "rounds": 2},
+        "adapter": {"lora_rank": 2},
+    }  # 210 at rank 2 -> 105 at 4 -> 52 at 8
+    assert sections["kept-retrained"]["adapter"] == {"target_modules": ["layers.0.mlp.up_proj"]}
+    for m in ("wlora-head", "lora-all-head", "lora-equal-head", "random-head"):
+        assert sections[m]["adapter"]["include_lm_head"] is True, m
+    assert sections["head-only"]["adapter"] == {"target_modules": ["lm_head"]}
+    assert {"lora-equal-head"} == real_llm.HEAD_AT_RANK  # its head at rank 8, the rest at 2
+    qv, mlp = (sections[m]["adapter"]["target_modules"] for m in ("habit-qv", "habit-mlp"))
+    assert len(qv) == len(mlp) == 52 and {t.split(".")[1] for t in qv} == {str(i) for i in range(4, 30)}
+    assert all(".mlp." in t for t in mlp) and "layers.29.mlp.down_proj" in mlp
+    r0, r1 = (real_llm.method_sections("random", st, s)["adapter"]["target_modules"] for s in (0, 1))
+    assert len(set(r0)) == 52 and r0 != r1
+    assert r0 == real_llm.method_sections("random", st, 0)["adapter"]["target_modules"]  # seeded
+
+
+def test_the_arithmetic_splits_are_disjoint_and_their_answers_right():
+    parts = arithmetic.splits(300, 50, 50, seed=0)
+    prompts = [{r["prompt"] for r in parts[name]} for name in ("train", "validation", "test")]
+    assert [len(p) for p in prompts] == [300, 50, 50]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    for r in parts["train"][:100]:
+        numbers = [int(x) for x in re.findall(r"\d+", r["prompt"])]
+        text, answer = r["prompt"], int(r["completion"])
+        if "gets" in text:
+            assert answer == numbers[0] + numbers[1]
+        elif "gives away" in text:
+            assert answer == numbers[0] - numbers[1] and answer > 0
+        elif "bags" in text:
+            assert answer == numbers[0] * numbers[1]
+        else:
+            assert answer == numbers[0] + numbers[1] - numbers[2] and answer > 0
+    assert arithmetic.splits(300, 50, 50)["test"] == arithmetic.splits(10, 5, 50)["test"]  # test rows fixed
+    assert arithmetic.exact_match([" 28\nQ:", "12", " none", "-3"], [{"completion": " 28"}, {"completion": " 21"},
+                                  {"completion": " 5"}, {"completion": " -3"}]) == 0.5  # fmt: skip
+
+
+def _byte_tokens() -> list[str]:
+    """GPT-2's byte-to-unicode table: the 256 byte tokens of a byte-level BPE."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in bs]
+    table = dict(zip(bs + extra, [chr(c) for c in bs + [256 + i for i in range(len(extra))]], strict=True))
+    return [table[b] for b in range(256)]
+
+
+def write_tiny_gguf(path: Path, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2) -> None:
+    """A Llama GGUF file as llama.cpp writes one (float32 tensors under its names, a GPT-2
+    BPE tokenizer in the metadata), tiny and random."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    tokens = ["<unk>", "<s>", "</s>", *_byte_tokens(), "Ġt", "he"]
+    inter, d = 2 * hidden, hidden // heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_rope_dimension_count(d)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(["Ġ t", "h e"])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(False)
+
+    def tensor(name: str, *shape: int) -> None:
+        w.add_tensor(name, (0.05 * rng.standard_normal(shape)).astype(np.float32))
+
+    tensor("token_embd.weight", len(tokens), hidden)
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{i}.{norm}.weight", np.ones(hidden, np.float32))
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv_heads * d, hidden)),
+                            ("attn_v", (kv_heads * d, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (inter, hidden)), ("ffn_up", (inter, hidden)),
+                            ("ffn_down", (hidden, inter))):  # fmt: skip
+            tensor(f"blk.{i}.{name}.weight", *shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.inprocess
+def test_a_gguf_file_becomes_a_folder_that_loads_as_the_gguf_does(tmp_path):
+    """What transformers' GGUF loader makes of the file, written as an ordinary HF folder:
+    the same logits and tokens, once (a second conversion of the same file writes nothing),
+    and never a half-written folder that looks finished."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = tmp_path / "gguf" / "tiny.gguf"
+    gguf_file.parent.mkdir()
+    write_tiny_gguf(gguf_file)
+    out = convert(gguf_file, tmp_path / "model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf", "model"]  # no .partial left behind
+    source = json.loads((out / "source.json").read_text())
+    assert source["file"] == "tiny.gguf" and source["bytes"] == gguf_file.stat().st_size
+    theirs = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    ours = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    tok_theirs = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tok_ours = AutoTokenizer.from_pretrained(str(out))
+    text = "the cat sat on the mat"
+    assert tok_ours(text)["input_ids"] == tok_theirs(text)["input_ids"]
+    ids = torch.tensor([tok_ours(text)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=0, atol=0)
+    assert ours.config.num_hidden_layers == 2 and not hasattr(ours.config, "quantization_config")
+    weights = out / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    assert convert(gguf_file, out) == out and weights.stat().st_mtime_ns == mtime  # done once
+
+
+def test_the_protocol_chooses_each_rate_then_runs_the_seeds_and_resumes(tmp_path, monkeypatch):
+    """run_one replaced (nothing trains): a method's rate is the grid's lowest validation loss
+    on seed 0, a winner at the grid's edge gets the next rate beyond it tried, the seeds run
+    at the chosen rate, kept-retrained retrains the set wlora kept in the same seed, and a
+    second pass over the same folder runs nothing."""
+    calls: list[tuple] = []
+
+    def fake_run(method, lr, seed, study, data, test, tokenizer, work, kept=None):
+        calls.append((method, lr, seed, tuple(kept or ())))
+        best = {"wlora": 2e-3, "lora-all": 4e-3, "kept-retrained": 1e-3}[method]  # lora-all: past the grid
+        loss = 1.0 + abs(np.log2(lr / best)) + 0.01 * seed
+        kept_set = [f"model.layers.{seed}.mlp.up_proj"] if method == "wlora" else ["all"]
+        return real_llm.RunResult(method, lr, seed, loss, loss, 0.1 * seed, kept_set, 10, 1.0, study.k, 2)
+
+    monkeypatch.setattr(real_llm, "run_one", fake_run)
+    monkeypatch.setattr(real_llm, "TestSet", type("T", (), {"build": staticmethod(lambda rows, tok: None)}))
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    study = real_llm.replace(real_llm.MINI, lrs=(1e-3, 2e-3), extend_edges=True)
+    methods = ["kept-retrained", "lora-all", "wlora"]  # kept-retrained is run after wlora whatever the order
+    saved = real_llm.study_runs(study, methods, tmp_path)
+    assert saved["chosen_lr"] == {"lora-all": 4e-3, "wlora": 2e-3, "kept-retrained": 1e-3}
+    assert sorted(saved["trials"]["lora-all"]) == ["0.001", "0.002", "0.004", "0.008"]  # 4e-3 won: 8e-3 tried
+    assert sorted(saved["trials"]["wlora"]) == ["0.001", "0.002", "0.004"]  # 2e-3 won at the edge: 4e-3 tried
+    kept_runs = [c for c in calls if c[0] == "kept-retrained"]
+    assert {(c[2], c[3]) for c in kept_runs} == {
+        (0, ("model.layers.0.mlp.up_proj",)),
+        (1, ("model.layers.1.mlp.up_proj",)),
+    }
+    rows = {r["method"]: r for r in real_llm.table(saved)}
+    # paired per seed: (0.01 s + 1.0 + |log2(lr / best)|) differences; EM 0.1 s on both sides
+    assert rows["wlora"]["em_vs_lora-all"] == pytest.approx((0.0, 0.0))
+    assert rows["kept-retrained"]["seeds"] == 2 and rows["kept-retrained"]["lr"] == 1e-3
+    n_calls = len(calls)
+    again = real_llm.study_runs(study, methods, tmp_path)  # resumed: read back from partial.jsonl
+    assert len(calls) == n_calls and again["results"] == saved["results"]
+    assert "| kept-retrained | 0.001 |" in real_llm.markdown(saved)
+
+
+@pytest.mark.inprocess
+def test_two_methods_really_trained_and_scored(tiny_dir, tmp_path):
+    """wlora and lora-equal-head through the project's trainer on the tiny model, one rate,
+    one seed: K kept, the head's adapter at rank r beside rank-2 adapters, the test rows
+    scored (answer loss, greedy exact match), the plot drawn."""
+    study = real_llm.replace(real_llm.MINI, model=str(tiny_dir / "model"), lrs=(2e-3,), seeds=1)
+    saved = real_llm.study_runs(study, ["wlora", "lora-equal-head"], tmp_path)
+    wlora, head = (real_llm.RunResult(**saved["results"][m][0]) for m in ("wlora", "lora-equal-head"))
+    assert len(wlora.kept) == study.k == 4 and len(head.kept) == study.n + 1
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(study.model)
+    linears = [m for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]
+    head_params = 8 * (model.config.hidden_size + model.config.vocab_size)  # lm_head's A and B at rank 8
+    assert head.trainable == sum(2 * (m.in_features + m.out_features) for m in linears) + head_params
+    for r in (wlora, head):
+        assert 0 < r.test_loss < 20 and 0 <= r.test_exact_match <= 1 and 0 < r.validation_loss < 20
+    real_llm.plot(saved, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
