@@ -51,7 +51,7 @@ import torch
 from benchmarks.real_model import arithmetic
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LRS = (5e-4, 1e-3, 2e-3)
+LRS = (1e-3, 2e-3, 4e-3)
 METHODS = (
     "lora-all",  # plain LoRA on all n at rank r: the reference
     "lora-equal",  # plain LoRA on all n at rank r K / n: equal trainable parameters
@@ -81,8 +81,8 @@ class Study:
     steps: int = 80
     selection_steps: int = 10  # T
     k_fraction: float = 0.25  # K = n / 4
-    micro_batch: int = 2
-    seq_len: int = 128  # packed problems: about 4 per row
+    micro_batch: int = 1
+    seq_len: int = 128  # packed problems: about 4 per row (one row per step: 80 steps see 320 problems)
     train_rows: int = 2000
     validation_rows: int = 200
     test_rows: int = 200

@@ -53,7 +53,7 @@ def test_chat_trains_only_on_assistant_turns(tmp_path):
 
 
 def test_too_long_rows_error_names_the_row_unless_truncating(tmp_path):
-    f = _jsonl(tmp_path / "i.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "x" * 50, "response": "y"}])
+    f = _jsonl(tmp_path / "i.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "x", "response": "y" * 50}])
     cfg = DataConfig(train=[str(f)], format="instruction", seq_len=20, truncate=False, template="plain")
     with pytest.raises(DataError, match=r"row 1: \d+ tokens > data.seq_len=20"):
         tokenize(load_rows([str(f)]), TOK, cfg)
@@ -332,3 +332,50 @@ def test_a_full_disk_or_a_crash_mid_write_leaves_no_half_cache(tmp_path, monkeyp
     shutil.rmtree(key)
     pipeline.tokenise_once(cfg, 0, TOK, root, rank=0)
     assert len(calls) == 1 and not stale.exists() and (key / "DONE").is_file()
+
+
+def test_rows_with_nothing_to_train_are_dropped_and_counted_or_refused(tmp_path, caplog):
+    """An empty reply or a reply cut away by truncation: dropped and named (the file's own
+    rows, in order) up to data.max_untrained_share, refused beyond it; no such row is left
+    to make a NaN loss."""
+    rows = [{"prompt": "q", "response": "a"}] * 18 + [
+        {"prompt": "q", "response": " "},
+        {"prompt": "x" * 80, "response": "b"},
+    ]
+    f = _jsonl(tmp_path / "i.jsonl", rows)
+    cfg = DataConfig(train=[str(f)], format="instruction", seq_len=40, template="plain")
+    with caplog.at_level("WARNING", logger="wlora_dist"):
+        out = tokenize(load_rows([str(f)]), TOK, cfg, [str(f)])
+    assert len(out) == 18 and all(any(x != IGNORE for x in r[1:]) for r in out["labels"])
+    assert set(out.column_names) == {"input_ids", "labels"}
+    said = caplog.text
+    assert "2 of 20 rows have no token to train on" in said and f"{f} row 18; {f} row 19" in said
+    with pytest.raises(DataError, match=r"2 of 20 rows .* more than data.max_untrained_share=0.05"):
+        tokenize(load_rows([str(f)]), TOK, cfg.model_copy(update={"max_untrained_share": 0.05}), [str(f)])
+    kept = tokenize(load_rows([str(f)]), TOK, cfg, [str(f)], whole=False)  # a preview: every row, as it is
+    assert len(kept) == 20
+
+
+def test_eval_is_sized_to_the_ranks_instead_of_switched_off():
+    from wlora_dist.data.pipeline import eval_micro_batch, fill_problem, steps_per_epoch
+
+    assert eval_micro_batch(10, 4, 4, given=True) == 2  # 10 rows on 4 ranks: batches of 2, not no eval
+    assert eval_micro_batch(100, 4, 4, given=True) == 4
+    with pytest.raises(DataError, match=r"3 rows after tokenising, fewer than the 4 ranks.*data.eval_fraction"):
+        eval_micro_batch(3, 4, 4, given=False)
+    assert fill_problem(15, 4, 4) and "cannot fill one micro-batch of 4 on each of 4 ranks" in fill_problem(15, 4, 4)
+    assert fill_problem(16, 4, 4) is None
+    assert steps_per_epoch(100, 4, 2, 3) == 4  # 50 rows a rank, 12 micro-batches, 4 optimizer steps
+
+
+def test_alpaca_input_is_never_dropped_when_the_fields_are_named(tmp_path):
+    """data.format=instruction with prompt_field=instruction on Alpaca rows: the input
+    column, which holds the question, is appended to the prompt as format auto does."""
+    from wlora_dist.data.formats import shape_rows
+
+    rows = [{"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"}]
+    f = _jsonl(tmp_path / "a.jsonl", rows)
+    named = DataConfig(train=[str(f)], format="instruction", prompt_field="instruction", response_field="output")
+    for cfg in (named, DataConfig(train=[str(f)])):
+        ds, _, _ = shape_rows(load_rows([str(f)]), cfg)
+        assert ds[0]["prompt"] == "Add the numbers.\n\n2 + 3" and ds[0]["response"] == "5", cfg.format

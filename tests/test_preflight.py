@@ -238,3 +238,81 @@ def test_a_null_in_parquet_is_reported_at_the_files_row(tmp_path):
     cfg = DataConfig(train=[str(f)], format="instruction", eval_fraction=0.25, seq_len=64)
     with pytest.raises(DataError, match=r"pairs\.parquet row 17: .*must be text, got str/NoneType"):
         build_loaders(cfg, 2, 0, make_tokenizer(), 0, 1, tmp_path / "cache")
+
+
+def test_config_check_takes_overrides_and_a_world_size(tiny_dir, tmp_path, capsys):
+    """key=value items are overrides (as train takes them), --world-size checks the batches
+    for that many ranks (eval sized down, or refused with fewer eval rows than ranks), and
+    no progress bar lands in the output when it is not a terminal."""
+    path = tmp_path / "cfg.yaml"
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run")
+    cfg["data"]["eval"] = []
+    cfg["data"]["eval_fraction"] = 0.01  # ~5 of the tiny data's rows
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["config", "--check", str(path), "selection.k=99"]) == 2
+    assert "selection.k: 99 exceeds the 14 adapters" in capsys.readouterr().err
+    assert main(["config", "--check", str(path), "train.micro_batch_size=2", "--world-size", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "eval rows (eval micro-batch 1)" in out and "at 4 rank(s)" in out
+    assert "it/s" not in out + err and "examples/s" not in out + err  # no bars in a log
+    assert main(["config", "--check", str(path), "train.micro_batch_size=1", "--world-size", "16"]) == 2
+    assert "fewer than the 16 ranks that each evaluate one" in capsys.readouterr().err
+
+
+@pytest.mark.launched
+def test_a_missing_model_folder_is_refused_before_torch_is_imported(tiny_dir, tmp_path):
+    """Seconds, not a minute on a loaded machine: the path is checked before the imports."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "cfg.yaml"
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run")
+    cfg["model"]["path"] = str(tmp_path / "no-model")
+    path.write_text(yaml.safe_dump(cfg))
+    code = (
+        "import sys; from wlora_dist.cli import main; rc = main(['train', '--config', sys.argv[1]]); "
+        "print(rc, 'torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.stdout.split() == ["1", "False"], proc.stdout + proc.stderr
+    assert "model.path=" in proc.stderr and "no such folder" in proc.stderr
+
+
+def test_plan_reads_the_data_and_says_when_they_make_its_rows_wrong(tiny_dir, tmp_path, capsys):
+    """plan --config reads the data as train does: short unpacked rows make its seq_len an
+    upper bound (it says by how much), and data that fill no micro-batch are what train
+    would refuse."""
+    rows = tmp_path / "short.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "ok"}) + "\n" for i in range(40)))
+    cfg = tiny_config_dict(tiny_dir, tmp_path / "run")
+    cfg["data"].update(train=[str(rows)], eval=[], format="instruction", template="plain", seq_len=256)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["plan", "--config", str(path), "--cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "data: 38 rows of at most" in out and "against data.seq_len=256" in out and "upper bound" in out
+    assert main(["plan", "--config", str(path), "--cpu", "train.micro_batch_size=64"]) == 0
+    assert "train would refuse them" in capsys.readouterr().out
+    assert main(["plan", "--config", str(path), "--cpu", "--no-data"]) == 0
+    assert "data:" not in capsys.readouterr().out
+
+
+@pytest.mark.launched
+def test_a_refusal_every_rank_finds_is_the_first_line_whichever_rank_exits_first(tiny_dir, tmp_path):
+    """Two ranks under torchrun refuse the same config: rank 0 says it, as the first line,
+    and the launcher's summary names it as the root cause (rank 1 waits for rank 0)."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tiny_dir, tmp_path / "run", selection={"k": 99})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(ROOT / "train.py"), "--config"]
+    proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and " INFO " not in x]  # rank 0's progress lines
+    assert proc.returncode != 0
+    assert lines[0].startswith("error: ") and "selection.k: 99 exceeds the 14 adapters" in proc.stderr, lines[:3]
+    assert sum(x.startswith("error") for x in lines) == 1  # said once
+    root = proc.stderr.split("Root Cause")[-1]
+    assert "rank      : 0" in root and "selection.k: 99" in root

@@ -73,6 +73,26 @@ def test_nan_loss_stops_with_a_clear_error(tiny_dir, tmp_path):
     assert not (tmp_path / "run/adapter").exists()
 
 
+def test_a_nan_loss_in_a_step_with_no_trained_token_says_so(tiny_dir, tmp_path):
+    """A batch whose every label is masked (what the tokeniser no longer lets through)
+    divides zero by zero: the message names that, not the learning rate."""
+    from wlora_dist.data.rows import IGNORE
+
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run"))
+    trainer = Trainer(cfg, init_distributed())
+    trainer.setup()
+    batches = trainer.train_iter
+
+    def masked():
+        for batch in batches:
+            yield {**batch, "labels": torch.full_like(batch["labels"], IGNORE)}
+
+    trainer.train_iter = masked()
+    with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 1 on rank 0: .*no token to train on"):
+        trainer.train()
+    trainer.cleanup()
+
+
 def test_a_gradient_that_overflows_under_a_finite_loss_stops_before_anything_is_saved(tiny_dir, tmp_path):
     # Seen on a random 24-layer model: the loss finite, one backward overflowing; the step
     # wrote NaN adapters and the run went on to fail a step later (or export them).

@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from wlora_dist.config import ConfigError, describe, load_config
-from wlora_dist.errors import UserError
+from wlora_dist.config import describe, load_config
+from wlora_dist.errors import SharedInputError, UserError
 from wlora_dist.plan_cli import add_plan_parser, cmd_plan
 
 
@@ -37,12 +37,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Before any process group: fail fast. The accelerate config's choices come in first.
     cfg = load_config(args.config, args.overrides, accelerate_overrides(os.environ))
+    # A path that is not there is said before torch is imported (seconds, not a minute).
+    from wlora_dist.paths import local_model_problem, missing_data_file
+
+    problem = local_model_problem(cfg.model.path) or missing_data_file(cfg.data.train, cfg.data.eval)
+    if problem:
+        raise SharedInputError(problem)
+    _say(f"checking the run: model {cfg.model.path}, {len(cfg.data.train)} data source(s), {cfg.output.dir}")
+    _bars()
     # Imported here so `--help` and config errors answer in a fraction of a second.
     from wlora_dist.resolved import resolve_run
     from wlora_dist.training.preflight import preflight
 
     run = resolve_run(cfg)  # the backend, the folders, the checkpoint to resume: decided once
-    preflight(run)  # model, adapters, data files, output: refused before anything loads
+    found = preflight(run)  # model, adapters, data files, output: refused before anything loads
+    _say(f"checked: {found.architecture}, n={found.n_adapters} adapters; backend {run.spec.name}; starting")
     from wlora_dist.distributed.env import init_distributed, shutdown
     from wlora_dist.training.tracking import setup_logging
     from wlora_dist.training.trainer import Trainer
@@ -72,6 +81,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"kept {len(result.kept)} adapters; adapter -> {result.adapter_dir} ; report -> {result.report_dir}")
     shutdown()
     return 0
+
+
+def _bars() -> None:
+    """Third-party progress bars at a terminal on rank 0 only: a log file gets no \r-joined
+    bar lines, and the preflight reads rows on every rank (train's setup_logging decides
+    again once it runs)."""
+    from wlora_dist.training.tracking import third_party_bars
+
+    third_party_bars(sys.stderr.isatty() and os.environ.get("RANK", "0") == "0")
+
+
+def _say(message: str) -> None:
+    """A line on rank 0 while train gets ready (before its logger exists), so a slow start
+    on a loaded machine is not silence."""
+    if os.environ.get("RANK", "0") == "0":
+        import time
+
+        print(f"{time.strftime('%H:%M:%S')} INFO {message}", file=sys.stderr, flush=True)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -131,26 +158,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    files = list(args.files)
+    # key=value items are overrides, applied to every file (as train applies them).
+    files = [f for f in args.files if "=" not in f or os.path.isfile(f)]
+    overrides = [f for f in args.files if f not in files]
     if not (args.check or files):
         print("\n".join(describe()))
         return 0
     if not files:
-        raise UserError("wlora-dist config --check FILE [FILE ...]: give the config files to check")
+        raise UserError("wlora-dist config --check FILE [FILE ...] [key=value ...]: give the config files to check")
     from wlora_dist.config.loading import check_config_file
+    from wlora_dist.distributed.launchers import accelerate_overrides
 
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     failed = False
     for path in files:
-        cfg, problems = check_config_file(path)
-        found = None
+        cfg, problems = check_config_file(path, overrides, accelerate_overrides(os.environ))
+        found = data = None
         if cfg is not None and not args.syntax_only:
-            from wlora_dist.resolved import resolve_run
-            from wlora_dist.training.preflight import preflight_problems, problems_of
-
-            try:
-                found, more, _ = preflight_problems(resolve_run(cfg))
-            except UserError as e:  # the backend or the checkpoint to resume from
-                found, more = None, problems_of(e)
+            found, data, more = _check_run(cfg, world)
             problems += [p for p in more if p not in problems]
         if problems:
             failed = True
@@ -162,10 +187,32 @@ def cmd_config(args: argparse.Namespace) -> int:
         else:
             assert found is not None
             print(
-                f"{path}: ok ({found.architecture}, n={found.n_adapters} adapters; data files, their first rows "
-                "through the template, and output checked)"
+                f"{path}: ok ({found.architecture}, n={found.n_adapters} adapters; {data}). Not checked: the "
+                "accelerators' free memory (wlora-dist plan --config estimates it) and hub models or data not "
+                "cached here"
             )
     return 2 if failed else 0
+
+
+def _check_run(cfg: object, world: int) -> tuple[object, str | None, list[str]]:
+    """What train refuses in its first minute, found without training: the preflight's
+    checks, then every data row and the batches at ``world`` ranks. (found, data summary,
+    problems)."""
+    from wlora_dist.model.loading import load_tokenizer
+    from wlora_dist.resolved import resolve_run
+    from wlora_dist.training.preflight import check_all_data, preflight_problems, problems_of
+
+    try:
+        run = resolve_run(cfg)  # type: ignore[arg-type]
+        found, problems, _ = preflight_problems(run)
+    except UserError as e:  # the backend or the checkpoint to resume from
+        return None, None, problems_of(e)
+    if problems:
+        return found, None, problems
+    try:
+        return found, check_all_data(run, load_tokenizer(run.cfg.model), world), []
+    except UserError as e:
+        return found, None, problems_of(e)
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
@@ -224,13 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
         description="Without files: every config field, its type, default and meaning. With --check FILE...: "
         "every problem of each file in one pass, as `train` would find them before loading anything.",
     )
-    c.add_argument("files", nargs="*", help="config files to check (--check; flags may come before or after)")
+    c.add_argument(
+        "files",
+        nargs="*",
+        help="config files to check (--check; flags may come before or after), and key.sub=value overrides "
+        "applied to each, as train applies them",
+    )
     c.add_argument(
         "--check",
         action="store_true",
-        help="validate the files as `train` would before loading anything: fields and values, the model's "
-        "config.json (built on meta, adapters attached: K against n), the data files' columns and first rows "
-        "through the tokenizer and template, the output folder; every problem at once",
+        help="find what `train` would refuse in its first minute, without training: fields and values, the "
+        "model's config.json and weights files (built on meta, adapters attached: K against n), every row of "
+        "every data file through the format, template and tokenizer (the tokenised copy is kept: train starts "
+        "from it), the micro-batches at --world-size ranks, the output folder; every problem at once",
+    )
+    c.add_argument(
+        "--world-size",
+        type=int,
+        default=0,
+        help="ranks the run will have (default: $WORLD_SIZE, else 1): the batches are checked for that many",
     )
     c.add_argument(
         "--syntax-only", action="store_true", help="with --check: fields and values only (no model or data access)"
@@ -253,10 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         "plan": cmd_plan,
         "preview": _cmd_preview,
     }
-    if args.command in ("make-tiny", "export", "generate", "preview"):  # train: setup_logging, per rank
-        from wlora_dist.training.tracking import third_party_bars
-
-        third_party_bars(sys.stderr.isatty())  # a log file gets no \r-joined bar lines
+    if args.command in ("config", "make-tiny", "export", "generate", "preview"):  # train: after its path checks
+        _bars()
     try:
         return handlers[args.command](args)
     except KeyboardInterrupt:
@@ -273,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     except UserError as e:
-        report_error(str(e), same_on_every_rank=isinstance(e, ConfigError))
+        report_error(str(e), same_on_every_rank=e.same_on_every_rank)
         return e.exit_code
 
 
@@ -296,7 +353,13 @@ def report_error(message: str, same_on_every_rank: bool = False) -> None:
         except OSError:
             error_file = None  # a full disk: say it on stderr instead
     if rank == "0" or not (error_file or same_on_every_rank):
-        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr)
+        print(f"error{'' if rank == '0' else f' (rank {rank})'}: {message}", file=sys.stderr, flush=True)
+    elif same_on_every_rank:
+        # Rank 0 found it too: let it say it and be the launcher's first failure, rather
+        # than this rank's exit having the launcher stop rank 0 before it prints.
+        import time
+
+        time.sleep(2.0)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         keys += ("micro_batch", "grad_accum", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
         keys += ("blocksize_4bit", "double_quant_4bit")
         kw = {k: getattr(base, k) for k in keys}
+        if args.data:
+            notes += _data_notes(run, args.world_size)
     elif args.accelerate_config:
         raise UserError("--accelerate-config needs --config (the run config it launches)")
     if not model:
@@ -147,6 +149,43 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_notes(run, world_size: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """What the data (read and tokenised as train reads them, the copy kept for it) say
+    about the plan's rows: a plan counts data.seq_len tokens per row, but unpacked
+    instruction / chat rows are padded only to the longest row of their micro-batch; and
+    data that cannot fill a micro-batch on every rank make the run refuse."""
+    from wlora_dist.data.pipeline import fill_problem, prepare
+    from wlora_dist.model.loading import load_tokenizer
+    from wlora_dist.paths import looks_local
+
+    cfg = run.cfg
+    if not cfg.data.train or not all(looks_local(s) for s in cfg.data.train):
+        return ["data: not read (hub datasets); the plan counts data.seq_len tokens per row"]
+    try:
+        train, _, _ = prepare(cfg.data, cfg.train.seed, load_tokenizer(cfg.model), run.paths.data_cache)
+    except UserError as e:
+        return [f"data: train would refuse them: {e}"]
+    notes = []
+    problem = fill_problem(len(train), cfg.train.micro_batch_size, world_size)
+    if problem:
+        notes.append(f"data: train would refuse them: {problem}")
+    lengths = [len(x) for x in train["input_ids"]]
+    longest, seq_len = max(lengths), cfg.data.seq_len
+    packed = "position_ids" in train.column_names or cfg.data.format == "text"
+    if not packed and longest < seq_len:
+        mean = sum(lengths) / len(lengths)
+        notes.append(
+            f"data: {len(train)} rows of at most {longest} tokens (mean {mean:.0f}) against data.seq_len={seq_len}: "
+            f"micro-batches are padded to their longest row, so the plan (seq_len tokens per row) is an upper "
+            f"bound; --seq-len {longest} plans the longest micro-batch (data.packing fills rows to seq_len)"
+        )
+    else:
+        notes.append(
+            f"data: {len(train)} rows; {'packed to' if packed else 'at most'} {seq_len} tokens each, as planned"
+        )
+    return notes
+
+
 def _accelerate_launch(path: str) -> dict:
     """What an accelerate config file says about the launch: num_processes (all machines')
     and use_cpu, read as written (accelerate's own launch code, accelerate_config_env,
@@ -229,4 +268,11 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--loss-shards", type=int, help="train.loss_shards: the cross-entropy in N tiles (default 0)")
     pl.add_argument("--offload", action="store_true", default=None, help="FSDP2 cpu_offload / ZeRO offload")
     pl.add_argument("--recommend", action="store_true", help="also list settings that fit (always when it does not)")
+    pl.add_argument(
+        "--no-data",
+        dest="data",
+        action="store_false",
+        help="with --config: do not read the data (by default they are read and tokenised as train reads them, "
+        "the copy kept for train, to say whether their rows are as long as data.seq_len and fill the batches)",
+    )
     pl.add_argument("--json", action="store_true", help="print JSON")

@@ -34,6 +34,12 @@ class DataConfig(Section):
         256, "Tokens per training row (text is packed to it; longer rows are truncated)."
     )
     truncate: bool = field(True, "Truncate instruction/chat rows longer than seq_len (else it is an error).")
+    max_untrained_share: Annotated[Float, in_unit()] = field(
+        0.1,
+        "instruction / chat rows with no token to train on (an empty reply; no reply token left after the template "
+        "and the truncation to data.seq_len) are dropped and counted; more than this share of a split refuses the "
+        "run (a seq_len too short for the data), and so does a split with no trained token at all.",
+    )
     template: Literal["auto", "chat", "plain"] = field(
         "auto",
         "format=instruction: chat = the prompt as the user turn and the response as the assistant turn through "

@@ -22,6 +22,7 @@ class ConfigError(UserError):
     """All problems found in a configuration, one per line."""
 
     exit_code = 2
+    same_on_every_rank = True
 
     def __init__(self, problems: list[str], source: str = "config") -> None:
         self.problems = problems
@@ -200,10 +201,13 @@ def load_config(
     return config_from_dict(data, source)
 
 
-def check_config_file(path: str | Path) -> tuple[RunConfig | None, list[str]]:
-    """``config --check``: every problem of the file's fields and values in one pass, and
-    the config with the faulty fields at their defaults for the checks that follow."""
-    data, _ = _load_data(path, None, None)  # a file that is not YAML is one problem, raised
+def check_config_file(
+    path: str | Path, overrides: list[str] | None = None, launcher: list[tuple[str, Any]] | None = None
+) -> tuple[RunConfig | None, list[str]]:
+    """``config --check``: every problem of the file's fields and values (with ``key=value``
+    ``overrides`` and the launcher's settings applied, as train applies them) in one pass,
+    and the config with the faulty fields at their defaults for the checks that follow."""
+    data, _ = _load_data(path, overrides, launcher)  # a file that is not YAML is one problem, raised
     return checked_config(_apply_preset(data))
 
 

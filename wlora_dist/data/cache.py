@@ -27,7 +27,9 @@ from wlora_dist.config import DataConfig
 log = logging.getLogger("wlora_dist")
 
 # Bump when what tokenize() writes for the same inputs changes: old caches are then unused.
-FORMAT_VERSION = 3  # 3: no second space before a response that starts with one (TRL completions)
+# 3: no second space before a response that starts with one (TRL completions); 4: rows with
+# nothing to train on dropped (data.max_untrained_share)
+FORMAT_VERSION = 4
 _NOT_TOKENS = ("train", "eval", "cache_dir")  # data.* fields the rows' fingerprints already cover, or paths
 
 

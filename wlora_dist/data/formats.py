@@ -15,6 +15,7 @@ trainers' column conventions, Axolotl's and LLaMA-Factory's are tied to their co
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import datasets
@@ -22,6 +23,7 @@ import datasets
 from wlora_dist.config import DataConfig
 from wlora_dist.data.rows import ROW, SOURCE, DataError, _require_columns, concat_rows, load_parts
 
+log = logging.getLogger("wlora_dist")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -83,7 +85,15 @@ def normalise(ds: datasets.Dataset, shape: Shape, cfg: DataConfig) -> datasets.D
     cols = set(ds.column_names)
     if not shape.named and {"prompt", "completion"} <= cols:
         return _only(ds.rename_column("completion", "response"), ["prompt", "response", *keep])
-    if not shape.named and {"instruction", "output"} <= cols and cfg.prompt_field not in cols:
+    alpaca_named = (
+        shape.named and cfg.prompt_field == "instruction" and "input" in cols and "input" not in (cfg.response_field,)
+    )
+    if alpaca_named or (not shape.named and {"instruction", "output"} <= cols and cfg.prompt_field not in cols):
+        # Alpaca's input column holds the question an instruction refers to: appended to the
+        # prompt, never dropped (named fields included: prompt_field=instruction on Alpaca rows).
+        response = cfg.response_field if shape.named else "output"
+        if alpaca_named:
+            log.info("data: Alpaca's 'input' column is appended to data.prompt_field 'instruction' (as format auto)")
 
         def alpaca(b: dict) -> dict:
             inputs = b.get("input") or [""] * len(b["instruction"])
@@ -91,7 +101,7 @@ def normalise(ds: datasets.Dataset, shape: Shape, cfg: DataConfig) -> datasets.D
                 f"{i}\n\n{x}" if isinstance(x, str) and x.strip() else i
                 for i, x in zip(b["instruction"], inputs, strict=True)
             ]
-            return {"prompt": prompts, "response": b["output"]}
+            return {"prompt": prompts, "response": b[response]}
 
         return _only(ds.map(alpaca, batched=True), ["prompt", "response", *keep])
     if cfg.prompt_field in cols and cfg.response_field in cols:

@@ -29,6 +29,11 @@ def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["num_tokens"])
 
 
+def count_trained(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the loss predicts (a label, shifted: the first position never is)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys of a collated batch the model's forward takes."""
     return {k: v for k, v in batch.items() if k != "num_tokens"}
@@ -63,15 +68,42 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}  # each (B, T)
 
 
+def fill_problem(rows: int, micro_batch: int, world_size: int, split: str = "data.train") -> str | None:
+    """Why ``rows`` tokenised rows cannot feed one micro-batch to every rank, or None."""
+    if rows >= world_size * micro_batch:
+        return None
+    return (
+        f"{split}: {rows} rows after tokenising cannot fill one micro-batch of {micro_batch} on each of "
+        f"{world_size} ranks; add data, lower data.seq_len or train.micro_batch_size"
+    )
+
+
+def eval_micro_batch(rows: int, micro_batch: int, world_size: int, given: bool) -> int:
+    """The eval micro-batch: train.micro_batch_size, or fewer rows where the eval data has
+    fewer than one such batch per rank (it used to switch eval off without a word).
+    ``given``: data.eval named the rows (else data.eval_fraction split them off)."""
+    if rows < world_size:
+        fix = "add rows to data.eval" if given else "raise data.eval_fraction"
+        raise DataError(
+            f"eval data: {rows} rows after tokenising, fewer than the {world_size} ranks that each evaluate one: "
+            f"{fix}, or set data.eval_fraction=0 and data.eval=[] for no eval"
+        )
+    return min(micro_batch, rows // world_size)
+
+
+def steps_per_epoch(rows: int, micro_batch: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one pass over ``rows`` (DistributedSampler and the loader drop
+    what does not fill a batch on every rank)."""
+    return (rows // world_size // micro_batch) // grad_accum
+
+
 def make_loader(
     ds: datasets.Dataset, batch_size: int, pad_id: int, rank: int, world_size: int, seed: int, shuffle: bool
 ) -> DataLoader:
     """One rank's shard of ``ds``: DistributedSampler gives every rank disjoint rows."""
-    if len(ds) < world_size * batch_size:
-        raise DataError(
-            f"{len(ds)} rows cannot fill one micro-batch of {batch_size} on each of {world_size} ranks; "
-            "add data, lower data.seq_len or train.micro_batch_size"
-        )
+    problem = fill_problem(len(ds), batch_size, world_size)
+    if problem:
+        raise DataError(problem)
     sampler = DistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
     return DataLoader(
         ds,
@@ -141,29 +173,40 @@ def _tokenise_pair(
     return train, None if eval_rows is None else tokenize(eval_rows, tokenizer, rows_cfg, cfg.eval or cfg.train)
 
 
+def prepare(
+    cfg: DataConfig, seed: int, tokenizer: Any, cache_root: Path
+) -> tuple[datasets.Dataset, datasets.Dataset | None, Path]:
+    """Every row of data.train and data.eval read, told apart, tokenised (rows with nothing
+    to train dropped or refused) and saved under ``cache_root`` (or found there): what rank
+    0 does for a run, and what ``wlora-dist config --check`` does before it, so a run then
+    starts from the check's copy. (train, eval, the copy's folder)."""
+    train_rows, eval_rows = train_eval_split(cfg, seed)
+    path = cache_root / data_cache.cache_key(cfg, seed, tokenizer, train_rows, eval_rows)
+    found = data_cache.load(path)
+    if found is not None:
+        log.info("tokenised data: reusing %s", path)
+        return (*found, path)
+    train, eval_ds = _tokenise_pair(cfg, tokenizer, train_rows, eval_rows)
+    if data_cache.save(path, train, eval_ds):
+        log.info("tokenised data: %d train / %s eval rows saved in %s", len(train), _n(eval_ds), path)
+        train, eval_ds = data_cache.load(path) or (train, eval_ds)  # memory-mapped, as other ranks
+    return train, eval_ds, path
+
+
 def tokenise_once(
     cfg: DataConfig, seed: int, tokenizer: Any, cache_root: Path, rank: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Collective. Rank 0 reads and tokenises (or finds the cache of an earlier run) and
-    saves the result under ``cache_root``; the other ranks load that copy. A rank that
-    cannot see it (a node-local cache_dir on another node) tokenises for itself."""
+    """Collective. Rank 0 reads and tokenises (or finds the cache of an earlier run or of
+    `config --check`) and saves the result under ``cache_root``; the other ranks load that
+    copy. A rank that cannot see it (a node-local cache_dir on another node) tokenises for
+    itself."""
     # Imported here: data.pipeline stays importable without torch.distributed set up.
     from wlora_dist.distributed.env import gather_objects
 
     status: dict[str, str] = {}
     if rank == 0:
         try:
-            train_rows, eval_rows = train_eval_split(cfg, seed)
-            path = cache_root / data_cache.cache_key(cfg, seed, tokenizer, train_rows, eval_rows)
-            found = data_cache.load(path)
-            if found is not None:
-                log.info("tokenised data: reusing %s", path)
-                train, eval_ds = found
-            else:
-                train, eval_ds = _tokenise_pair(cfg, tokenizer, train_rows, eval_rows)
-                if data_cache.save(path, train, eval_ds):
-                    log.info("tokenised data: %d train / %s eval rows saved in %s", len(train), _n(eval_ds), path)
-                    train, eval_ds = data_cache.load(path) or (train, eval_ds)  # memory-mapped, as other ranks
+            train, eval_ds, path = prepare(cfg, seed, tokenizer, cache_root)
             status = {"path": str(path)} if (path / "DONE").is_file() else {}
         except UserError as e:
             status = {"error": str(e), "kind": type(e).__name__}
@@ -194,14 +237,15 @@ def _n(ds: datasets.Dataset | None) -> str:
 def build_loaders(
     cfg: DataConfig, micro_batch: int, seed: int, tokenizer, rank: int, world_size: int, cache_root: Path
 ) -> tuple[DataLoader, DataLoader | None]:
-    """This rank's training loader and its eval loader (None without eval data, or with
-    fewer eval rows than one micro-batch per rank). Collective: see tokenise_once."""
+    """This rank's training loader and its eval loader (None without eval data; a smaller
+    micro-batch where the eval rows do not fill one of train's per rank). Collective: see
+    tokenise_once."""
     train_ds, eval_ds = tokenise_once(cfg, seed, tokenizer, cache_root, rank)
     pad = tokenizer.pad_token_id
     train = make_loader(train_ds, micro_batch, pad, rank, world_size, seed, True)
     if eval_ds is None:
         return train, None
-    if len(eval_ds) < world_size * micro_batch:
-        log.warning("eval data has %d rows, fewer than one batch per rank: no eval", len(eval_ds))
-        return train, None
-    return train, make_loader(eval_ds, micro_batch, pad, rank, world_size, 0, False)
+    eval_batch = eval_micro_batch(len(eval_ds), micro_batch, world_size, bool(cfg.eval))
+    if eval_batch < micro_batch and rank == 0:
+        log.info("eval: %d rows for %d ranks: micro-batches of %d", len(eval_ds), world_size, eval_batch)
+    return train, make_loader(eval_ds, eval_batch, pad, rank, world_size, 0, False)

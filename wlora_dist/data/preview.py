@@ -41,7 +41,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
                 _show(tokenizer, i, ids, ids, color, args.ids)
             continue
-        out = tokenize(ds, tokenizer, rows_cfg.model_copy(update={"packing": False}), [source])
+        out = tokenize(ds, tokenizer, rows_cfg.model_copy(update={"packing": False}), [source], whole=False)
         for i, row in enumerate(out):
             _show(tokenizer, i, row["input_ids"], row["labels"], color, args.ids)
     return 0

@@ -11,6 +11,8 @@ across them (position ids restarting per row)."""
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import datasets
@@ -18,12 +20,16 @@ import datasets
 from wlora_dist.config import DataConfig
 from wlora_dist.data.rows import IGNORE, DataError, _require_columns, _row_names
 
+log = logging.getLogger("wlora_dist")
+
 
 def tokenize(
-    ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, sources: list[str] | None = None
+    ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, sources: list[str] | None = None, whole: bool = True
 ) -> datasets.Dataset:
     """Rows -> {input_ids, labels} lists, per cfg.format. ``sources``: the list ``ds`` was
-    loaded from (load_rows), so errors name the file and its row."""
+    loaded from (load_rows), so errors name the file and its row. ``whole``: ``ds`` is a
+    whole split, so rows with nothing to train are counted against data.max_untrained_share
+    and dropped (a preview or the preflight's first rows are not: they keep them)."""
     if cfg.format == "auto":  # rows not yet brought to one shape (data/formats.py)
         from wlora_dist.data.formats import shape_rows
 
@@ -39,10 +45,49 @@ def tokenize(
         desc=f"tokenising ({cfg.format})",
     )
     if len(out) == 0:
-        raise DataError(f"no training rows after tokenising: fewer than data.seq_len={cfg.seq_len} tokens in all")
+        raise DataError(
+            f"no row after tokenising: the text holds fewer than data.seq_len={cfg.seq_len} tokens (text is packed "
+            "into rows of seq_len tokens, per 1,000 source rows); lower data.seq_len or add data"
+        )
+    if cfg.format != "text":
+        out = drop_untrained(out, cfg) if whole else out.remove_columns(["untrained", "where"])
     if cfg.packing and cfg.format != "text":
         out = pack_rows(out, cfg.seq_len)
     return out
+
+
+def drop_untrained(out: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+    """Rows with nothing to train on (the ``untrained`` flag _instruction / _chat set):
+    dropped and counted (with the first ones named), or the run refused where they are all
+    or more than data.max_untrained_share of the rows: a NaN loss at step 1 says much less."""
+    flags = out["untrained"]
+    n = sum(flags)
+    if n:
+        names = sorted((w for w, f in zip(out["where"], flags, strict=True) if f), key=_natural)[:3]
+        what = (
+            f"{n} of {len(out)} rows have no token to train on (an empty reply, or no reply token left after the "
+            f"template and the truncation to data.seq_len={cfg.seq_len}; first: {'; '.join(names)})"
+        )
+        if n == len(out) or n > cfg.max_untrained_share * len(out):
+            limit = "every row" if n == len(out) else f"more than data.max_untrained_share={cfg.max_untrained_share:g}"
+            raise DataError(
+                f"{what}: {limit}. Raise data.seq_len if replies are cut away, fix the rows (a chat must end with "
+                "the assistant's turn), or raise data.max_untrained_share to drop them"
+            )
+        log.warning("%s: dropped", what)
+        out = out.filter(lambda f: not f, input_columns="untrained", desc="dropping rows with nothing to train")
+    return out.remove_columns(["untrained", "where"])
+
+
+def _natural(name: str) -> tuple:
+    """'f.jsonl row 10' after 'f.jsonl row 9': the file's order, not the shuffled split's."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def _untrained(labels: list[int], special: set[int]) -> bool:
+    """No label to learn (the shifted loss never predicts a row's first token), or only the
+    end-of-turn tokens a template adds after an empty reply."""
+    return all(t == IGNORE or t in special for t in labels[1:])
 
 
 def _eos(tokenizer: Any) -> list[int]:
@@ -81,7 +126,8 @@ def instruction_template(tokenizer: Any, cfg: DataConfig) -> str:
 
 
 def _instruction(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
-    out: dict[str, list] = {"input_ids": [], "labels": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "untrained": [], "where": []}
+    special = set(tokenizer.all_special_ids)
     chat = instruction_template(tokenizer, cfg) == "chat"
     if chat:
         require_chat_template(tokenizer, fmt="instruction")
@@ -100,6 +146,8 @@ def _instruction(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) 
         ids, labels = _fit(ids, labels, i, cfg)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        out["untrained"].append(not response.strip() or _untrained(labels, special))
+        out["where"].append(i)
     return out
 
 
@@ -136,13 +184,18 @@ def require_chat_template(tokenizer: Any, model_path: str | None = None, fmt: st
 
 def _chat(batch: dict, rows: list[str], tokenizer: Any, cfg: DataConfig) -> dict:
     require_chat_template(tokenizer)
-    out: dict[str, list] = {"input_ids": [], "labels": []}
+    out: dict[str, list] = {"input_ids": [], "labels": [], "untrained": [], "where": []}
+    special = set(tokenizer.all_special_ids)
     for i, messages in zip(rows, batch[cfg.messages_field], strict=True):
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise DataError(f"{i}: {cfg.messages_field!r} must be a list of {{role, content}} messages")
         ids, labels = _fit(*_chat_row(messages, tokenizer), i, cfg)
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        replies = [m.get("content") for m in messages if m["role"] == "assistant"]
+        empty = not any(isinstance(r, str) and r.strip() for r in replies)
+        out["untrained"].append(empty or _untrained(labels, special))
+        out["where"].append(i)
     return out
 
 

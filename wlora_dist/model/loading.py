@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from wlora_dist.config import ModelConfig
 from wlora_dist.errors import UserError
 from wlora_dist.model.int8 import check_checkpoint_quantization
-from wlora_dist.paths import looks_local
+from wlora_dist.paths import local_model_problem, looks_local
 
 
 class ModelPathError(UserError):
@@ -30,21 +30,9 @@ def check_model_path(path: str) -> None:
     if not looks_local(path):
         check_hub_model(path)
         return
-    if not os.path.isdir(os.path.expanduser(path)):
-        raise ModelPathError(
-            f"model.path={path!r}: no such folder; give an HF model folder (with config.json) or a hub id"
-        )
-    if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
-        raise ModelPathError(f"model.path={path!r}: folder has no config.json; is it an HF model folder?")
-    folder = os.path.expanduser(path)
-    if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(folder)):
-        pickled = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-        raise ModelPathError(
-            f"model.path={path!r}: no safetensors weights"
-            + (f" (found {', '.join(pickled)}: pickled files can run code and are never loaded)" if pickled else "")
-            + "; convert once with transformers: AutoModelForCausalLM.from_pretrained(folder)"
-            ".save_pretrained(new_folder, safe_serialization=True)"
-        )
+    problem = local_model_problem(path)
+    if problem:
+        raise ModelPathError(problem)
 
 
 def _hub_cached(repo_id: str) -> bool:

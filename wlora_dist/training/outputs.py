@@ -4,6 +4,7 @@ every rank takes part in gathering sharded adapters)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -21,8 +22,11 @@ from wlora_dist.training.tracking import RunLogger
 
 
 def check_output_free(cfg: RunConfig, adapter_dir: Path, ckpt_root: Path, resumes: bool) -> None:
-    """Refuse, before anything is loaded or written, a run that would replace an earlier
-    run's adapter or (starting fresh) its checkpoints, unless output.overwrite says so."""
+    """Refuse, before anything is loaded or written, a run whose folders cannot be made
+    (a file where a folder must go, no permission to write), or that would replace an
+    earlier run's adapter or (starting fresh) its checkpoints, unless output.overwrite says so."""
+    check_folder(adapter_dir.parent, "output.dir")
+    check_folder(ckpt_root, "checkpoint.dir" if cfg.checkpoint.dir else "output.dir")
     if cfg.output.overwrite:
         return
     if adapter_dir.exists():
@@ -37,6 +41,18 @@ def check_output_free(cfg: RunConfig, adapter_dir: Path, ckpt_root: Path, resume
             "checkpoint.resume_from=auto, start over with output.overwrite=true (they are replaced as new ones "
             "are written), or choose another output.dir / checkpoint.dir"
         )
+
+
+def check_folder(folder: Path, field: str) -> None:
+    """``folder`` can be made (or is one) and written to: every existing part of its path is
+    a folder, and the deepest existing one is writable."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise TrainingError(f"{field}: {existing} is a file, not a folder; choose another {field}")
+    if not os.access(existing, os.W_OK):
+        raise TrainingError(f"{field}: {existing} is not writable; choose another {field} or fix its permissions")
 
 
 def save_outputs(

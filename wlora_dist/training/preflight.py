@@ -8,11 +8,15 @@ process group exists; ``wlora-dist config --check`` runs exactly the same.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import netrc
 import os
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,7 +26,7 @@ from wlora_dist.data.tokens import require_chat_template
 from wlora_dist.errors import UserError
 from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
-from wlora_dist.paths import looks_local
+from wlora_dist.paths import looks_local, missing_data_file
 from wlora_dist.resolved import ResolvedRun
 from wlora_dist.training.outputs import check_output_free
 
@@ -37,6 +41,8 @@ class Preflight:
 
 class PreflightError(UserError):
     """Every problem the preflight found, one per line (a single one: its own message)."""
+
+    same_on_every_rank = True
 
     def __init__(self, problems: list[str], exit_code: int = 2) -> None:
         self.problems = problems
@@ -80,8 +86,11 @@ def preflight_problems(run: ResolvedRun) -> tuple[Preflight | None, list[str], i
         config, type_ok = check(check_model_type, cfg.model)
         if type_ok:
             architecture = (config.get("architectures") or [config.get("model_type", "?")])[0]
-            n, fit_ok = check(_check_adapters_fit, cfg)
-            found = Preflight(architecture, n) if fit_ok else None
+            # A checkpoint is compared with the run once its step counts are final (a run
+            # sized from its data compares after loading them, in the trainer).
+            n, fit_ok = check(_check_adapters_fit, cfg, run.resume if run.sized else None)
+            _, weights_ok = check(_check_weights, cfg)
+            found = Preflight(architecture, n) if fit_ok and weights_ok else None
         tokenizer, tok_ok = check(load_tokenizer, cfg.model)
         if tok_ok:
             if cfg.data.format == "chat" or (cfg.data.format == "instruction" and cfg.data.template == "chat"):
@@ -133,7 +142,50 @@ def check_data_rows(cfg: RunConfig, tokenizer: object) -> None:
                 if bad:
                     raise DataError(f"{source} row {bad[0]}: data.text_field {cfg.data.text_field!r} is not text")
                 continue
-            tokenize(ds, tokenizer, rows_cfg, [source])
+            tokenize(ds, tokenizer, rows_cfg, [source], whole=False)
+
+
+def check_all_data(run: ResolvedRun, tokenizer: object, world_size: int) -> str:
+    """``config --check``: every row of every data file through what training runs (read,
+    told apart, tokenised, rows with nothing to train counted; the copy cached where the run
+    will look for it, so it starts from it), the micro-batches at ``world_size`` ranks and
+    the run sized from the data. Raises what training would raise; returns what was found."""
+    from wlora_dist.data.pipeline import eval_micro_batch, fill_problem, prepare, steps_per_epoch
+
+    cfg = run.cfg
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    with _warnings() as said:  # rows dropped: told as train tells them
+        train, eval_ds, path = prepare(cfg.data, cfg.train.seed, tokenizer, run.paths.data_cache)
+    problem = fill_problem(len(train), micro, world_size)
+    if problem:
+        raise DataError(problem)
+    words = f"{len(train)} train rows"
+    if eval_ds is not None:
+        eval_batch = eval_micro_batch(len(eval_ds), micro, world_size, bool(cfg.data.eval))
+        words += f", {len(eval_ds)} eval rows" + (f" (eval micro-batch {eval_batch})" if eval_batch < micro else "")
+    per_epoch = steps_per_epoch(len(train), micro, world_size, accum)
+    if not run.sized:
+        run.sized_by(per_epoch)  # train.epochs / *_fraction / *_ratio: the same sizing, the same refusals
+    summary = f"{words}; {per_epoch} optimizer steps per epoch at {world_size} rank(s); tokenised copy in {path}"
+    return "; ".join([summary, *said])
+
+
+@contextlib.contextmanager
+def _warnings() -> Iterator[list[str]]:
+    """The wlora_dist logger's warnings while the block runs, collected."""
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("wlora_dist")
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
 
 
 def check_attention(name: str) -> None:
@@ -187,15 +239,32 @@ def _netrc_has(host: str) -> bool:
 
 
 def _check_data_files(cfg: RunConfig) -> None:
-    for field, sources in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
-        for source in sources:
-            if looks_local(source) and not os.path.exists(os.path.expanduser(source)):
-                raise DataError(f"data file {source} does not exist; fix the path in {field}")
+    problem = missing_data_file(cfg.data.train, cfg.data.eval)
+    if problem:
+        raise DataError(problem)
 
 
-def _check_adapters_fit(cfg: RunConfig) -> int:
+def _check_weights(cfg: RunConfig) -> None:
+    """A local model folder's weights files whole and of this model's shapes (the model
+    built on meta from its config.json; a folder saved quantised: whole only)."""
+    from wlora_dist.model.int8 import checkpoint_quantization
+    from wlora_dist.model.sharded_loading import build_on_meta
+    from wlora_dist.model.weights_files import check_weights_files
+
+    if not looks_local(cfg.model.path):
+        return
+    shapes = None
+    if checkpoint_quantization(cfg.model.path) == "none":
+        model = build_on_meta(cfg.model.model_copy(update={"quantization": "none"}), torch.device("cpu"))
+        tied = model.config.tie_word_embeddings
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    check_weights_files(cfg.model.path, shapes)
+
+
+def _check_adapters_fit(cfg: RunConfig, resume: Path | None = None) -> int:
     """Attach the adapters to the model built on meta; the same checks the trainer makes
-    after loading (targets, K against n, WeightLoRA+ rounds)."""
+    after loading (targets, K against n, WeightLoRA+ rounds), and (``resume``) that the
+    checkpoint to resume was written by a run like this one."""
     from wlora_dist.method.selector import fit_problems
     from wlora_dist.method.weight_lora import WeightLoRA
     from wlora_dist.model.sharded_loading import build_on_meta
@@ -205,4 +274,9 @@ def _check_adapters_fit(cfg: RunConfig) -> int:
     problems = fit_problems(wl, cfg.selection, cfg.adapter.lora_rank)
     if problems:
         raise ConfigError(problems, "selection")
+    if resume is not None:
+        from wlora_dist.training.checkpoint import check_compatible, read_meta
+        from wlora_dist.training.run_checkpoint import run_identity
+
+        check_compatible(read_meta(resume), run_identity(cfg, wl), resume)
     return wl.n

@@ -23,11 +23,17 @@ log = logging.getLogger("wlora_dist")
 
 class TqdmLineHandler(logging.StreamHandler):
     """Log lines written through tqdm.write: a progress bar on the terminal is cleared and
-    redrawn below the line instead of the line being glued to the bar's tail."""
+    redrawn below the line instead of the line being glued to the bar's tail. Made for
+    stderr, it writes to the sys.stderr of the moment, not the one of setup: a program that
+    runs the trainer inside itself (a notebook, a test runner) may have swapped it since."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self.follows_stderr = stream is None or stream is sys.stderr
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr if self.follows_stderr else self.stream)
         except Exception:  # logging must never raise
             self.handleError(record)
 

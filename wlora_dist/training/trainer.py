@@ -9,6 +9,7 @@ distributed/ (a ``Backend``); this module only runs them in order.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ from wlora_dist.training.results import TrainingError, TrainResult
 from wlora_dist.training.tracking import RunLogger
 
 Batch = dict[str, torch.Tensor]
+log = logging.getLogger("wlora_dist")
 
 
 class Trainer:
@@ -76,6 +78,7 @@ class Trainer:
         self.selector: Selector  # the gate update and the layout changes
         self.train_iter: Iterator[Batch]  # this rank's training micro-batches, from the data position
         self._last_batch: Batch = {}  # the last micro-batch: the probe loss around a layout change
+        self._trained_tokens = 0  # tokens with a label in this step's micro-batches (this rank)
 
     @property
     def cfg(self) -> RunConfig:
@@ -107,6 +110,8 @@ class Trainer:
         self.saves = saves.SaveSchedule(cfg.checkpoint, cfg.train.max_steps)
         self.logger = RunLogger(cfg.log, paths.logs, cfg.train.max_steps, False, {})  # silent until accepted
         self.backend = make_backend(self.run, env, weights)
+        if model is None:
+            log.info("model: loading %s (%s)", cfg.model.path, self.spec.name)
         self._setup_model(model if model is not None else self.backend.load_base(cfg.model))
         replan.log_plan(replan.plan_input(cfg, env, self.spec, self.wl.base_model, None), self.logger)
         if resume is not None:
@@ -327,9 +332,11 @@ class Trainer:
         kept on the device; the tokens they held)."""
         env, accum = self.env, self.cfg.train.grad_accum_steps
         loss_sum, tokens = torch.zeros((), device=env.device), 0
+        self._trained_tokens = 0
         for micro in range(accum):
             cpu_batch = next(self.train_iter)
             tokens += data_mod.count_tokens(cpu_batch)  # counted on the host copy: no device sync
+            self._trained_tokens += data_mod.count_trained(cpu_batch)
             self._last_batch = {k: v.to(env.device) for k, v in data_mod.model_inputs(cpu_batch).items()}
             with self._autocast():
                 loss = self.backend.module(**self._last_batch).loss
@@ -350,6 +357,13 @@ class Trainer:
         so does a gradient norm that is not (the same on every rank)."""
         values = torch.stack([local, all_reduce_mean_(local.clone()), grad_norm.to(local)]).tolist()
         local_f, mean_f, norm_f = values
+        if not math.isfinite(local_f) and self._trained_tokens == 0:
+            raise TrainingError(
+                f"loss is {local_f} at optimizer step {step} on rank {self.env.global_rank}: its micro-batches hold "
+                "no token to train on (every label masked), so the loss divides zero by zero; the data's rows with "
+                "nothing to train are dropped when tokenised (data.max_untrained_share): check data.format and the "
+                "template with `wlora-dist preview`"
+            )
         for value, where in ((local_f, f"rank {self.env.global_rank}"), (mean_f, "another rank")):
             if not math.isfinite(value):
                 raise TrainingError(
