@@ -164,3 +164,13 @@ def test_commands_that_load_or_write_models_print_no_bar_lines_into_a_log_file(t
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "t/model/config.json").is_file() and (tmp_path / "t/data/train.jsonl").is_file()
     assert "\r" not in proc.stderr and "Writing model shards" not in proc.stderr, proc.stderr
+    # config --check reads and tokenises every row: no datasets bar in its log either.
+    import yaml
+
+    from .conftest import tiny_config_dict
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "t", tmp_path / "run")))
+    proc = run_command([sys.executable, "-m", "wlora_dist.cli", "config", "--check", str(cfg)], timeout=300)
+    assert proc.returncode == 0 and ": ok (" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "\r" not in proc.stderr and "examples/s" not in proc.stderr, proc.stderr

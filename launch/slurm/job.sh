@@ -30,7 +30,9 @@ if [[ -z "${WLORA_NPROC_PER_NODE:-}" ]]; then
     [[ "$WLORA_NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || WLORA_NPROC_PER_NODE=1
 fi
 # Rendezvous on the first node of the allocation.
-MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM job}" | head -n 1)
+# awk reads every name (head would exit after the first, and under pipefail a scontrol that
+# then writes into the closed pipe fails the job: seen with an unbuffered writer).
+MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?not inside a SLURM job}" | awk 'NR == 1')
 MASTER_PORT=${WLORA_MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export WLORA_PYTHON WLORA_NPROC_PER_NODE NNODES MASTER_ADDR MASTER_PORT
 export WLORA_LAUNCHER=${WLORA_LAUNCHER:-torchrun}
