@@ -2,12 +2,13 @@
 trainable parameters.
 
 A small Llama (benchmarks/real_text/pretrain.py: 8 layers, n = 56 linears) is pretrained
-here on the Python standard library's docstrings; the task is another corpus: the first
-paragraph of a docstring of numpy, pandas, torch or transformers, and the answer is the
-library ("Library: numpy"), trained on the answer only. Every method below fine-tunes the
-same model on the same batches with the project's trainer (one process, in this process)
-and is scored on held-out rows: loss on the answer and accuracy (the library whose answer
-has the highest likelihood).
+here on the Python standard library's docstrings; the task is another corpus: causal
+language modelling on the first paragraphs of the docstrings of numpy, pandas, torch and
+transformers (a fifth of each library's files held out). Every method fine-tunes the same
+model on the same batches with the project's trainer (one process, in this process) and
+is scored on every held-out token: its loss, and next-token top-1 accuracy. (For a task
+scored by exact match on a real pretrained LLM, with each method at its own learning rate,
+see benchmarks/real_llm.py.)
 
     python -m benchmarks.chance                       # the table in docs/method.md, ~25 min on 2 cores
     python -m benchmarks.chance --seeds 1 --methods wlora random --steps 20   # a quick look
@@ -278,13 +279,13 @@ def base_result(model_dir: Path, eval_ids: torch.Tensor) -> RunResult:
 
 
 def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
-    """One row per method: mean and spread (population s.d.) over seeds."""
+    """One row per method: mean and sample s.d. (n - 1) over seeds."""
     rows = []
     for method in dict.fromkeys(r.method for r in results):
         rs = [r for r in results if r.method == method]
 
         def ms(values: list[float]) -> tuple[float, float]:
-            return statistics.mean(values), statistics.pstdev(values)
+            return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
         rows.append(
             {
@@ -305,7 +306,8 @@ def summarise(results: list[RunResult]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], task: Task, info: dict[str, Any]) -> str:
     lines = [
         f"n = {task.n} adapters, K = {task.k}, rank {task.rank}, {task.steps} steps (T = {task.selection_steps}), "
-        f"{max(r['seeds'] for r in rows)} seeds; mean ± s.d. over seeds; accuracy = next-token top-1 on held-out text",
+        f"{max(r['seeds'] for r in rows)} seeds; mean ± sample s.d. over seeds; accuracy = next-token top-1 "
+        "on held-out text",
         "",
         "| method | held-out loss | accuracy | adapters kept | trained parameters | selection s | run s |",
         "|---|---|---|---|---|---|---|",

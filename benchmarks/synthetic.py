@@ -219,7 +219,7 @@ def study(seeds: int, steps: int = 40) -> dict:
                 selection_recovery(s, p, steps, topk_by=topk_by, plant=plant, schedule=schedule).recall
                 for s in range(seeds)
             ]
-            row[plant] = (statistics.mean(recalls), statistics.pstdev(recalls))
+            row[plant] = (statistics.mean(recalls), statistics.stdev(recalls))
         rows.append(row)
     bias: dict[str, dict[str, int]] = {}
     warm = {}
