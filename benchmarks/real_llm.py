@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,7 @@ import torch
 from benchmarks.real_model import arithmetic
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LRS = (1e-3, 2e-3, 4e-3)
+LRS = (5e-4, 1e-3, 2e-3)
 METHODS = (
     "lora-all",  # plain LoRA on all n at rank r: the reference
     "lora-equal",  # plain LoRA on all n at rank r K / n: equal trainable parameters
@@ -78,13 +79,13 @@ class Study:
     layers: int = 30
     rank: int = 8
     alpha_per_rank: float = 2.0  # alpha = 2 r for every adapter
-    steps: int = 80
+    steps: int = 60
     selection_steps: int = 10  # T
     k_fraction: float = 0.25  # K = n / 4
     micro_batch: int = 1
     seq_len: int = 128  # packed problems: about 4 per row (one row per step: 80 steps see 320 problems)
     train_rows: int = 2000
-    validation_rows: int = 200
+    validation_rows: int = 100
     test_rows: int = 200
     lrs: tuple[float, ...] = LRS
     seeds: int = 3
@@ -255,9 +256,14 @@ def run_one(
     tokenizer: Any,
     work: Path,
     kept: list[str] | None = None,
+    *,
+    validate: bool = True,
+    keep_adapter: Path | None = None,
 ) -> RunResult:
-    """One fine-tuning run with the project's trainer (in this process); ``test`` None: no
-    test scoring (a learning-rate trial, scored on the validation rows only)."""
+    """One fine-tuning run with the project's trainer (in this process). ``test`` None: no
+    test scoring (a learning-rate trial: its exported adapter is copied to ``keep_adapter``
+    and scored later if its rate is chosen); ``validate`` False: no validation loss (a run
+    at a rate already chosen: the validation rows only choose)."""
     from wlora_dist.config import config_from_dict
     from wlora_dist.distributed.env import DistEnv
     from wlora_dist.training.trainer import Trainer
@@ -270,7 +276,7 @@ def run_one(
         "optim": {"lr": lr, "warmup_ratio": 0.1, "schedule": "cosine"},
         "data": {
             "train": [str(data["train"])],
-            "eval": [str(data["validation"])],
+            "eval": [str(data["validation"])] if validate else [],
             "format": "instruction",
             "response_field": "completion",
             "template": "plain",
@@ -299,10 +305,23 @@ def run_one(
         trainable = sum(p.numel() for p in wl.trainable_parameters())
     finally:
         trainer.cleanup()
+    if keep_adapter is not None:
+        shutil.rmtree(keep_adapter, ignore_errors=True)
+        shutil.copytree(work / "run" / "adapter", keep_adapter)
+    val = math.nan if result.eval_loss is None else float(result.eval_loss)
     return RunResult(
-        method, lr, seed, float(result.eval_loss), test_loss, em, kept_names, trainable,
+        method, lr, seed, val, test_loss, em, kept_names, trainable,
         time.perf_counter() - t0, study.k, study.selection_steps,
     )  # fmt: skip
+
+
+def score_adapter(study: Study, adapter: Path, test: TestSet, tokenizer: Any) -> tuple[float, float]:
+    """score() of a run from its exported adapter (a standard peft folder) on the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(study.model, dtype=torch.float32).to(study.device)
+    return score(PeftModel.from_pretrained(base, adapter), test, tokenizer, torch.device(study.device))
 
 
 # ---------------------------------------------------------------- the protocol
@@ -327,10 +346,15 @@ class Runs:
     def get(self, method: str, lr: float, seed: int, study: Study, run: Any) -> RunResult:
         key = self.key(method, lr, seed, study.k, study.selection_steps)
         if key not in self.done:
-            self.done[key] = run()
-            with open(self.path, "a") as f:
-                f.write(json.dumps(asdict(self.done[key])) + "\n")
+            self.put(run())
         return self.done[key]
+
+    def put(self, r: RunResult) -> None:
+        """Keep ``r`` (a later line for the same key wins when read back: a trial's test
+        scores are added this way)."""
+        self.done[self.key(r.method, r.lr, r.seed, r.k, r.selection_steps)] = r
+        with open(self.path, "a") as f:
+            f.write(json.dumps(asdict(r)) + "\n")
 
 
 def best_lr(trials: dict[float, RunResult]) -> float:
@@ -339,7 +363,8 @@ def best_lr(trials: dict[float, RunResult]) -> float:
 
 def study_runs(study: Study, methods: list[str], out: Path, log: Any = print) -> dict[str, Any]:
     """The protocol: per method, the learning rate from the grid on seed 0 (validation
-    loss; a winner at an edge of the grid gets the next value beyond it tried), then the
+    loss; a winner at an edge of the grid gets the next value beyond it tried; only the
+    chosen trial is scored on the test rows, from its exported adapter), then the other
     seeds at that rate, scored on the test rows. Returns what the table is made of."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
@@ -356,11 +381,18 @@ def study_runs(study: Study, methods: list[str], out: Path, log: Any = print) ->
     with tempfile.TemporaryDirectory(prefix="wlora-real-llm-") as tmp:
         work = Path(tmp)
 
+        def adapter(method: str, lr: float) -> Path:
+            return out / "adapters" / f"{method}-{lr:g}"
+
         def one(method: str, lr: float, seed: int) -> RunResult:
             kept = None
             if method == "kept-retrained":  # the set wlora kept in this seed, at wlora's rate
                 kept = one("wlora", chosen["wlora"], seed).kept
-            run = partial(run_one, method, lr, seed, study, data, test, tokenizer, work, kept)
+            if seed == 0:  # a trial: validation loss, the adapter kept for the test rows
+                keep = adapter(method, lr)
+                run = partial(run_one, method, lr, seed, study, data, None, tokenizer, work, kept, keep_adapter=keep)
+            else:
+                run = partial(run_one, method, lr, seed, study, data, test, tokenizer, work, kept, validate=False)
             r = runs.get(method, lr, seed, study, run)
             bar.set_postfix(method=method, lr=f"{lr:g}", seed=seed, val=f"{r.validation_loss:.3f}")
             return r
@@ -374,6 +406,14 @@ def study_runs(study: Study, methods: list[str], out: Path, log: Any = print) ->
                 lr = lrs[0] / 2 if best == lrs[0] else lrs[-1] * 2
                 trials[method][lr] = one(method, lr, 0)
             chosen[method] = best_lr(trials[method])
+            first = trials[method][chosen[method]]
+            if math.isnan(first.test_loss):  # the chosen trial, scored on the test rows
+                loss, em = score_adapter(study, adapter(method, chosen[method]), test, tokenizer)
+                first = replace(first, test_loss=loss, test_exact_match=em)
+                runs.put(first)
+                trials[method][chosen[method]] = first
+            for lr in trials[method]:
+                shutil.rmtree(adapter(method, lr), ignore_errors=True)
             log(
                 f"{method}: lr {chosen[method]:g}, validation loss {trials[method][chosen[method]].validation_loss:.4f}"
             )
@@ -435,7 +475,7 @@ def table(saved: dict[str, Any]) -> list[dict[str, Any]]:
             "seeds": len(rs),
             "test_exact_match": mean_sd([r.test_exact_match for r in rs]),
             "test_loss": mean_sd([r.test_loss for r in rs]),
-            "validation_loss": mean_sd([r.validation_loss for r in rs]),
+            "validation_loss": rs[0].validation_loss,  # seed 0's (the other seeds are not validated)
             "kept": statistics.mean(len(r.kept) for r in rs),
             "trainable": statistics.mean(r.trainable for r in rs),
             "seconds": statistics.mean(r.seconds for r in rs),
@@ -532,10 +572,8 @@ def sweep(study: Study, lr: float, out: Path, ks: list[float], ts: list[int], se
     rows = []
     with tempfile.TemporaryDirectory(prefix="wlora-real-llm-") as tmp:
         for method, st in tqdm(points, desc="sweep points", disable=None):
-            rs = [
-                runs.get(method, lr, s, st, partial(run_one, method, lr, s, st, data, test, tokenizer, Path(tmp)))
-                for s in range(seeds)
-            ]
+            run = partial(run_one, method, lr, study=st, data=data, test=test, tokenizer=tokenizer, work=Path(tmp))
+            rs = [runs.get(method, lr, s, st, partial(run, seed=s, validate=False)) for s in range(seeds)]
             row = {"method": method, "k": st.k, "selection_steps": st.selection_steps, "lr": lr}
             rows.append({**row, "runs": [asdict(r) for r in rs]})
     return {"study": asdict(study), "sweep": rows}

@@ -156,15 +156,27 @@ def test_the_protocol_chooses_each_rate_then_runs_the_seeds_and_resumes(tmp_path
     second pass over the same folder runs nothing."""
     calls: list[tuple] = []
 
-    def fake_run(method, lr, seed, study, data, test, tokenizer, work, kept=None):
+    def fake_run(method, lr, seed, study, data, test, tokenizer, work, kept=None, validate=True, keep_adapter=None):
         calls.append((method, lr, seed, tuple(kept or ())))
+        # seed 0: a trial (validated, its adapter kept, no test rows); the others: tested, not validated
+        assert (seed == 0) == validate == (keep_adapter is not None) == (test is None)
+        if keep_adapter is not None:
+            keep_adapter.mkdir(parents=True)
         best = {"wlora": 2e-3, "lora-all": 4e-3, "kept-retrained": 1e-3}[method]  # lora-all: past the grid
         loss = 1.0 + abs(np.log2(lr / best)) + 0.01 * seed
         kept_set = [f"model.layers.{seed}.mlp.up_proj"] if method == "wlora" else ["all"]
-        return real_llm.RunResult(method, lr, seed, loss, loss, 0.1 * seed, kept_set, 10, 1.0, study.k, 2)
+        val, test_loss = (loss, float("nan")) if seed == 0 else (float("nan"), loss)
+        return real_llm.RunResult(method, lr, seed, val, test_loss, 0.1 * seed, kept_set, 10, 1.0, study.k, 2)
+
+    scored: list[str] = []
+
+    def fake_score(study, adapter, test, tokenizer):
+        scored.append(adapter.name)
+        return 1.0, 0.0
 
     monkeypatch.setattr(real_llm, "run_one", fake_run)
-    monkeypatch.setattr(real_llm, "TestSet", type("T", (), {"build": staticmethod(lambda rows, tok: None)}))
+    monkeypatch.setattr(real_llm, "score_adapter", fake_score)
+    monkeypatch.setattr(real_llm, "TestSet", type("T", (), {"build": staticmethod(lambda rows, tok: "test rows")}))
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     study = real_llm.replace(real_llm.MINI, lrs=(1e-3, 2e-3), extend_edges=True)
     methods = ["kept-retrained", "lora-all", "wlora"]  # kept-retrained is run after wlora whatever the order
@@ -181,9 +193,12 @@ def test_the_protocol_chooses_each_rate_then_runs_the_seeds_and_resumes(tmp_path
     # paired per seed: (0.01 s + 1.0 + |log2(lr / best)|) differences; EM 0.1 s on both sides
     assert rows["wlora"]["em_vs_lora-all"] == pytest.approx((0.0, 0.0))
     assert rows["kept-retrained"]["seeds"] == 2 and rows["kept-retrained"]["lr"] == 1e-3
+    assert scored == ["lora-all-0.004", "wlora-0.002", "kept-retrained-0.001"]  # the chosen trials only
+    assert saved["results"]["wlora"][0]["test_loss"] == 1.0  # seed 0's test scores: the chosen trial's
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())  # trials' removed
     n_calls = len(calls)
     again = real_llm.study_runs(study, methods, tmp_path)  # resumed: read back from partial.jsonl
-    assert len(calls) == n_calls and again["results"] == saved["results"]
+    assert len(calls) == n_calls and json.dumps(again["results"]) == json.dumps(saved["results"]) and len(scored) == 3
     assert "| kept-retrained | 0.001 |" in real_llm.markdown(saved)
 
 
@@ -204,5 +219,17 @@ def test_two_methods_really_trained_and_scored(tiny_dir, tmp_path):
     assert head.trainable == sum(2 * (m.in_features + m.out_features) for m in linears) + head_params
     for r in (wlora, head):
         assert 0 < r.test_loss < 20 and 0 <= r.test_exact_match <= 1 and 0 < r.validation_loss < 20
+    # A trial is scored from its exported adapter (a standard peft folder, gates folded in):
+    # the same scores as the model in memory.
+    data = arithmetic.write(tmp_path / "data", study.train_rows, study.validation_rows, study.test_rows)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(study.model)
+    test = real_llm.TestSet.build([json.loads(x) for x in data["test"].read_text().splitlines()], tokenizer)
+    kept = real_llm.run_one(
+        "wlora", 2e-3, 1, study, data, test, tokenizer, tmp_path / "work", keep_adapter=tmp_path / "kept"
+    )
+    from_disk = real_llm.score_adapter(study, tmp_path / "kept", test, tokenizer)
+    assert from_disk == pytest.approx((kept.test_loss, kept.test_exact_match), rel=1e-5)
     real_llm.plot(saved, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
