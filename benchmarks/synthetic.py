@@ -370,7 +370,7 @@ def _where(layer: int | None, last: int) -> str:
 def study_markdown(res: dict) -> str:
     t = res["steps"]
     lines = [
-        f"Recall of the planted set, mean ± spread over {res['seeds']} seeds, T = {t}, K = 4 "
+        f"Recall of the planted set, mean ± sample s.d. over {res['seeds']} seeds, T = {t}, K = 4 "
         "(chance: 4/14 = 0.29 on 2 layers, 4/28 = 0.14 on 4).",
         "",
         "| P | top-K by | selection LR | " + " | ".join(PLANTS) + " | mean |",
