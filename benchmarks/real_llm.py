@@ -79,16 +79,17 @@ class Study:
     layers: int = 30
     rank: int = 8
     alpha_per_rank: float = 2.0  # alpha = 2 r for every adapter
-    steps: int = 60
+    steps: int = 80
     selection_steps: int = 10  # T
     k_fraction: float = 0.25  # K = n / 4
     micro_batch: int = 1
     seq_len: int = 128  # packed problems: about 4 per row (one row per step: 80 steps see 320 problems)
     train_rows: int = 2000
     validation_rows: int = 100
-    test_rows: int = 200
+    test_rows: int = 100
     lrs: tuple[float, ...] = LRS
     seeds: int = 3
+    project_every: int | None = None  # wlora's selection.project_every (None: the default, two projections)
     extend_edges: bool = True  # a best rate at an edge of the grid: try the next one beyond it
     device: str = "cpu"
 
@@ -122,6 +123,8 @@ def method_sections(method: str, study: Study, seed: int, kept: list[str] | None
     if method == "lora-equal":
         return {**plain, "adapter": {"lora_rank": equal_rank}}
     if method == "wlora":
+        if study.project_every is not None:
+            return {"selection": {**selecting, "project_every": study.project_every}}
         return {"selection": selecting}
     if method == "wlora-authors":
         # The preset's own lm_head candidate is left off here: the head is compared on its own rows.
@@ -193,8 +196,9 @@ class RunResult:
     kept: list[str]  # the adapters trained after the prune event (all of them without selection)
     trainable: int  # adapter parameters trained at the end
     seconds: float
-    k: int = 0  # the study's K and T (the sweeps change them)
+    k: int = 0  # the study's K, T and P (the sweeps change them)
     selection_steps: int = 0
+    project_every: int | None = None
 
 
 @dataclass
@@ -311,7 +315,7 @@ def run_one(
     val = math.nan if result.eval_loss is None else float(result.eval_loss)
     return RunResult(
         method, lr, seed, val, test_loss, em, kept_names, trainable,
-        time.perf_counter() - t0, study.k, study.selection_steps,
+        time.perf_counter() - t0, study.k, study.selection_steps, study.project_every,
     )  # fmt: skip
 
 
@@ -337,14 +341,14 @@ class Runs:
         if path.is_file():
             for line in path.read_text().splitlines():
                 r = RunResult(**json.loads(line))
-                self.done[self.key(r.method, r.lr, r.seed, r.k, r.selection_steps)] = r
+                self.done[self.key(r.method, r.lr, r.seed, r.k, r.selection_steps, r.project_every)] = r
 
     @staticmethod
-    def key(method: str, lr: float, seed: int, k: int, t: int) -> tuple:
-        return (method, float(f"{lr:.6g}"), seed, k, t)
+    def key(method: str, lr: float, seed: int, k: int, t: int, p: int | None = None) -> tuple:
+        return (method, float(f"{lr:.6g}"), seed, k, t, p)
 
     def get(self, method: str, lr: float, seed: int, study: Study, run: Any) -> RunResult:
-        key = self.key(method, lr, seed, study.k, study.selection_steps)
+        key = self.key(method, lr, seed, study.k, study.selection_steps, study.project_every)
         if key not in self.done:
             self.put(run())
         return self.done[key]
@@ -352,7 +356,7 @@ class Runs:
     def put(self, r: RunResult) -> None:
         """Keep ``r`` (a later line for the same key wins when read back: a trial's test
         scores are added this way)."""
-        self.done[self.key(r.method, r.lr, r.seed, r.k, r.selection_steps)] = r
+        self.done[self.key(r.method, r.lr, r.seed, r.k, r.selection_steps, r.project_every)] = r
         with open(self.path, "a") as f:
             f.write(json.dumps(asdict(r)) + "\n")
 
@@ -421,10 +425,8 @@ def study_runs(study: Study, methods: list[str], out: Path, log: Any = print) ->
                 one(method, chosen[method], seed)
             bar.update(1)
     bar.close()
-    results = {
-        m: [runs.done[runs.key(m, chosen[m], s, study.k, study.selection_steps)] for s in range(study.seeds)]
-        for m in order
-    }
+    at = (study.k, study.selection_steps, study.project_every)
+    results = {m: [runs.done[runs.key(m, chosen[m], s, *at)] for s in range(study.seeds)] for m in order}
     return {"study": asdict(study), "chosen_lr": chosen, "trials": _jsonable(trials), "results": _jsonable(results)}
 
 
@@ -555,9 +557,13 @@ def plot(saved: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def sweep(study: Study, lr: float, out: Path, ks: list[float], ts: list[int], seeds: int) -> dict[str, Any]:
-    """WeightLoRA (defaults) at learning rate ``lr``: K as fractions of n at T = study's, and
-    T at K = study's, ``seeds`` seeds each; LoRA on all n and K random beside each K."""
+def sweep(
+    study: Study, lrs: dict[str, float], out: Path, ks: list[float], ts: list[int], ps: list[int], seeds: int
+) -> dict[str, Any]:
+    """WeightLoRA (defaults) and K random, each at its learning rate from the main table
+    (``lrs``), ``seeds`` seeds each: K as fractions of n (T and P the study's), then
+    WeightLoRA's T (K the study's), then its projection schedule P (selection.project_every:
+    0 = once at T). The main table's runs are read back, not run again."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -565,28 +571,40 @@ def sweep(study: Study, lr: float, out: Path, ks: list[float], ts: list[int], se
     tokenizer = AutoTokenizer.from_pretrained(study.model)
     test = TestSet.build([json.loads(x) for x in data["test"].read_text().splitlines()], tokenizer)
     runs = Runs(out / "partial.jsonl")
-    points = [("wlora", replace(study, k_fraction=f)) for f in ks] + [
-        ("random", replace(study, k_fraction=f)) for f in ks
-    ]
+    points = [(m, replace(study, k_fraction=f)) for m in ("wlora", "random") for f in ks]
     points += [("wlora", replace(study, selection_steps=t)) for t in ts if t != study.selection_steps]
+    points += [("wlora", replace(study, project_every=p)) for p in ps]
     rows = []
     with tempfile.TemporaryDirectory(prefix="wlora-real-llm-") as tmp:
         for method, st in tqdm(points, desc="sweep points", disable=None):
+            lr = lrs[method]
             run = partial(run_one, method, lr, study=st, data=data, test=test, tokenizer=tokenizer, work=Path(tmp))
             rs = [runs.get(method, lr, s, st, partial(run, seed=s, validate=False)) for s in range(seeds)]
             row = {"method": method, "k": st.k, "selection_steps": st.selection_steps, "lr": lr}
-            rows.append({**row, "runs": [asdict(r) for r in rs]})
+            rows.append({**row, "project_every": st.project_every, "runs": [asdict(r) for r in rs]})
     return {"study": asdict(study), "sweep": rows}
 
 
 def sweep_markdown(saved: dict[str, Any]) -> str:
-    lines = ["| method | K | T | exact match | answer loss | trained parameters |", "|---|---|---|---|---|---|"]
+    """One row per point; a WeightLoRA row at a K where K random ran too gets the paired
+    per-seed differences (WeightLoRA - random)."""
+    runs = {(r["method"], r["k"], r["selection_steps"], r["project_every"]): r["runs"] for r in saved["sweep"]}
+    lines = [
+        "| method | K | T | P | exact match | answer loss | - random (EM) | - random (loss) | trained parameters |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in saved["sweep"]:
         rs = [RunResult(**r) for r in row["runs"]]
+        versus = runs.get(("random", row["k"], row["selection_steps"], row["project_every"]))
+        em = loss = ""
+        if row["method"] == "wlora" and versus is not None:
+            other = [RunResult(**r) for r in versus]
+            em, loss = (_ms(paired(rs, other, key), "+") for key in ("test_exact_match", "test_loss"))
+        p = "two" if row["project_every"] is None else ("once" if row["project_every"] == 0 else row["project_every"])
         lines.append(
-            f"| {row['method']} | {row['k']} | {row['selection_steps']} | "
+            f"| {row['method']} | {row['k']} | {row['selection_steps']} | {p} | "
             f"{_ms(mean_sd([r.test_exact_match for r in rs]))} | {_ms(mean_sd([r.test_loss for r in rs]))} | "
-            f"{statistics.mean(r.trainable for r in rs):,.0f} |"
+            f"{em} | {loss} | {statistics.mean(r.trainable for r in rs):,.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -624,8 +642,9 @@ def main(argv: list[str] | None = None) -> int:
             study = replace(study, steps=300, selection_steps=20, seeds=5, lrs=(2.5e-4, 5e-4, 1e-3, 2e-3))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        chosen = json.loads((args.out / "real_llm.json").read_text())["chosen_lr"]["wlora"]
-        saved = sweep(study, chosen, args.out, [1 / 16, 1 / 8, 1 / 4, 1 / 2], [5, 10, 20], study.seeds)
+        chosen = json.loads((args.out / "real_llm.json").read_text())["chosen_lr"]
+        ps = [0, -(-study.selection_steps // 4)]  # once at T; four projections (two is the default)
+        saved = sweep(study, chosen, args.out, [1 / 16, 1 / 8, 1 / 4, 1 / 2], [5, 10, 20], ps, study.seeds)
         (args.out / "real_llm_sweep.json").write_text(json.dumps(saved, indent=1))
         text = sweep_markdown(saved)
         (args.out / "real_llm_sweep.md").write_text(text)

@@ -233,3 +233,40 @@ def test_two_methods_really_trained_and_scored(tiny_dir, tmp_path):
     assert from_disk == pytest.approx((kept.test_loss, kept.test_exact_match), rel=1e-5)
     real_llm.plot(saved, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_the_sweep_runs_each_point_at_its_methods_rate_and_pairs_it_with_random(tmp_path, monkeypatch):
+    """run_one replaced: K as shares of n for wlora and random (each at its own rate from the
+    main table), T and P for wlora; a point the main table ran is read back; the table pairs
+    wlora with random at the same K, per seed."""
+    calls: list[tuple] = []
+
+    def fake_run(method, lr, seed, study, data, test, tokenizer, work, kept=None, validate=True, keep_adapter=None):
+        assert not validate and test is not None
+        calls.append((method, lr, seed, study.k, study.selection_steps, study.project_every))
+        em = 0.5 + (0.1 if method == "wlora" else 0.0) + 0.01 * seed + 0.001 * study.k
+        return real_llm.RunResult(
+            method, lr, seed, float("nan"), 1 - em, em, [], study.k, 1.0, study.k, study.selection_steps,
+            study.project_every,
+        )  # fmt: skip
+
+    monkeypatch.setattr(real_llm, "run_one", fake_run)
+    monkeypatch.setattr(real_llm, "TestSet", type("T", (), {"build": staticmethod(lambda rows, tok: "test rows")}))
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    study = real_llm.replace(real_llm.MINI, layers=4, k_fraction=0.25, selection_steps=4, seeds=2)  # n 28, K 7
+    runs = real_llm.Runs(tmp_path / "partial.jsonl")
+    for seed in range(2):  # the main table's wlora runs at K = 7, T = 4
+        runs.put(real_llm.RunResult("wlora", 2e-3, seed, 1.0, 0.3, 0.7, [], 7, 1.0, 7, 4))
+    saved = real_llm.sweep(study, {"wlora": 2e-3, "random": 4e-3}, tmp_path, [0.25, 0.5], [2, 4], [0, 1], 2)
+    points = [(r["method"], r["k"], r["selection_steps"], r["project_every"]) for r in saved["sweep"]]
+    assert points == [
+        ("wlora", 7, 4, None), ("wlora", 14, 4, None), ("random", 7, 4, None), ("random", 14, 4, None),
+        ("wlora", 7, 2, None), ("wlora", 7, 4, 0), ("wlora", 7, 4, 1),
+    ]  # fmt: skip
+    assert ("wlora", 2e-3, 0, 7, 4, None) not in calls and len(calls) == 2 * 6  # the main table's point read back
+    assert {c[1] for c in calls if c[0] == "random"} == {4e-3} and {c[1] for c in calls if c[0] == "wlora"} == {2e-3}
+    text = real_llm.sweep_markdown(saved)
+    # K 14: wlora - random = 0.1 exactly in every seed; K 7: the main table's 0.7 against 0.5 + 0.01 s + 0.007
+    assert "| wlora | 14 | 4 | two | 0.619 ± 0.007 | 0.381 ± 0.007 | +0.100 ± 0.000 |" in text
+    assert "| wlora | 7 | 4 | two | 0.700 ± 0.000 |" in text and "+0.188 ± 0.007" in text
+    assert "| wlora | 7 | 4 | once |" in text and "| wlora | 7 | 4 | 1 |" in text
