@@ -281,6 +281,7 @@ def run_one(
         "data": {
             "train": [str(data["train"])],
             "eval": [str(data["validation"])] if validate else [],
+            "eval_fraction": 0.0,  # no eval rows split off train: every run trains on the same rows
             "format": "instruction",
             "response_field": "completion",
             "template": "plain",
@@ -312,6 +313,8 @@ def run_one(
     if keep_adapter is not None:
         shutil.rmtree(keep_adapter, ignore_errors=True)
         shutil.copytree(work / "run" / "adapter", keep_adapter)
+    if (result.eval_loss is None) == validate:
+        raise RuntimeError(f"{method} lr {lr} seed {seed}: validated {result.eval_loss is not None}, asked {validate}")
     val = math.nan if result.eval_loss is None else float(result.eval_loss)
     return RunResult(
         method, lr, seed, val, test_loss, em, kept_names, trainable,

@@ -88,7 +88,7 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_describe_documents_every_field():
     lines = describe()
-    assert any(line.strip().startswith("selection.k (int, default 4):") for line in lines)
+    assert any(line.strip().startswith("selection.k (int or float, default 0.25):") for line in lines)
     assert all(line.rstrip().endswith(":") or ": " in line for line in lines)
 
 
@@ -142,3 +142,32 @@ def test_a_ratio_and_the_count_it_replaces_are_not_both_set():
     assert "train.epochs: 2 and train.max_steps: 100 both set; keep one of the two" in msg
     assert "selection.steps_fraction: 0.1 and selection.steps: 5 both set" in msg
     assert "optim.warmup_ratio: 1.5 must be in [0, 1)" in msg
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (0, "selection.k: 0 must be >= 1 (number of adapters kept; or a share of them in (0, 1), e.g. 0.25)"),
+        (1.0, "selection.k: 1.0 as a float is a share of the n adapters and must be in (0, 1), e.g. 0.25; an int "
+              "counts them (write 1 to keep 1)"),
+        (1.5, "selection.k: 1.5 as a float is a share of the n adapters and must be in (0, 1), e.g. 0.25"),
+        (-0.25, "selection.k: -0.25 as a float is a share"),
+        (True, "selection.k: True is neither a number of adapters (an int, e.g. 8) nor a share of them"),
+        ("eight", "selection.k: 'eight' is neither a number of adapters"),
+    ],
+)  # fmt: skip
+def test_selection_k_is_a_count_or_a_share_and_says_which_it_got(value, said):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({**MINIMAL, "selection": {"k": value}})
+    about_k = [p for p in e.value.problems if p.startswith("selection.k")]
+    assert len(about_k) == 1 and about_k[0].startswith(said)  # one message, whatever is wrong
+
+
+def test_a_share_of_n_becomes_a_count_on_the_model():
+    from wlora_dist.config.selection import kept_count
+
+    for k, n, count in [(0.25, 210, 52), (0.25, 224, 56), (0.25, 14, 4), (0.01, 28, 1), (0.5, 3, 2), (8, 210, 8)]:
+        assert kept_count(k, n) == count, (k, n)
+    cfg = config_from_dict({**MINIMAL, "selection": {"k": "1e-1"}})  # YAML reads 1e-1 as a string
+    assert cfg.selection.k == 0.1 and cfg.selection.kept(210) == 21
+    assert config_from_dict(MINIMAL).selection.kept(224) == 56  # the default: a quarter of n

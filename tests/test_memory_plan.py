@@ -41,6 +41,7 @@ def test_static_counts_are_exact():
     assert p.before.adapters == adapters + 4 * 14  # + the gate vector
     assert p.before.optimizer == 2 * adapters
     assert p.after.n_adapters == 3 and p.after.optimizer < p.before.optimizer
+    assert plan(replace(inp, k=0.25)).after.n_adapters == 4  # a share of the 14 sites: round(3.5)
 
 
 def test_sharding_divides_by_world_size():

@@ -41,6 +41,12 @@ def test_gate_step_is_sgd_then_projection():
     assert not r.projected and r.gates.tolist() == [0.5, 2.0, 1.0, 1.5]
 
 
+def test_gate_step_keeps_a_share_of_n_gates():
+    sel = SelectionConfig(method="topk", k=0.5, lr_w=1.0)  # half of the 4 gates
+    r = gate_step(torch.ones(4), torch.tensor([1.0, -2.0, 0.0, -1.0]), 1.0, sel, project_now=True)
+    assert r.gates.tolist() == [0.0, 3.0, 0.0, 2.0]
+
+
 def test_gate_step_skips_projection_at_zero_grad_unless_forced():
     sel = SelectionConfig(method="topk", k=2)
     w = torch.ones(4)

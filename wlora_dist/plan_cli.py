@@ -10,6 +10,14 @@ from wlora_dist.config import load_config
 from wlora_dist.errors import UserError
 
 
+def _count_or_share(text: str) -> int | float:
+    """--k: an int counts adapters, a float in (0, 1) is a share of n (selection.k's rule)."""
+    value: int | float = int(text) if text.strip().isdigit() else float(text)
+    if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"{text}: a count >= 1 (e.g. 32) or a share of n in (0, 1) (e.g. 0.25)")
+    return value
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
@@ -258,7 +266,12 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     )
     pl.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     pl.add_argument("--targets", help="comma-separated linears with adapters (default all seven)")
-    pl.add_argument("--k", type=int, help="adapters kept after the prune event (default 32)")
+    pl.add_argument(
+        "--k",
+        type=_count_or_share,
+        help="adapters kept after the prune event: a count, or a share of n in (0, 1) as selection.k takes "
+        "(default 32; with --config, its selection.k)",
+    )
     pl.add_argument("--micro-batch", type=int, help="rows per rank per forward (default 1)")
     pl.add_argument("--seq-len", type=int, help="tokens per row (default 2048)")
     ckpt = pl.add_mutually_exclusive_group()

@@ -20,7 +20,7 @@ from wlora_dist.config.memory import MemoryConfig, OutputConfig
 from wlora_dist.config.model import ModelConfig
 from wlora_dist.config.optim import OptimConfig
 from wlora_dist.config.run import RunConfig, validate
-from wlora_dist.config.selection import PRESETS, SelectionConfig
+from wlora_dist.config.selection import PRESETS, SelectionConfig, kept_count
 from wlora_dist.config.train import TrainConfig
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "ZeROConfig",
     "config_from_dict",
     "describe",
+    "kept_count",
     "load_config",
     "set_dotted",
     "validate",

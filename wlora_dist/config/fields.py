@@ -35,7 +35,7 @@ def field(default: Any, doc: str) -> Any:
     return Field(default=default, description=doc)
 
 
-def _to_float(value: Any) -> Any:
+def to_float(value: Any) -> Any:
     """YAML reads 1e-4 (no dot) as a string; an int is a float; a bool is neither."""
     if isinstance(value, str):
         try:
@@ -54,7 +54,7 @@ def _to_list(value: Any) -> Any:
     return value
 
 
-Float = Annotated[float, BeforeValidator(_to_float)]
+Float = Annotated[float, BeforeValidator(to_float)]
 StrList = Annotated[list[str], BeforeValidator(_to_list)]
 IntList = Annotated[list[int], BeforeValidator(_to_list)]
 FloatList = Annotated[list[Float], BeforeValidator(_to_list)]

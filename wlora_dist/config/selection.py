@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from wlora_dist.config.fields import Float, Section, at_least, field, in_unit
+from pydantic import BeforeValidator
+
+from wlora_dist.config.fields import Float, Section, at_least, field, in_unit, to_float
 
 # selection.preset: authors -> the authors' LLM pipeline (public code, branch weight_lora).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -23,6 +25,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+K_DEFAULT = 0.25  # selection.k: a share of n (docs/method.md, "A real model": the K sweep)
+
+
+def kept_count(k: int | float, n: int) -> int:
+    """K for ``n`` adapters: an int k is K; a float is a share of n (rounded, at least 1)."""
+    return k if isinstance(k, int) else min(n, max(1, round(k * n)))
+
+
+def _kept_value(value: Any) -> Any:
+    """selection.k: an int >= 1, or a float in (0, 1); a string is read as a float, as
+    Float fields do (YAML reads 1e-1 as a string). One message, whatever is wrong."""
+    value = to_float(value) if isinstance(value, str) else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"{value!r} is neither a number of adapters (an int, e.g. 8) nor a share of them (a float in (0, 1), "
+            "e.g. 0.25)"
+        )
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"{value} must be >= 1 (number of adapters kept; or a share of them in (0, 1), e.g. 0.25)")
+    if isinstance(value, float) and not 0 < value < 1:
+        raise ValueError(
+            f"{value} as a float is a share of the n adapters and must be in (0, 1), e.g. 0.25; an int counts "
+            f"them (write {int(value)} to keep {int(value)})"
+            if value >= 1 and value.is_integer()
+            else f"{value} as a float is a share of the n adapters and must be in (0, 1), e.g. 0.25"
+        )
+    return value
+
+
 class SelectionConfig(Section):
     preset: Literal["none", "authors"] = field(
         "none",
@@ -33,8 +64,11 @@ class SelectionConfig(Section):
     method: Literal["topk", "simplex", "none"] = field(
         "topk", "Projection of the gates: keep the K best (topk), onto the simplex, or none (plain LoRA)."
     )
-    k: Annotated[int, at_least(1, "number of adapters kept")] = field(
-        4, "Adapters kept by the top-K projection (1 <= k <= n)."
+    k: Annotated[int | float, BeforeValidator(_kept_value)] = field(
+        K_DEFAULT,
+        "Adapters kept by the top-K projection: an int counts them (1 <= k <= n); a float in (0, 1) is a share of "
+        "the n adapters (K = round(k n), at least 1). Default 0.25: a quarter of n, what the K sweep on a real "
+        "model supports (docs/method.md, 'A real model').",
     )
     topk_by: Literal["signed", "magnitude"] = field("signed", "Top-K by signed value (the authors' code) or by |w|.")
     lr_w: Annotated[Float, at_least(0)] = field(
@@ -81,6 +115,10 @@ class SelectionConfig(Section):
         "WeightLoRA+ rank doubling: smart (QR, the product BA and the model output unchanged), dummy ([A; N], "
         "[B, 0], unchanged too) or restart (fresh A, zero B).",
     )
+
+    def kept(self, n: int) -> int:
+        """K on a model with ``n`` adapters."""
+        return kept_count(self.k, n)
 
     def problems(self) -> list[str]:
         """What the fields get wrong together."""

@@ -31,11 +31,11 @@ def gate_step(
     The projection is skipped while ||grad_w|| <= cfg.grad_eps (at step 1 B = 0 makes
     grad_w exactly 0, and projecting all-equal gates would pick an arbitrary set), unless
     ``force_projection`` (the prune event needs a projected w). ``k`` overrides cfg.k
-    (WeightLoRA+ halves it every round).
+    (WeightLoRA+ halves it every round); cfg.k may be a share of n = gates.numel().
     """
     grad_norm = float(torch.linalg.vector_norm(grad.double()))
     new = gates.detach() - lr_w * grad.detach().to(gates.dtype)
     do_project = force_projection or (project_now and grad_norm > cfg.grad_eps)
     if do_project:
-        new = project(new, cfg.method, cfg.k if k is None else k, cfg.topk_by)
+        new = project(new, cfg.method, cfg.kept(gates.numel()) if k is None else k, cfg.topk_by)
     return GateStep(new, grad_norm, do_project)

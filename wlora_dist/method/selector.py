@@ -226,10 +226,10 @@ def fit_problems(wl: WeightLoRA, cfg: SelectionConfig, lora_rank: int) -> list[s
     """What only the model can tell about selection.*: K against n, and whether the
     WeightLoRA+ rounds leave adapters and fit their doubled ranks. One line per problem."""
     problems = []
-    if cfg.method == "topk" and cfg.k > wl.n:
+    if cfg.method == "topk" and isinstance(cfg.k, int) and cfg.k > wl.n:  # a share of n always fits
         problems.append(
             f"selection.k: {cfg.k} exceeds the {wl.n} adapters that adapter.target_modules / adapter.layers "
-            f"give on this model; choose k in [1, {wl.n}]"
+            f"give on this model; choose k in [1, {wl.n}], or a share of them (e.g. 0.25)"
         )
     if not cfg.rounds:
         return problems

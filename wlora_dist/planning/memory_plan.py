@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from wlora_dist.config import kept_count
 from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.planning.shapes import ALL_KINDS, ModelShape
 
@@ -41,7 +42,7 @@ class PlanInput:
     targets: tuple[str, ...] = ALL_KINDS  # those the model has are counted
     lora_layers: tuple[int, ...] | None = None  # None = every layer
     lora_dropout: float = 0.0
-    k: int = 32  # adapters kept after the prune event
+    k: int | float = 32  # adapters kept after the prune event (a float: a share of the n sites)
     micro_batch: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step (train.grad_accum_steps): traffic only
     seq_len: int = 2048
@@ -118,7 +119,7 @@ def kept_sites(inp: PlanInput) -> list[tuple[int, str]]:
         return list(inp.kept)
     dims = inp.shape.linear_dims()
     ranked = sorted(sites(inp), key=lambda s: -sum(dims[s[1]]))
-    return ranked[: min(inp.k, len(ranked))]
+    return ranked[: kept_count(inp.k, len(ranked))]
 
 
 def adapter_numel(inp: PlanInput, chosen: list[tuple[int, str]]) -> int:

@@ -137,7 +137,7 @@ class Trainer:
         self.logger.info(
             f"world_size={env.world_size} backend={self.spec.name}{self._mesh_words()} adapters n={self.wl.n} "
             f"({kinds}) trainable={n_params} params selection={sel.method} "
-            f"K={sel.k if sel.method == 'topk' else '-'} T={sel.steps}"
+            f"K={sel.kept(self.wl.n) if sel.method == 'topk' else '-'} T={sel.steps}"
         )
         self.logger.info(self._run_length())
 
