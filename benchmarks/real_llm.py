@@ -626,7 +626,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="an HF folder of the model (default: the converted SmolLM2, converted if missing)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--full", action="store_true", help="the full table: 300 steps, 5 seeds, four learning rates")
-    ap.add_argument("--sweep", action="store_true", help="K and T sweeps at wlora's chosen learning rate")
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="after the table: K (WeightLoRA and K random, each at its chosen rate), T and P sweeps",
+    )
+    ap.add_argument(
+        "--projections", type=int, nargs="*", metavar="P",
+        help="--sweep: the selection.project_every values tried (default 0 and ceil(T / 4): once at T, four)",
+    )  # fmt: skip
     ap.add_argument("--mini", type=Path, metavar="MODEL", help="a seconds-long miniature on a tiny model folder")
     args = ap.parse_args(argv)
     from wlora_dist.noise import silence_known_noise
@@ -647,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep:
         chosen = json.loads((args.out / "real_llm.json").read_text())["chosen_lr"]
-        ps = [0, -(-study.selection_steps // 4)]  # once at T; four projections (two is the default)
+        ps = [0, -(-study.selection_steps // 4)] if args.projections is None else args.projections  # two: default
         saved = sweep(study, chosen, args.out, [1 / 16, 1 / 8, 1 / 4, 1 / 2], [5, 10, 20], ps, study.seeds)
         (args.out / "real_llm_sweep.json").write_text(json.dumps(saved, indent=1))
         text = sweep_markdown(saved)
