@@ -613,6 +613,50 @@ def sweep_markdown(saved: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_plot(saved: dict[str, Any], path: Path, reference: list[dict] | None = None) -> None:
+    """Answer loss and exact match against K (log scale) for WeightLoRA and K random, one
+    dot per seed, the mean joined; ``reference`` (the main table's lora-all runs) as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    study = saved["study"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in (
+        (axes[0], "test_loss", "loss per answer token (test rows)"),
+        (axes[1], "test_exact_match", "exact match (test rows)"),
+    ):
+        for method, color in (("wlora", "C0"), ("random", "C7")):
+            rows = [
+                r for r in saved["sweep"]
+                if r["method"] == method and r["selection_steps"] == study["selection_steps"]
+                and r["project_every"] is None
+            ]  # fmt: skip
+            rows.sort(key=lambda r: r["k"])
+            for r in rows:
+                ax.scatter([r["k"]] * len(r["runs"]), [x[key] for x in r["runs"]], s=14, color=color, alpha=0.6)
+            means = [statistics.mean(x[key] for x in r["runs"]) for r in rows]
+            ax.plot([r["k"] for r in rows], means, color=color, label=method)
+        if reference:
+            ax.axhline(statistics.mean(x[key] for x in reference), color="C2", ls="--", label="LoRA on all n")
+        ax.set_xscale("log", base=2)
+        ks = sorted({r["k"] for r in saved["sweep"]})
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.set_xlabel("K (adapters kept)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"K sweep: n = {7 * study['layers']}, rank {study['rank']}, T = {study['selection_steps']}, "
+        f"{study['steps']} steps, each method at its own learning rate",
+        size=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 MINI = Study(
     layers=2, steps=6, selection_steps=2, micro_batch=2, seq_len=160, train_rows=60, validation_rows=8, test_rows=8,
     lrs=(1e-3, 2e-3), seeds=2, extend_edges=False,
@@ -660,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "real_llm_sweep.json").write_text(json.dumps(saved, indent=1))
         text = sweep_markdown(saved)
         (args.out / "real_llm_sweep.md").write_text(text)
+        main_table = json.loads((args.out / "real_llm.json").read_text())["results"]
+        sweep_plot(saved, args.out / "real_llm_sweep.png", main_table.get("lora-all"))
         print(text)
         return 0
     saved = study_runs(study, args.methods, args.out)

@@ -270,3 +270,5 @@ def test_the_sweep_runs_each_point_at_its_methods_rate_and_pairs_it_with_random(
     assert "| wlora | 14 | 4 | two | 0.619 ± 0.007 | 0.381 ± 0.007 | +0.100 ± 0.000 |" in text
     assert "| wlora | 7 | 4 | two | 0.700 ± 0.000 |" in text and "+0.188 ± 0.007" in text
     assert "| wlora | 7 | 4 | once |" in text and "| wlora | 7 | 4 | 1 |" in text
+    real_llm.sweep_plot(saved, tmp_path / "sweep.png", saved["sweep"][0]["runs"])
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
