@@ -504,18 +504,19 @@ def markdown(saved: dict[str, Any]) -> str:
         f"{st.seeds} seeds; mean ± sample s.d.; paired: the mean ± s.d. of the per-seed differences.",
         "",
         "| method | lr | exact match | answer loss | vs lora-all (EM) | vs wlora (EM) | vs lora-all (loss) | "
-        "adapters | trained parameters | run s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "vs wlora (loss) | adapters | trained parameters | run s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     if base:
         lines.append(
-            f"| no fine-tuning | - | {base['test_exact_match']:.3f} | {base['test_loss']:.3f} | | | | 0 | 0 | - |"
+            f"| no fine-tuning | - | {base['test_exact_match']:.3f} | {base['test_loss']:.3f} | | | | | 0 | 0 | - |"
         )
     for r in table(saved):
         lines.append(
             f"| {r['method']} | {r['lr']:g} | {_ms(r['test_exact_match'])} | {_ms(r['test_loss'])} | "
             f"{_ms(r.get('em_vs_lora-all'), '+')} | {_ms(r.get('em_vs_wlora'), '+')} | "
-            f"{_ms(r.get('loss_vs_lora-all'), '+')} | {r['kept']:.0f} | {r['trainable']:,.0f} | {r['seconds']:.0f} |"
+            f"{_ms(r.get('loss_vs_lora-all'), '+')} | {_ms(r.get('loss_vs_wlora'), '+')} | {r['kept']:.0f} | "
+            f"{r['trainable']:,.0f} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -565,9 +566,9 @@ def sweep(
     study: Study, lrs: dict[str, float], out: Path, ks: list[float], ts: list[int], ps: list[int], seeds: int
 ) -> dict[str, Any]:
     """WeightLoRA (defaults) and K random, each at its learning rate from the main table
-    (``lrs``), ``seeds`` seeds each: K as fractions of n (T and P the study's), then
-    WeightLoRA's T (K the study's), then its projection schedule P (selection.project_every:
-    0 = once at T). The main table's runs are read back, not run again."""
+    (``lrs``), ``seeds`` seeds each: WeightLoRA's K as fractions of n (T and P the study's),
+    its T (K the study's), K random at each K, then WeightLoRA's projection schedule P
+    (selection.project_every: 0 = once at T). The main table's runs are read back."""
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
@@ -575,8 +576,10 @@ def sweep(
     tokenizer = AutoTokenizer.from_pretrained(study.model)
     test = TestSet.build([json.loads(x) for x in data["test"].read_text().splitlines()], tokenizer)
     runs = Runs(out / "partial.jsonl")
-    points = [(m, replace(study, k_fraction=f)) for m in ("wlora", "random") for f in ks]
+    # In order of what the defaults need first: WeightLoRA's K, its T, K random, the projections.
+    points = [("wlora", replace(study, k_fraction=f)) for f in ks]
     points += [("wlora", replace(study, selection_steps=t)) for t in ts if t != study.selection_steps]
+    points += [("random", replace(study, k_fraction=f)) for f in ks]
     points += [("wlora", replace(study, project_every=p)) for p in ps]
     rows = []
     with tempfile.TemporaryDirectory(prefix="wlora-real-llm-") as tmp:

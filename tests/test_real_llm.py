@@ -260,8 +260,8 @@ def test_the_sweep_runs_each_point_at_its_methods_rate_and_pairs_it_with_random(
     saved = real_llm.sweep(study, {"wlora": 2e-3, "random": 4e-3}, tmp_path, [0.25, 0.5], [2, 4], [0, 1], 2)
     points = [(r["method"], r["k"], r["selection_steps"], r["project_every"]) for r in saved["sweep"]]
     assert points == [
-        ("wlora", 7, 4, None), ("wlora", 14, 4, None), ("random", 7, 4, None), ("random", 14, 4, None),
-        ("wlora", 7, 2, None), ("wlora", 7, 4, 0), ("wlora", 7, 4, 1),
+        ("wlora", 7, 4, None), ("wlora", 14, 4, None), ("wlora", 7, 2, None), ("random", 7, 4, None),
+        ("random", 14, 4, None), ("wlora", 7, 4, 0), ("wlora", 7, 4, 1),
     ]  # fmt: skip
     assert ("wlora", 2e-3, 0, 7, 4, None) not in calls and len(calls) == 2 * 6  # the main table's point read back
     assert {c[1] for c in calls if c[0] == "random"} == {4e-3} and {c[1] for c in calls if c[0] == "wlora"} == {2e-3}
