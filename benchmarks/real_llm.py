@@ -545,7 +545,10 @@ def plot(saved: dict[str, Any], path: Path) -> None:
             ax.scatter([i] * len(values), values, s=18, color=color)
             ax.hlines(statistics.mean(values), i - 0.3, i + 0.3, color="k")
         base = saved.get("base", {}).get(key)
-        if base is not None:
+        top = max(getattr(r, key) for rs in results.values() for r in rs)
+        if base is not None and base > 1.5 * top:  # far above the rest: said, not drawn
+            ax.set_title(f"no fine-tuning: {base:.3f}", fontsize=8)
+        elif base is not None:
             ax.axhline(base, color="gray", lw=0.8, ls="--", label="no fine-tuning")
             ax.legend(fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
