@@ -207,3 +207,15 @@ def test_the_summary_says_which_targets_were_met():
     )
     # MFU against the measured peak: 4.8e10 FLOPs x 10,000 tokens/s / 800 TFLOP/s = 60%.
     assert "| 8b | (a) | 224 | 10,000 | 1.0% | 1.00x | 60.0% |" in text
+
+
+def test_the_real_model_step_says_why_it_did_not_run(tmp_path):
+    """real-llm-full needs the converted model, which the lent machine cannot receive: the
+    step is recorded as not run, with the reason, and the call goes on."""
+    import time
+
+    from benchmarks.gpu import call as device_call
+
+    c = device_call.Call(tmp_path, time.time() + 60, standin=True, work=tmp_path / "work")
+    outcome = device_call.step_real_llm(c, 30, model=tmp_path / "absent")
+    assert outcome.startswith("not run: no converted model") and "64 MiB" in outcome

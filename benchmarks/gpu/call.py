@@ -4,6 +4,8 @@ files. benchmarks/gpu/run.sh installs the carried wheels and starts this:
     bash benchmarks/gpu/run.sh                       # the call: STEPS below, until the budget ends
     bash benchmarks/gpu/run.sh env smoke 70b-nf4-ws8 # chosen steps (a second call: the summary
                                                      # names the steps that did not fit)
+    bash benchmarks/gpu/run.sh real-llm-full         # the real-model table in full (docs/method.md),
+                                                     # where the converted model is (make real-model)
     WLORA_GPU_STANDIN=1 bash benchmarks/gpu/run.sh   # the same steps on CPU, tiny stand-in modes
 
 Steps: env (versions, the GPU), smoke (benchmarks/gpu/smoke.py: bitsandbytes on the device,
@@ -63,7 +65,11 @@ STEPS = [
     "70b-bf16-ws8",
 ]
 # Seconds each step may take at most (a mode: per configuration, times its configurations).
-LIMITS = {"env": 30, "smoke": 120, "checks": 240}
+LIMITS = {"env": 30, "smoke": 120, "checks": 240, "real-llm-full": 540}
+# benchmarks/real_llm.py --full (300 steps, 5 seeds, 4 rates): not in STEPS (it needs a call of
+# its own) and only where the converted model is: the lent machine's 64 MiB carry cannot take
+# the 98 MB model wheel, so there it is recorded as not run.
+REAL_MODEL = ROOT / "runs" / "bench-cache" / "smollm2-135m-instruct"
 CONFIG_LIMIT = {"70b": 200, "8b": 120, "1b": 90}  # by the mode name's first part
 STANDIN_CONFIG_LIMIT = 60
 # The stand-in's checks: the ones that are cheap on CPU (a two-layer model, no process launched).
@@ -207,6 +213,23 @@ def step_checks(call: Call, limit: float) -> str:
     return {"exit 1": "some checks failed"}.get(outcome, outcome)
 
 
+def step_real_llm(call: Call, limit: float, model: Path = REAL_MODEL) -> str:
+    """The real-model table in full (benchmarks/real_llm.py --full) on the device; its
+    real_llm.json / .md / .png and partial.jsonl go into more.tar.gz. The study resumes from
+    partial.jsonl, so a call cut by its limit is continued by the next one."""
+    if not (model / "config.json").is_file():
+        return (
+            f"not run: no converted model at {model} (make real-model; the 98 MB wheel is over "
+            "the lent machine's 64 MiB carry)"
+        )
+    out = call.work / "real-llm-full"
+    device = "cpu" if call.standin else "cuda"
+    cmd = [sys.executable, "-m", "benchmarks.real_llm", "--full", "--device", device, "--out", str(out)]
+    cmd += ["--model", str(model)]
+    outcome, _ = run_command(call, cmd, limit)
+    return outcome
+
+
 def step_mode(call: Call, step: str, limit: float) -> str:
     from benchmarks import compare
 
@@ -272,6 +295,8 @@ def run(call: Call, steps: list[str]) -> None:
                 outcome = step_smoke(call, limit)
             elif step in ("checks", "tests"):
                 outcome = step_checks(call, limit)
+            elif step == "real-llm-full":
+                outcome = step_real_llm(call, limit)
             else:
                 outcome = step_mode(call, step, limit)
         except Exception as e:  # a broken step is recorded; the next one still runs
