@@ -222,11 +222,14 @@ def step_real_llm(call: Call, limit: float, model: Path = REAL_MODEL) -> str:
             f"not run: no converted model at {model} (make real-model; the 98 MB wheel is over "
             "the lent machine's 64 MiB carry)"
         )
-    out = call.work / "real-llm-full"
+    out = ROOT / "runs" / "real-llm-full"  # kept between calls on the same machine: the study resumes
     device = "cpu" if call.standin else "cuda"
     cmd = [sys.executable, "-m", "benchmarks.real_llm", "--full", "--device", device, "--out", str(out)]
     cmd += ["--model", str(model)]
     outcome, _ = run_command(call, cmd, limit)
+    (call.work / "real-llm-full").mkdir(parents=True, exist_ok=True)
+    for f in out.glob("*.*"):  # the results and partial.jsonl, for more.tar.gz
+        shutil.copy2(f, call.work / "real-llm-full" / f.name)
     return outcome
 
 
