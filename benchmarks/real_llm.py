@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from benchmarks.real_model import arithmetic
+from wlora_dist.config import kept_count
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LRS = (5e-4, 1e-3, 2e-3)
@@ -100,7 +101,12 @@ class Study:
 
     @property
     def k(self) -> int:
-        return max(1, round(self.n * self.k_fraction))
+        return kept_count(self.k_fraction, self.n)  # selection.k's own rule for a share of n
+
+    @classmethod
+    def of(cls, saved: dict[str, Any]) -> Study:
+        """The study a saved table was made with (JSON keeps lrs as a list)."""
+        return cls(**{**saved["study"], "lrs": tuple(saved["study"]["lrs"])})
 
 
 def site(layer: int, kind: str) -> str:
@@ -495,7 +501,7 @@ def table(saved: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown(saved: dict[str, Any]) -> str:
-    st = Study(**{**saved["study"], "lrs": tuple(saved["study"]["lrs"])})
+    st = Study.of(saved)
     base = saved.get("base", {})
     lines = [
         f"SmolLM2-135M-Instruct, n = {st.n}, K = {st.k}, rank {st.rank} (alpha = {st.alpha_per_rank:g} r), "
@@ -553,11 +559,10 @@ def plot(saved: dict[str, Any], path: Path) -> None:
             ax.legend(fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_ylabel(label)
-    st = saved["study"]
+    st = Study.of(saved)
     fig.suptitle(
-        f"SmolLM2-135M, arithmetic word problems: n = {7 * st['layers']}, "
-        f"K = {round(7 * st['layers'] * st['k_fraction'])}, rank {st['rank']}, "
-        f"each method at its best learning rate, {st['seeds']} seeds",
+        f"SmolLM2-135M, arithmetic word problems: n = {st.n}, K = {st.k}, rank {st.rank}, "
+        f"each method at its best learning rate, {st.seeds} seeds",
         size=9,
     )
     fig.tight_layout()
