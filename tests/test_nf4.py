@@ -151,7 +151,7 @@ def test_zero3_partitions_and_fsdp2_rows_of_a_saved_4bit_folder_are_the_quantise
 
 
 def test_a_saved_4bit_folder_with_other_settings_is_refused_naming_them(tiny64_dir, saved_4bit, tmp_path):
-    from wlora_dist.model.int8 import check_checkpoint_quantization
+    from wlora_dist.model.saved_formats import check_checkpoint_quantization
 
     folder = str(saved_4bit(True))
     with pytest.raises(UserError, match=r"set model.quantization: nf4, model.bnb_4bit_use_double_quant: true to"):

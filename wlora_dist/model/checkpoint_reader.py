@@ -5,7 +5,6 @@ float tensor more than a rank asks for."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -16,25 +15,13 @@ from torch import nn
 
 from wlora_dist.errors import UserError
 from wlora_dist.model.int8 import Int8Linear, quantize_rows, scb_bits
-from wlora_dist.model.loading import unreadable_weights_are_user_errors
-from wlora_dist.model.nf4 import QUANT_STATE_KEY, Linear4bit, double_quantize, read_quant_state
-
-
-def _checkpoint_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the one file."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise UserError(
-            f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints "
-            "are loaded: pickled .bin files can run code)"
-        )
-    with unreadable_weights_are_user_errors(str(folder)), safe_open(str(single), "pt", device="cpu") as f:
-        return dict.fromkeys(f.keys(), single)
-
+from wlora_dist.model.nf4 import Linear4bit, double_quantize
+from wlora_dist.model.saved_formats import (
+    QUANT_STATE_KEY,
+    checkpoint_files,
+    read_quant_state,
+    unreadable_weights_are_user_errors,
+)
 
 _ITEM_BYTES = {"U8": 1, "I8": 1, "BF16": 2, "F16": 2, "F32": 4}  # safetensors dtypes a 4-bit folder stores codes in
 
@@ -49,7 +36,7 @@ class CheckpointReader:
         """``files``: tensor name -> safetensors file (default: the folder's own; the
         benchmarks' random weights pass none and draw the float rows instead, ``_read``)."""
         self.path = model_path
-        self.files = _checkpoint_files(Path(os.path.expanduser(model_path))) if files is None else files
+        self.files = checkpoint_files(Path(os.path.expanduser(model_path))) if files is None else files
         self.int8 = {name.replace(".base_layer", "") for name, m in model.named_modules() if isinstance(m, Int8Linear)}
         self.four_bit = {
             name.replace(".base_layer", ""): m for name, m in model.named_modules() if isinstance(m, Linear4bit)

@@ -26,24 +26,13 @@ FSDP2 nor DeepSpeed know a quantised frozen weight.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import torch
 from torch import nn
 
 from wlora_dist.errors import UserError
-
-
-def require_bitsandbytes():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - the int8 extra is part of `make setup`
-        raise UserError(
-            "model.quantization=int8 needs bitsandbytes: pip install 'wlora_dist[int8]' (or bitsandbytes>=0.45)"
-        ) from None
-    return bnb
+from wlora_dist.model.bnb import require_bitsandbytes
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,33 +176,3 @@ def to_int8_linears(model: nn.Module, skip: list[str], threshold: float) -> list
     if not replaced:
         raise UserError(f"model.quantization=int8: no linear layer to quantise (model.int8_skip_modules={skip})")
     return replaced
-
-
-def checkpoint_quantization(folder: str) -> str:
-    """ "int8" / "4bit" for a folder saved by transformers + bitsandbytes, else "none"."""
-    path = os.path.join(os.path.expanduser(folder), "config.json")
-    if not os.path.isfile(path):
-        return "none"  # a hub id: resolved by transformers
-    with open(path) as f:
-        q = json.load(f).get("quantization_config") or {}
-    if q.get("load_in_8bit"):
-        return "int8"
-    if q.get("load_in_4bit"):
-        return "4bit"
-    return "none"
-
-
-def check_checkpoint_quantization(cfg) -> None:
-    """A folder saved quantised is trained only with the matching model.* settings
-    (``cfg``: the run's ModelConfig)."""
-    folder, quantization = cfg.path, cfg.quantization
-    saved = checkpoint_quantization(folder)
-    if saved == "4bit":
-        from wlora_dist.model.nf4 import check_saved_4bit
-
-        check_saved_4bit(cfg)
-    if saved == "int8" and quantization != "int8":
-        raise UserError(
-            f"model.path={folder!r} is saved in bitsandbytes 8-bit; set model.quantization: int8 to train on it "
-            "(or give the bf16/fp16 folder)"
-        )

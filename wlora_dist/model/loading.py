@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
-from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from wlora_dist.config import ModelConfig
-from wlora_dist.errors import UserError
-from wlora_dist.model.int8 import check_checkpoint_quantization
+from wlora_dist.model.saved_formats import (
+    ModelPathError,
+    check_checkpoint_quantization,
+    unreadable_weights_are_user_errors,
+)
 from wlora_dist.paths import local_model_problem, looks_local
-
-
-class ModelPathError(UserError):
-    """A model path that does not exist or is not an HF model folder."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -164,16 +160,3 @@ def remove_input_require_grads(model: PreTrainedModel) -> int:
     if hasattr(model, "_require_grads_hooks"):
         model._require_grads_hooks = []
     return len(ours)
-
-
-@contextlib.contextmanager
-def unreadable_weights_are_user_errors(path: str) -> Iterator[None]:
-    """A weights file safetensors cannot read (truncated by a copy, a full disk, a partial
-    download) is the user's to fix: one message naming the folder, not a library traceback."""
-    try:
-        yield
-    except SafetensorError as e:
-        raise ModelPathError(
-            f"model.path={path!r}: a weights file cannot be read ({e}); it is damaged or truncated: copy or "
-            "download the model again (compare the file sizes with the source)"
-        ) from None

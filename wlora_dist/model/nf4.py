@@ -40,23 +40,18 @@ import torch
 from torch import nn
 
 from wlora_dist.errors import UserError
+from wlora_dist.model.bnb import require_bitsandbytes
 
 
-def require_bitsandbytes():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - the int8 extra (bitsandbytes) is part of `make setup`
-        raise UserError(
-            "model.quantization=nf4 / fp4 needs bitsandbytes: pip install 'wlora_dist[int8]' (or bitsandbytes>=0.45)"
-        ) from None
-    return bnb
+def _bnb():
+    return require_bitsandbytes("nf4 / fp4")
 
 
 def quantize_rows_4bit(rows: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bnb's 4-bit quantisation of ``rows`` [r, in] -> (packed uint8 [r, in/2], absmax float32
     [r, in/blocksize]). Blocks never cross rows (in % blocksize == 0): any rows quantise as
     they would inside the whole weight."""
-    bnb = require_bitsandbytes()
+    bnb = _bnb()
     packed, state = bnb.functional.quantize_4bit(
         rows.contiguous(), blocksize=blocksize, compress_statistics=False, quant_type=quant_type
     )
@@ -79,7 +74,7 @@ def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     (``quantize_4bit(..., compress_statistics=True)``, the same operations on the same
     flat tensor, so bitwise its numbers): (uint8 codes [out, in/blocksize], nested absmax
     float32 [ceil(blocks / 256)], offset float32 [1])."""
-    functional = require_bitsandbytes().functional
+    functional = _bnb().functional
     flat = absmax.float().reshape(-1)
     offset = flat.mean()
     codes, state2 = functional.quantize_blockwise(flat - offset, blocksize=NESTED_BLOCKSIZE)
@@ -92,7 +87,7 @@ _DYNAMIC: dict[torch.device, torch.Tensor] = {}
 def _dynamic_map(device: torch.device) -> torch.Tensor:
     """bnb's code for the nested absmax (what ``quantize_blockwise`` uses by default)."""
     if device not in _DYNAMIC:
-        _DYNAMIC[device] = require_bitsandbytes().functional.create_dynamic_map().to(device)
+        _DYNAMIC[device] = _bnb().functional.create_dynamic_map().to(device)
     return _DYNAMIC[device]
 
 
@@ -151,7 +146,7 @@ class Linear4bit(nn.Linear):
 
     def quant_state(self, weight: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype):
         """bnb's QuantState over (gathered) ``weight`` / ``absmax``."""
-        functional = require_bitsandbytes().functional
+        functional = _bnb().functional
         nested = {}
         if self.double_quant:
             nested = {
@@ -180,13 +175,13 @@ class Linear4bit(nn.Linear):
         bias = self.bias.to(dtype) if self.bias is not None else None
         if not torch.is_grad_enabled() or not x.requires_grad:
             state = self.quant_state(self.weight, self.absmax, dtype)
-            out = require_bitsandbytes().matmul_4bit(x, self.weight.view(-1, 1).t(), quant_state=state, bias=bias)
+            out = _bnb().matmul_4bit(x, self.weight.view(-1, 1).t(), quant_state=state, bias=bias)
         else:
             out = _Frozen4bitMatMul.apply(x, self.weight, self.absmax, bias, self)
         return out.to(in_dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        functional = require_bitsandbytes().functional
+        functional = _bnb().functional
         state = self.quant_state(self.weight, self.absmax, dtype)
         return functional.dequantize_4bit(self.weight.reshape(-1, 1), state).to(dtype)
 
@@ -204,7 +199,7 @@ class _Frozen4bitMatMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, absmax, bias, layer: Linear4bit):  # type: ignore[override]
         state = layer.quant_state(weight, absmax, x.dtype)
-        out = require_bitsandbytes().matmul_4bit(x, weight.view(-1, 1).t(), quant_state=state, bias=bias)
+        out = _bnb().matmul_4bit(x, weight.view(-1, 1).t(), quant_state=state, bias=bias)
         ctx.save_for_backward(weight, absmax)
         ctx.layer, ctx.x_dtype, ctx.x_shape = layer, x.dtype, x.shape
         return out
@@ -212,7 +207,7 @@ class _Frozen4bitMatMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         weight, absmax = ctx.saved_tensors
-        functional = require_bitsandbytes().functional
+        functional = _bnb().functional
         state = ctx.layer.quant_state(weight, absmax, ctx.x_dtype)
         w = functional.dequantize_4bit(weight.reshape(-1, 1), state).to(ctx.x_dtype)
         grad = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.x_dtype)
@@ -260,58 +255,3 @@ def to_4bit_linears(
             f"model.quantization={quant_type}: no linear layer to quantise (model.int8_skip_modules={skip})"
         )
     return replaced
-
-
-# ---------------------------------------------------------------- folders saved in 4-bit
-
-QUANT_STATE_KEY = ".weight.quant_state.bitsandbytes__"  # + nf4 / fp4: bnb's packed non-tensor state
-
-
-def read_quant_state(file, key: str) -> dict:
-    """The non-tensor part of a saved bnb 4-bit weight's state (quant_type, blocksize,
-    shape, nested_offset, ...), unpacked as bnb's ``QuantState.from_dict`` does."""
-    from safetensors import safe_open
-
-    with safe_open(str(file), "pt", device="cpu") as f:
-        packed = f.get_tensor(key)
-    return require_bitsandbytes().functional.unpack_tensor_to_dict(packed)
-
-
-def saved_4bit_settings(folder: str) -> dict:
-    """What a folder saved by transformers in bnb 4-bit was quantised with."""
-    import json
-    import os
-    from pathlib import Path
-
-    from wlora_dist.model.checkpoint_reader import _checkpoint_files
-
-    root = Path(os.path.expanduser(folder))
-    q = json.loads((root / "config.json").read_text()).get("quantization_config") or {}
-    files = _checkpoint_files(root)
-    key = next((k for k in files if QUANT_STATE_KEY in k), None)
-    if key is None:
-        raise UserError(f"model.path={folder!r}: config.json says 4-bit, but no tensor has a bitsandbytes quant_state")
-    state = read_quant_state(files[key], key)
-    return {
-        "quant_type": state.get("quant_type", q.get("bnb_4bit_quant_type", "fp4")),
-        "double_quant": "nested_offset" in state,
-        "blocksize": int(state["blocksize"]),
-    }
-
-
-def check_saved_4bit(cfg) -> None:
-    """A 4-bit folder is read as it is: the run's model.* settings must be the folder's."""
-    saved = saved_4bit_settings(cfg.path)
-    fix = []
-    if cfg.quantization != saved["quant_type"]:
-        fix.append(f"model.quantization: {saved['quant_type']}")
-    if bool(cfg.bnb_4bit_use_double_quant) != saved["double_quant"]:
-        fix.append(f"model.bnb_4bit_use_double_quant: {str(saved['double_quant']).lower()}")
-    if cfg.quantization in ("nf4", "fp4") and cfg.bnb_4bit_blocksize != saved["blocksize"]:
-        fix.append(f"model.bnb_4bit_blocksize: {saved['blocksize']}")
-    if fix:
-        raise UserError(
-            f"model.path={cfg.path!r} is saved in bitsandbytes 4-bit ({saved['quant_type']}, blocksize "
-            f"{saved['blocksize']}, double quantisation {'on' if saved['double_quant'] else 'off'}) and is read as "
-            f"it is; set {', '.join(fix)} to train on it (or give the bf16/fp16 folder, quantised as it loads)"
-        )

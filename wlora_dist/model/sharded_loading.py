@@ -23,9 +23,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from wlora_dist.config import ModelConfig
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.checkpoint_reader import CheckpointReader
-from wlora_dist.model.int8 import check_checkpoint_quantization, to_int8_linears
+from wlora_dist.model.int8 import to_int8_linears
 from wlora_dist.model.loading import check_model_path, enable_checkpointing, resolve_dtype
 from wlora_dist.model.nf4 import to_4bit_linears
+from wlora_dist.model.saved_formats import check_checkpoint_quantization
 
 
 @dataclass(frozen=True)

@@ -168,8 +168,8 @@ def write_merged(adapter_dir: Path, model_path: str, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from wlora_dist.errors import UserError
-    from wlora_dist.model.int8 import checkpoint_quantization
     from wlora_dist.model.loading import check_model_path
+    from wlora_dist.model.saved_formats import checkpoint_quantization
 
     check_model_path(model_path)
     if checkpoint_quantization(model_path) != "none":

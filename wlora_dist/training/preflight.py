@@ -24,8 +24,8 @@ from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data.rows import DataError
 from wlora_dist.data.tokens import require_chat_template
 from wlora_dist.errors import UserError
-from wlora_dist.model.int8 import check_checkpoint_quantization
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
+from wlora_dist.model.saved_formats import check_checkpoint_quantization
 from wlora_dist.paths import looks_local, missing_data_file
 from wlora_dist.resolved import ResolvedRun
 from wlora_dist.training.outputs import check_output_free
@@ -247,7 +247,7 @@ def _check_data_files(cfg: RunConfig) -> None:
 def _check_weights(cfg: RunConfig) -> None:
     """A local model folder's weights files whole and of this model's shapes (the model
     built on meta from its config.json; a folder saved quantised: whole only)."""
-    from wlora_dist.model.int8 import checkpoint_quantization
+    from wlora_dist.model.saved_formats import checkpoint_quantization
     from wlora_dist.model.sharded_loading import build_on_meta
     from wlora_dist.model.weights_files import check_weights_files
 
