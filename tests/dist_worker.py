@@ -154,9 +154,10 @@ def run(cfg, env) -> Trainer:
     import gc
 
     gc.collect()
-    last = trainer.layout_events[-1] if trainer.layout_events else None
+    events = trainer.layout.record.events
+    last = events[-1] if events else None
     removed = last.removed if last is not None else []  # the last change's removed A / B tensors
-    prune = [e for e in trainer.layout_events if e.change.kind == "prune"]
+    prune = [e for e in events if e.change.kind == "prune"]
     out = {
         "world_size": env.world_size,
         "global_rank": env.global_rank,
@@ -178,7 +179,7 @@ def run(cfg, env) -> Trainer:
         "max_same_hooks": max_hooks_of_one_kind(trainer.wl.peft_model),
         "load_bytes_read": getattr(trainer.backend.load_stats, "bytes_read", None),
         "prune_losses": prune[-1].probe_losses if prune else None,
-        "rounds_log": trainer.rounds_log,
+        "rounds_log": trainer.layout.record.rounds_log,
         "adam_steps": sorted(
             {float(st["step"]) for st in getattr(trainer.backend.optimizer, "state", {}).values() if "step" in st}
         ),

@@ -23,7 +23,7 @@ from .conftest import ROOT, tiny_config_dict
 
 PKG = ROOT / "wlora_dist"
 PURE = ["method", "planning"]  # never torch.distributed, never the distributed plumbing
-PURE_MAY_IMPORT = {"wlora_dist.distributed.spec"}  # a frozen dataclass, no collectives
+PURE_MAY_IMPORT = {"wlora_dist.distributed.spec", "wlora_dist.distributed.settings"}  # frozen dataclasses
 
 
 def _imports(path: Path) -> set[str]:
@@ -115,7 +115,7 @@ def test_plan_describes_the_backend_that_runs(path, tiny_dir):
     cfg = load_config(ROOT / "configs/tiny_cpu.yaml", overrides, accelerate_overrides(accelerate_config_env(str(path))))
     run = resolve_run(cfg)
     assert run.spec == WANT[path.name]
-    backend = make_backend(run, DistEnv(0, 0, 8, torch.device("cpu")))
+    backend = make_backend(run.backend_settings("cpu"), DistEnv(0, 0, 8, torch.device("cpu")))
     assert backend.spec == run.spec and backend.name == run.spec.name
     inp = run_plan_input(run.cfg, PRESETS["llama3-8b"], 8, run.spec)
     assert inp.backend == run.spec
@@ -169,9 +169,11 @@ LAYERS = {
     "method": 2,
     "planning": 2,
     "distributed.spec": 2,
+    "distributed.settings": 2,
     "model": 3,
     "distributed": 4,
     "data": 5,
+    "checkpoint": 5,
     "training": 6,
     "resolved": 6,
     "cli": 7,
@@ -189,33 +191,52 @@ def _layer(module: str) -> int | None:
     return None
 
 
-def _runtime_imports(path: Path) -> set[str]:
-    """wlora_dist modules ``path`` imports when it runs (in functions too; not the ones
-    under ``if TYPE_CHECKING:``, which are for annotations only)."""
-    tree = ast.parse(path.read_text())
-    skip = {
-        id(n)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-        for n in ast.walk(node)
-    }
+def _module_of(path: Path) -> str:
+    return ".".join(("wlora_dist", *path.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def _wlora_imports(path: Path) -> set[str]:
+    """wlora_dist modules ``path`` imports: at the top, in functions, and under
+    ``if TYPE_CHECKING:`` (an import for annotations still draws an edge)."""
     out = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wlora_dist."):
             out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)  # a module imported from its package
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.startswith("wlora_dist."))
     return out
 
 
+MODULES = {_module_of(p): p for p in sorted(PKG.rglob("*.py"))}
+GRAPH = {m: {i for i in _wlora_imports(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+
+
+def test_no_import_circle():
+    """No module reaches itself through the imports (annotations' included), so each module
+    can be read and tested after the ones it uses."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            circle = [*path[path.index(module) :], module]
+            pytest.fail("import circle: " + " -> ".join(circle))
+        if module in done:
+            return
+        for dep in sorted(GRAPH[module]):
+            visit(dep, [*path, module])
+        done.add(module)
+
+    for module in sorted(GRAPH):
+        visit(module, [])
+
+
 @pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
 def test_a_module_imports_only_its_layer_or_below(path):
-    module = ".".join(("wlora_dist", *path.relative_to(PKG).with_suffix("").parts)).removesuffix(".__init__")
+    module = _module_of(path)
     own = _layer(module)
     if own is None:
         assert module == "wlora_dist", f"{module}: give it a layer in docs/architecture.md and LAYERS"
         return
-    above = {m: _layer(m) for m in _runtime_imports(path) if (_layer(m) or 0) > own}
+    above = {m: _layer(m) for m in _wlora_imports(path) if (_layer(m) or 0) > own}
     assert not above, f"{module} (layer {own}) imports from above it: {above}"

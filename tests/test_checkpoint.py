@@ -242,7 +242,7 @@ def _children(pid: int) -> list[int]:
 def test_sigusr1_sigterm_and_ctrl_c_request_a_stop():
     """SLURM's --signal=USR1@T reaches the ranks as SIGUSR1, Ctrl-C as SIGINT: the same stop
     as SIGTERM."""
-    from wlora_dist.training.saves import StopOnSignal
+    from wlora_dist.checkpoint.schedule import StopOnSignal
 
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         stopper = StopOnSignal()

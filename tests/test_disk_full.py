@@ -72,7 +72,7 @@ def _train(tiny_dir: Path, tmp: Path, ckpt_dir: Path, fault: str | None = None) 
 
 
 def _assert_failed_cleanly(proc: subprocess.CompletedProcess, ckpt_dir: Path, step: int, tmp: Path) -> None:
-    from wlora_dist.training.checkpoint import list_checkpoints, verify
+    from wlora_dist.checkpoint.folders import list_checkpoints, verify
 
     out = proc.stdout + proc.stderr
     folder = ckpt_dir / f"step-{step:08d}"

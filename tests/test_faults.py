@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
+from wlora_dist.checkpoint.folders import list_checkpoints
+from wlora_dist.checkpoint.peft import write_peft_adapter
+from wlora_dist.checkpoint.schedule import StopOnSignal
 from wlora_dist.config import ConfigError, config_from_dict
-from wlora_dist.training.checkpoint import list_checkpoints
-from wlora_dist.training.export import write_peft_adapter
-from wlora_dist.training.saves import StopOnSignal
 
 from .conftest import tiny_config_dict
 from .helpers import train_in_process
@@ -117,7 +117,7 @@ def _shard(ckpt):
 
 @pytest.mark.inprocess
 def test_checkpoints_record_every_file_and_verify(two_checkpoints):
-    from wlora_dist.training.checkpoint import verify
+    from wlora_dist.checkpoint.folders import verify
 
     meta = json.loads((two_checkpoints / "step-00000002/meta.json").read_text())
     files = meta["files"]
@@ -129,7 +129,7 @@ def test_checkpoints_record_every_file_and_verify(two_checkpoints):
 
 @pytest.mark.inprocess
 def test_a_truncated_shard_is_skipped_by_auto_with_a_warning(two_checkpoints, tmp_path, caplog):
-    from wlora_dist.training.checkpoint import resolve_resume
+    from wlora_dist.checkpoint.folders import resolve_resume
 
     root = _copy(two_checkpoints, tmp_path)
     shard = _shard(root / "step-00000002")
@@ -142,7 +142,7 @@ def test_a_truncated_shard_is_skipped_by_auto_with_a_warning(two_checkpoints, tm
 
 @pytest.mark.inprocess
 def test_a_damaged_checkpoint_named_explicitly_is_refused(two_checkpoints, tmp_path):
-    from wlora_dist.training.checkpoint import CheckpointError, resolve_resume
+    from wlora_dist.checkpoint.folders import CheckpointError, resolve_resume
 
     root = _copy(two_checkpoints, tmp_path)
     rng = root / "step-00000002/rng/rank-00000.safetensors"
@@ -157,7 +157,7 @@ def test_a_damaged_checkpoint_named_explicitly_is_refused(two_checkpoints, tmp_p
 
 @pytest.mark.inprocess
 def test_when_every_checkpoint_is_damaged_auto_refuses_instead_of_starting_over(two_checkpoints, tmp_path):
-    from wlora_dist.training.checkpoint import CheckpointError, resolve_resume
+    from wlora_dist.checkpoint.folders import CheckpointError, resolve_resume
 
     root = _copy(two_checkpoints, tmp_path)
     for ckpt in list_checkpoints(root):
@@ -168,8 +168,8 @@ def test_when_every_checkpoint_is_damaged_auto_refuses_instead_of_starting_over(
 
 @pytest.mark.inprocess
 def test_export_refuses_a_damaged_checkpoint(two_checkpoints, tmp_path):
-    from wlora_dist.training.checkpoint import CheckpointError
-    from wlora_dist.training.export import export_checkpoint
+    from wlora_dist.checkpoint.folders import CheckpointError
+    from wlora_dist.checkpoint.peft import export_checkpoint
 
     root = _copy(two_checkpoints, tmp_path)
     shard = _shard(root / "step-00000002")
@@ -206,7 +206,7 @@ def test_a_failed_checkpoint_write_leaves_nothing_and_says_where(tiny_dir, tmp_p
     import errno
     from pathlib import Path
 
-    from wlora_dist.training.checkpoint import CheckpointError
+    from wlora_dist.checkpoint.folders import CheckpointError
 
     real = Path.write_text
 

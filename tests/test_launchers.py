@@ -71,8 +71,9 @@ def test_shipped_accelerate_configs_parse_and_document_their_command(path):
 def test_users_deepspeed_json_wins_except_auto(tmp_path):
     import json
 
-    from wlora_dist.config import OptimConfig, TrainConfig, ZeROConfig
-    from wlora_dist.distributed.spec import read_user_deepspeed_json
+    from wlora_dist.config import config_from_dict
+    from wlora_dist.distributed.settings import BackendSettings
+    from wlora_dist.distributed.spec import read_user_deepspeed_json, resolve_backend
     from wlora_dist.distributed.zero_config import deepspeed_config
     from wlora_dist.errors import UserError
 
@@ -86,13 +87,17 @@ def test_users_deepspeed_json_wins_except_auto(tmp_path):
             }
         )
     )
-    cfg = deepspeed_config(
-        ZeROConfig(stage=2, config_file=str(user)),
-        OptimConfig(max_grad_norm=0.5),
-        TrainConfig(micro_batch_size=3),
-        bf16=False,
-        user=read_user_deepspeed_json(str(user)),
+    run = config_from_dict(
+        {
+            "model": {"path": "m"},
+            "data": {"train": ["d"]},
+            "optim": {"max_grad_norm": 0.5},
+            "train": {"micro_batch_size": 3},
+            "distributed": {"backend": "zero", "zero": {"stage": 2, "config_file": str(user)}},
+        }
     )
+    user_json = read_user_deepspeed_json(str(user))
+    cfg = deepspeed_config(BackendSettings.of(run, resolve_backend(run.distributed, user_json), "cpu", user_json))
     assert cfg["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000}
     assert cfg["gradient_clipping"] == 0.5 and cfg["train_micro_batch_size_per_gpu"] == 3
     assert cfg["optimizer"]["params"]["torch_adam"] is True
@@ -106,7 +111,7 @@ def test_fsdp_cpu_offload_without_gpu_is_a_clear_error():
 
     from wlora_dist.config import config_from_dict
     from wlora_dist.distributed.env import DistEnv
-    from wlora_dist.distributed.fsdp2 import FSDP2Backend
+    from wlora_dist.distributed.registry import make_backend
     from wlora_dist.errors import UserError
     from wlora_dist.resolved import resolve_run
 
@@ -118,7 +123,7 @@ def test_fsdp_cpu_offload_without_gpu_is_a_clear_error():
         }
     )
     with pytest.raises(UserError, match=r"cpu_offload: true needs a GPU"):
-        FSDP2Backend(resolve_run(cfg), DistEnv(0, 0, 2, torch.device("cpu")))
+        make_backend(resolve_run(cfg).backend_settings("cpu"), DistEnv(0, 0, 2, torch.device("cpu")))
 
 
 def test_a_lone_process_from_accelerate_without_a_config_is_named():

@@ -172,10 +172,10 @@ def test_replan_at_prune_switches_checkpointing_off_same_math(tiny_dir, tmp_path
 
     ckpt = {"path": str(tiny_dir / "model"), "gradient_checkpointing": True}
     ref, ref_result = _train(tiny_dir, tmp_path / "a", model=ckpt)
-    assert _checkpointing_on(ref) and ref.replanned is None
+    assert _checkpointing_on(ref) and ref.layout.record.replanned is None
     fits = {"replan_at_prune": True, "budget_gib": 2.0, "reserve_gib": 0.0}
     run, result = _train(tiny_dir, tmp_path / "b", model=ckpt, memory=fits)
-    assert not _checkpointing_on(run) and run.replanned.activation_checkpointing is False
+    assert not _checkpointing_on(run) and run.layout.record.replanned.activation_checkpointing is False
     # Nor is the embedding output made to require grad any more (transformers and peft each
     # registered a hook; one outlived the switch): what precedes the first adapter keeps nothing.
     embeddings = run.wl.base_model.get_input_embeddings()
@@ -189,7 +189,7 @@ def test_replan_at_prune_switches_checkpointing_off_same_math(tiny_dir, tmp_path
     # without checkpointing, ~1.4 with every 2nd layer, ~1.0 with all): partial checkpointing.
     partial = {"replan_at_prune": True, "budget_gib": 1.6 / 1024, "reserve_gib": 0.0}
     part, part_result = _train(tiny_dir, tmp_path / "c", model=ckpt, memory=partial)
-    assert part.replanned.checkpoint_every_n_layers == 2, part.replanned
+    assert part.layout.record.replanned.checkpoint_every_n_layers == 2, part.layout.record.replanned
     layers = part.wl.base_model.model.layers
     assert [bool(m.gradient_checkpointing) for m in layers] == [True, False]
     part_losses = [h["loss"] for h in part_result.history]
@@ -197,7 +197,7 @@ def test_replan_at_prune_switches_checkpointing_off_same_math(tiny_dir, tmp_path
     # A budget nothing fewer fits: checkpointing stays as it was.
     tight = {"replan_at_prune": True, "budget_gib": 1.2 / 1024, "reserve_gib": 0.0}
     kept_on, _ = _train(tiny_dir, tmp_path / "d", model=ckpt, memory=tight)
-    assert kept_on.replanned is None, kept_on.replanned
+    assert kept_on.layout.record.replanned is None, kept_on.layout.record.replanned
     assert all(m.gradient_checkpointing for m in kept_on.wl.base_model.model.layers)
 
 

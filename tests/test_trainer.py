@@ -27,7 +27,7 @@ def test_simplex_selection_keeps_the_support(tiny_dir, tmp_path):
 def test_method_none_is_plain_lora_on_all_adapters(tiny_dir, tmp_path):
     trainer, result = _train(tiny_dir, tmp_path, selection={"method": "none"})
     assert len(result.kept) == 14 and torch.all(trainer.wl.gates == 1)
-    assert trainer.layout_events == [] and not (tmp_path / "run/report/selection-prune.json").exists()
+    assert trainer.layout.record.events == [] and not (tmp_path / "run/report/selection-prune.json").exists()
 
 
 def test_reinit_kept_restarts_the_kept_adapters(tiny_dir, tmp_path):

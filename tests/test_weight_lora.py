@@ -8,9 +8,9 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from wlora_dist.checkpoint.peft import save_peft_adapter
 from wlora_dist.config import LLAMA_LINEARS, AdapterConfig, ConfigError
 from wlora_dist.method.weight_lora import ADAPTER, WeightLoRA, natural_key
-from wlora_dist.training.export import save_peft_adapter
 
 CFG = AdapterConfig(lora_rank=4, lora_alpha=8.0)
 

@@ -54,7 +54,7 @@ def _plus_run(tiny_dir, tmp_path, **selection):
 @pytest.mark.inprocess
 def test_rounds_halve_k_double_ranks_keep_the_output_and_reset_adam(tiny_dir, tmp_path):
     trainer, result = _plus_run(tiny_dir, tmp_path)
-    log = trainer.rounds_log
+    log = trainer.layout.record.rounds_log
     assert [(r["round"], r["step"], r["k"], r["rank"]) for r in log] == [(1, 2, 7, 8), (2, 4, 3, 16), (3, 6, 1, 32)]
     for r in log:  # "smart": the model output does not jump at an extension (or the removal)
         assert abs(r["probe_loss_before"] - r["probe_loss_after"]) < 1e-5, r

@@ -102,8 +102,8 @@ def _say(message: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from wlora_dist.training.checkpoint import CheckpointError, list_checkpoints
-    from wlora_dist.training.export import export_checkpoint
+    from wlora_dist.checkpoint.folders import CheckpointError, list_checkpoints
+    from wlora_dist.checkpoint.peft import export_checkpoint
 
     ckpt = Path(args.checkpoint)
     if not (ckpt / "meta.json").is_file():

@@ -21,7 +21,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from wlora_dist.checkpoint.folders import resolve_resume
 from wlora_dist.config import ConfigError, RunConfig, validate
+from wlora_dist.distributed.settings import BackendSettings, Precision, precision_of
 from wlora_dist.distributed.spec import BackendSpec, check_backend_supports, read_user_deepspeed_json, resolve_backend
 from wlora_dist.paths import default_data_cache
 
@@ -59,6 +61,13 @@ class ResolvedRun:
     deepspeed_user: Mapping[str, Any] = field(default_factory=dict)  # the user's DeepSpeed JSON, read once
     sized: bool = False  # train.epochs / *_fraction / *_ratio turned into step counts
 
+    def backend_settings(self, device_type: str) -> BackendSettings:
+        """What this run's backend reads, on a machine whose device is ``device_type``."""
+        return BackendSettings.of(self.cfg, self.spec, device_type, self.deepspeed_user)
+
+    def precision(self, device_type: str) -> Precision:
+        return precision_of(self.cfg, device_type == "cuda")
+
     def sized_by(self, steps_per_epoch: int) -> ResolvedRun:
         """This run with its step counts from the data (train.epochs, selection.steps_fraction,
         optim.warmup_ratio); a ConfigError when they no longer fit together."""
@@ -72,8 +81,6 @@ class ResolvedRun:
 def resolve_run(cfg: RunConfig, resume: bool = True) -> ResolvedRun:
     """The run ``cfg`` describes. ``resume``: resolve checkpoint.resume_from (a damaged or
     missing checkpoint is refused here); off for plans."""
-    from wlora_dist.training.checkpoint import resolve_resume
-
     user = read_user_deepspeed_json(cfg.distributed.zero.config_file) if cfg.distributed.backend == "zero" else {}
     spec = resolve_backend(cfg.distributed, user)
     check_backend_supports(cfg, spec)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,17 +20,21 @@ from transformers import PreTrainedModel
 
 from wlora_dist.config import ModelConfig
 from wlora_dist.distributed.env import DistEnv
+from wlora_dist.distributed.settings import BackendSettings
 from wlora_dist.method.weight_lora import AdapterSite, WeightLoRA
 from wlora_dist.model.checkpoint_reader import CheckpointReader
 from wlora_dist.model.loading import load_base_model
 from wlora_dist.model.sharded_loading import Held, LoadStats, build_on_meta, is_on_meta, materialize_sharded
 
-if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
-    from wlora_dist.resolved import ResolvedRun
-
 # Where a model built on meta gets its base weights: a reader factory (default: the
 # checkpoint at model.path; the benchmarks pass random weights).
 WeightsSource = Callable[[nn.Module], CheckpointReader]
+
+
+# One adapter matrix's state in a checkpoint: its weight (ADAPTER_WEIGHT) and its AdamW
+# state (exp_avg, exp_avg_sq, step), full or this rank's shard as the backend holds it.
+AdapterState = dict[str, torch.Tensor]
+ADAPTER_WEIGHT = "weight"
 
 
 def tensor_bytes(tensors: list[torch.Tensor]) -> int:
@@ -39,12 +42,12 @@ def tensor_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 class Backend(ABC):
-    def __init__(self, run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> None:
-        self.run = run
-        self.spec = run.spec
+    def __init__(self, settings: BackendSettings, env: DistEnv, weights: WeightsSource | None = None) -> None:
+        self.settings = settings
+        self.spec = settings.spec
         self.env = env
-        self.optim_cfg = run.cfg.optim
-        self.seed = run.cfg.train.seed  # of the deterministic adapter init of models built on meta
+        self.optim_cfg = settings.optim
+        self.seed = settings.seed  # of the deterministic adapter init of models built on meta
         self.weights = weights
         self.optimizer: torch.optim.Optimizer | None = None
         # The trainable parameters as this backend holds them (DTensors under FSDP2, ZeRO-3
@@ -213,27 +216,30 @@ class Backend(ABC):
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def checkpoint_tensors(self, named: dict[str, nn.Parameter], for_load: bool) -> dict[str, torch.Tensor]:
-        """The adapters and their AdamW state as checkpoint tensors, keyed by adapter name:
-        here the live tensors themselves (DTensor shards under FSDP2), so a checkpoint
-        load fills them in place. AdamW state not created yet (before the first step after
-        a rebuild) is created now as zeros, which AdamW treats exactly as a fresh state."""
+    def adapter_state(self, named: dict[str, nn.Parameter], for_load: bool) -> dict[str, AdapterState]:
+        """Each adapter matrix and its AdamW state, by the name it is given (the checkpoint
+        package names them on disk): here the live tensors themselves (DTensor shards under
+        FSDP2), so a checkpoint load fills them in place. AdamW state not created yet (before
+        the first step after a rebuild) is created now as zeros, which AdamW treats exactly
+        as a fresh state."""
         assert self.optimizer is not None
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, AdapterState] = {}
         for name, p in named.items():
             state = self.optimizer.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)  # AdamW's own format
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            out[f"adapter.{name}"] = p.detach()
-            out[f"optim.{name}.exp_avg"] = state["exp_avg"]
-            out[f"optim.{name}.exp_avg_sq"] = state["exp_avg_sq"]
-            out[f"optim.{name}.step"] = state["step"].view(1)
+            out[name] = {
+                ADAPTER_WEIGHT: p.detach(),
+                "exp_avg": state["exp_avg"],
+                "exp_avg_sq": state["exp_avg_sq"],
+                "step": state["step"].view(1),
+            }
         return out
 
-    def load_checkpoint_tensors(self, named: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
-        """After a checkpoint load filled ``tensors`` (from ``checkpoint_tensors(for_load=True)``);
+    def load_adapter_state(self, named: dict[str, nn.Parameter], states: dict[str, AdapterState]) -> None:
+        """After a checkpoint load filled ``states`` (from ``adapter_state(for_load=True)``);
         nothing to do here, where they were the live tensors."""
         return None
 

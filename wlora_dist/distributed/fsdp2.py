@@ -22,8 +22,6 @@ floating parameters only), so a rank holds 1/world of the int8 base.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -33,27 +31,18 @@ from transformers import PreTrainedModel
 from wlora_dist.config import ModelConfig
 from wlora_dist.distributed.base import Backend, WeightsSource
 from wlora_dist.distributed.env import DistEnv
-from wlora_dist.errors import UserError
+from wlora_dist.distributed.settings import BackendSettings
 from wlora_dist.method.weight_lora import ADAPTER, AdapterSite, WeightLoRA
 from wlora_dist.model.blocks import decoder_layers
 from wlora_dist.model.sharded_loading import build_on_meta, is_on_meta
-
-if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
-    from wlora_dist.resolved import ResolvedRun
 
 MESH_DIMS = ("replicate", "shard")  # HSDP's 2-D mesh, the names accelerate and torchtitan use
 
 
 class FSDP2Backend(Backend):
-    def __init__(self, run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> None:
-        super().__init__(run, env, weights)
-        fsdp_cfg = run.cfg.distributed.fsdp
-        if fsdp_cfg.cpu_offload and env.device.type != "cuda":
-            raise UserError(
-                "distributed.fsdp.cpu_offload: true needs a GPU (it moves shards between GPU and CPU memory); "
-                "without one everything already lives in CPU memory: set it to false"
-            )
-        self.fsdp_cfg = fsdp_cfg
+    def __init__(self, settings: BackendSettings, env: DistEnv, weights: WeightsSource | None = None) -> None:
+        super().__init__(settings, env, weights)
+        self.fsdp_cfg = settings.fsdp  # cpu_offload without a GPU was refused by BackendSettings.of
         self.root: FSDPModule | None = None
         self._mesh: DeviceMesh | None = None
 
@@ -77,7 +66,7 @@ class FSDP2Backend(Backend):
 
     def _policies(self) -> dict:
         kwargs: dict = {"reshard_after_forward": self.fsdp_cfg.reshard_after_forward}
-        if self.env.device.type == "cuda" and self.fsdp_cfg.mixed_precision == "bf16":
+        if self.settings.fsdp_bf16_params:
             # bf16 compute copies of the parameters, fp32 gradient reduction.
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kwargs["offload_policy"] = CPUOffloadPolicy() if self.fsdp_cfg.cpu_offload else OffloadPolicy()

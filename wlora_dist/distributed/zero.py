@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import copy
 import gc
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from wlora_dist.config import ModelConfig
-from wlora_dist.distributed.base import Backend, WeightsSource, tensor_bytes
+from wlora_dist.distributed.base import ADAPTER_WEIGHT, AdapterState, Backend, WeightsSource, tensor_bytes
 from wlora_dist.distributed.env import DistEnv
+from wlora_dist.distributed.settings import BackendSettings
 from wlora_dist.distributed.zero_config import deepspeed_config, largest_layer_numel, memory_limits
 from wlora_dist.distributed.zero_internals import (
     adam_step,
@@ -37,25 +38,19 @@ from wlora_dist.model.loading import resolve_dtype
 from wlora_dist.model.sharded_loading import Held, build_zero3_partitioned, fill_base
 from wlora_dist.noise import drop_printed
 
-if TYPE_CHECKING:  # annotations only: the resolved run lives above this layer (docs/architecture.md)
-    from wlora_dist.resolved import ResolvedRun
-
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class ZeROBackend(Backend):
-    def __init__(self, run: ResolvedRun, env: DistEnv, weights: WeightsSource | None = None) -> None:
-        super().__init__(run, env, weights)
-        cfg = run.cfg
+    def __init__(self, settings: BackendSettings, env: DistEnv, weights: WeightsSource | None = None) -> None:
+        super().__init__(settings, env, weights)
         import deepspeed  # optional dependency: imported only when chosen
 
         self.deepspeed = deepspeed
-        bf16 = env.device.type == "cuda" and cfg.train.mixed_precision in ("auto", "bf16")
-        self._config_args = (cfg.distributed.zero, cfg.optim, cfg.train, bf16, dict(run.deepspeed_user))
         # Loading (zero.Init) reads the partitioning settings only; the engine gets
         # memory_limits() once the model and the trainable set are known (_initialize).
-        self.ds_config = deepspeed_config(*self._config_args)
-        self.stage = run.spec.zero_stage
+        self.ds_config = deepspeed_config(settings)
+        self.stage = settings.spec.zero_stage
         assert self.stage == int(self.ds_config["zero_optimization"]["stage"]), "resolve_backend reads the same JSON"
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -120,7 +115,7 @@ class ZeROBackend(Backend):
         assert self.peft_model is not None and self.base_model is not None
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         limits = memory_limits(self.stage, largest_layer_numel(self.base_model), trainable)
-        self.ds_config = deepspeed_config(*self._config_args, limits=limits)
+        self.ds_config = deepspeed_config(self.settings, limits=limits)
         self.engine, self.optimizer, _, _ = self.deepspeed.initialize(
             model=self.peft_model, model_parameters=params, config=copy.deepcopy(self.ds_config)
         )
@@ -251,7 +246,7 @@ class ZeROBackend(Backend):
         group = getattr(param, "ds_process_group", None)
         return dist.get_rank(group=group) if dist.is_initialized() else 0
 
-    def checkpoint_tensors(self, named: dict[str, nn.Parameter], for_load: bool) -> dict[str, torch.Tensor]:
+    def adapter_state(self, named: dict[str, nn.Parameter], for_load: bool) -> dict[str, AdapterState]:
         """Full (gathered) fp32 masters and AdamW moments, the same on every rank (so the
         checkpoint writes them once): DeepSpeed's partitions are flat and span parameters,
         its fragment API is how a parameter's share is read and written (collective)."""
@@ -259,7 +254,7 @@ class ZeROBackend(Backend):
         # No Adam state yet (a checkpoint right after a WeightLoRA+ round reset it): zeros
         # and step 0 are what torch's AdamW starts from. DeepSpeed's reader raises KeyError.
         no_state = step is None
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, AdapterState] = {}
         for name, p in named.items():
             shape = self.full_shape(p)
             value = torch.zeros(shape, dtype=torch.float32) if for_load else self._get_full_fp32(p).float().cpu()
@@ -269,23 +264,18 @@ class ZeROBackend(Backend):
                     t = self._get_full_state(p, k)
                     if t is not None:
                         moments[k] = t.detach().float().cpu()
-            out[f"adapter.{name}"] = value
-            for k, t in moments.items():
-                out[f"optim.{name}.{k}"] = t
-            out[f"optim.{name}.step"] = (step if step is not None else torch.zeros(())).reshape(1).float().clone()
+            step_t = (step if step is not None else torch.zeros(())).reshape(1).float().clone()
+            out[name] = {ADAPTER_WEIGHT: value, **moments, "step": step_t}
         return out
 
-    def load_checkpoint_tensors(self, named: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    def load_adapter_state(self, named: dict[str, nn.Parameter], states: dict[str, AdapterState]) -> None:
         params = list(named.values())
         for name, p in named.items():
-            value = tensors[f"adapter.{name}"]
+            value = states[name][ADAPTER_WEIGHT]
             self.assign_full(p, value)  # the module's parameter
             self._set_full(p, value.to(self.env.device))  # and the optimizer's fp32 master
-        saved = {
-            id(p): {k: tensors[f"optim.{name}.{k}"].to(self.env.device) for k in ADAM_STATE_KEYS}
-            for name, p in named.items()
-        }
-        step = tensors[f"optim.{next(iter(named))}.step"].reshape(()) if named else None
+        saved = {id(p): {k: states[name][k].to(self.env.device) for k in ADAM_STATE_KEYS} for name, p in named.items()}
+        step = states[next(iter(named))]["step"].reshape(()) if named else None
         self._restore_adam_state(params, saved, step)
 
     def memory_report(self) -> dict[str, int]:

@@ -7,26 +7,20 @@ from typing import Any
 
 from torch import nn
 
-from wlora_dist.config import OptimConfig, TrainConfig, ZeROConfig
+from wlora_dist.distributed.settings import BackendSettings
 from wlora_dist.distributed.spec import merge_deepspeed, zero_bucket_numel
 from wlora_dist.model.blocks import decoder_layers
 
 
-def deepspeed_config(
-    zero: ZeROConfig,
-    optim: OptimConfig,
-    train: TrainConfig,
-    bf16: bool,
-    user: dict[str, Any],
-    limits: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """Our settings as a DeepSpeed config; ``user`` (the JSON of zero.config_file, read once:
+def deepspeed_config(settings: BackendSettings, limits: dict[str, int] | None = None) -> dict[str, Any]:
+    """Our settings as a DeepSpeed config; the user's JSON (zero.config_file, read once:
     ResolvedRun.deepspeed_user) overrides them, except where it says "auto" (the HF
     convention), which takes ours. ``limits``: the ``zero_optimization`` sizes of
     ``memory_limits`` (known once the model is built)."""
+    zero, optim = settings.zero, settings.optim
     ours: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.grad_accum_steps,
         "gradient_clipping": optim.max_grad_norm,
         "optimizer": {
             "type": "AdamW",
@@ -39,7 +33,7 @@ def deepspeed_config(
             },
         },
         "zero_optimization": {"stage": zero.stage, **(limits or {})},
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": settings.precision.bf16},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -49,7 +43,7 @@ def deepspeed_config(
         ours["zero_optimization"]["offload_param"] = {"device": "cpu"}
     if zero.hpz_partition_size > 1:
         ours["zero_optimization"]["zero_hpz_partition_size"] = zero.hpz_partition_size
-    return merge_deepspeed(ours, user)
+    return merge_deepspeed(ours, dict(settings.deepspeed_user))
 
 
 def memory_limits(stage: int, layer_numel: int, trainable_numel: int) -> dict[str, int]:

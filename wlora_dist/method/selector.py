@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -164,6 +164,28 @@ class Selector:
             keep_state=not (reinit or new_ranks or (final and sel.reset_optimizer)),
             reset_optimizer=final and sel.reset_optimizer,
         )
+
+    # -- its part of a checkpoint ----------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The selector's tensors in a checkpoint: the gate vector (the same on every rank)."""
+        return {"gates": self.wl.gates.detach()}
+
+    def layout(self) -> dict[str, Any]:
+        """The adapter layout a checkpoint records: the phase, the kept adapters in site
+        order, and each one's LoRA rank (WeightLoRA+ doubles them)."""
+        kept = self.wl.kept_sites()
+        return {
+            "pruned": self.pruned,
+            "kept": [s.name for s in kept],
+            "ranks": {s.name: self.wl.lora_rank(s) for s in kept},
+        }
+
+    def restore_layout(
+        self, step: int, kept: list[str], ranks: dict[str, int], pruned: bool, store: AdapterStore
+    ) -> LayoutEvent:
+        """A freshly set-up model brought to a checkpoint's layout (its values are loaded after)."""
+        return self.apply(self.resume_change(step, kept, ranks, pruned), store)
 
     def resume_change(self, step: int, kept: list[str], ranks: dict[str, int], pruned: bool) -> LayoutChange:
         """The layout of a checkpoint, on this freshly set-up model: the same removal, and

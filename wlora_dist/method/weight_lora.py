@@ -299,10 +299,7 @@ class WeightLoRA:
         out = {}
         for s in self.kept_sites():
             a, b = (t.detach() for t in gather(self.adapter_params(s)))
-            key = f"base_model.model.{s.name}"
-            w = self.gates[s.index].detach().to(torch.float32)
-            out[f"{key}.lora_A.weight"] = a.float().cpu().contiguous()
-            out[f"{key}.lora_B.weight"] = (b.float() * w).cpu().contiguous()
+            out.update(peft_entries(s.name, a, b, self.gates[s.index].detach().to(torch.float32)))
         return out
 
     def export_config(self, base_model_name_or_path: str) -> LoraConfig:
@@ -341,3 +338,13 @@ def _apply_gate(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
 
 def _copy_full(param: nn.Parameter, value: torch.Tensor) -> None:
     param.copy_(value)
+
+
+def peft_entries(site: str, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One kept adapter under peft's state-dict names, its gate folded into B (B' = w * B):
+    what the trainer's export and ``wlora-dist export`` of a checkpoint both write."""
+    key = f"base_model.model.{site}"
+    return {
+        f"{key}.lora_A.weight": a.float().cpu().contiguous(),
+        f"{key}.lora_B.weight": (b.float() * w).cpu().contiguous(),
+    }

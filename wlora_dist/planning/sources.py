@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from wlora_dist.config import RunConfig
+from wlora_dist.distributed.settings import precision_of
 from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.planning.memory_plan import QUANT_BASE, PlanInput
 from wlora_dist.planning.shapes import FUSED_FAMILIES, ModelShape
-
-if TYPE_CHECKING:
-    from wlora_dist.config import RunConfig
 
 # Llama 3 shapes, and other families' from their config.json on the hub (or give the file or
 # folder itself): name -> ModelShape fields.
@@ -75,7 +73,7 @@ def run_plan_input(
         base=QUANT_BASE.get(cfg.model.quantization, float_base),  # type: ignore[arg-type]
         blocksize_4bit=cfg.model.bnb_4bit_blocksize,
         double_quant_4bit=cfg.model.bnb_4bit_use_double_quant,
-        compute="bf16" if on_gpu and cfg.train.mixed_precision in ("auto", "bf16") else "fp32",
+        compute="bf16" if precision_of(cfg, on_gpu).bf16 else "fp32",
         lora_rank=cfg.adapter.lora_rank << cfg.selection.rounds,  # WeightLoRA+: the final rank
         targets=tuple(cfg.adapter.target_modules),
         lora_layers=tuple(cfg.adapter.layers) if cfg.adapter.layers is not None else None,

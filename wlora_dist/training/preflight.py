@@ -20,15 +20,18 @@ from pathlib import Path
 
 import torch
 
+from wlora_dist.checkpoint.folders import list_checkpoints
 from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data.rows import DataError
 from wlora_dist.data.tokens import require_chat_template
 from wlora_dist.errors import UserError
+from wlora_dist.method.selector import fit_problems
+from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.loading import check_model_path, check_model_type, load_tokenizer
 from wlora_dist.model.saved_formats import check_checkpoint_quantization
 from wlora_dist.paths import looks_local, missing_data_file
 from wlora_dist.resolved import ResolvedRun
-from wlora_dist.training.outputs import check_output_free
+from wlora_dist.training.results import TrainingError
 
 
 @dataclass(frozen=True)
@@ -263,20 +266,59 @@ def _check_weights(cfg: RunConfig) -> None:
 
 def _check_adapters_fit(cfg: RunConfig, resume: Path | None = None) -> int:
     """Attach the adapters to the model built on meta; the same checks the trainer makes
-    after loading (targets, K against n, WeightLoRA+ rounds), and (``resume``) that the
-    checkpoint to resume was written by a run like this one."""
-    from wlora_dist.method.selector import fit_problems
+    after loading (check_adapters), and (``resume``) that the checkpoint to resume was
+    written by a run like this one."""
     from wlora_dist.method.weight_lora import WeightLoRA
     from wlora_dist.model.sharded_loading import build_on_meta
 
     model = build_on_meta(cfg.model, torch.device("cpu"))
     wl = WeightLoRA.attach(model, cfg.adapter)
-    problems = fit_problems(wl, cfg.selection, cfg.adapter.lora_rank)
-    if problems:
-        raise ConfigError(problems, "selection")
+    check_adapters(wl, cfg)
     if resume is not None:
-        from wlora_dist.training.checkpoint import check_compatible, read_meta
-        from wlora_dist.training.run_checkpoint import run_identity
+        from wlora_dist.checkpoint.meta import check_compatible, read_meta, run_identity
 
         check_compatible(read_meta(resume), run_identity(cfg, wl), resume)
     return wl.n
+
+
+def check_adapters(wl: WeightLoRA, cfg: RunConfig) -> None:
+    """The adapters attached to the model against the settings: targets that match, K
+    against n, WeightLoRA+ rounds (on the model built on meta here, on the loaded one by
+    the trainer: a model passed to it was never built on meta)."""
+    problems = fit_problems(wl, cfg.selection, cfg.adapter.lora_rank)
+    if problems:
+        raise ConfigError(problems, "selection")
+
+
+def check_output_free(cfg: RunConfig, adapter_dir: Path, ckpt_root: Path, resumes: bool) -> None:
+    """Refuse, before anything is loaded or written, a run whose folders cannot be made
+    (a file where a folder must go, no permission to write), or that would replace an
+    earlier run's adapter or (starting fresh) its checkpoints, unless output.overwrite says so."""
+    check_folder(adapter_dir.parent, "output.dir")
+    check_folder(ckpt_root, "checkpoint.dir" if cfg.checkpoint.dir else "output.dir")
+    if cfg.output.overwrite:
+        return
+    if adapter_dir.exists():
+        raise TrainingError(
+            f"{adapter_dir} already holds an adapter; choose another output.dir or set "
+            "output.overwrite=true (the old one is replaced only after the new one is complete)"
+        )
+    earlier = [] if resumes else list_checkpoints(ckpt_root)
+    if earlier:
+        raise TrainingError(
+            f"{ckpt_root} holds checkpoints of an earlier run ({earlier[-1].name} the newest); resume it with "
+            "checkpoint.resume_from=auto, start over with output.overwrite=true (they are replaced as new ones "
+            "are written), or choose another output.dir / checkpoint.dir"
+        )
+
+
+def check_folder(folder: Path, field: str) -> None:
+    """``folder`` can be made (or is one) and written to: every existing part of its path is
+    a folder, and the deepest existing one is writable."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise TrainingError(f"{field}: {existing} is a file, not a folder; choose another {field}")
+    if not os.access(existing, os.W_OK):
+        raise TrainingError(f"{field}: {existing} is not writable; choose another {field} or fix its permissions")

@@ -6,6 +6,7 @@ backend that really runs (ZeRO-3 shards the base; replicated does not)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -19,7 +20,7 @@ from wlora_dist.planning.memory_plan import GiB, PlanInput, plan
 from wlora_dist.planning.search import recommend, replan_after_prune
 from wlora_dist.planning.sources import run_plan_input, shape_of_hf_config
 from wlora_dist.planning.text import human
-from wlora_dist.training.tracking import RunLogger, log
+from wlora_dist.training.tracking import log
 
 
 def memory_budget_gib(cfg: RunConfig, env: DistEnv) -> float:
@@ -47,13 +48,13 @@ def plan_input(
     return replace(inp, gpu_gib=budget)
 
 
-def log_plan(inp: PlanInput | None, logger: RunLogger) -> None:
+def log_plan(inp: PlanInput | None) -> None:
     """The planner's per-rank peak against the budget, before the first step: an OOM
     foretold is cheaper than one met."""
     if inp is None:
         return
     p = plan(inp)
-    logger.info(
+    log.info(
         "memory plan per rank (%s): %s in the selection phase, %s after the prune event, of %s "
         "(wlora-dist plan --config ... for the breakdown)",
         inp.backend.describe(inp.world_size),
@@ -75,19 +76,19 @@ class Replan:
     budget_gib: float
 
 
-def replan_at_prune(inp: PlanInput | None, model: nn.Module, logger: RunLogger) -> Replan | None:
+def replan_at_prune(inp: PlanInput | None, model: nn.Module, info: Callable[..., None]) -> Replan | None:
     """With K adapters left (``inp.kept``), switch activation checkpointing off when the
     plan says the rest of the run fits the budget without it, else keep it on the fewest
     layers that fit. The same math (checkpointing only recomputes), a faster step; the
-    global batch unchanged. ``model``: the transformers model."""
+    global batch unchanged. ``model``: the transformers model; ``info``: where its log line goes."""
     if inp is None:
-        logger.info("re-plan at the prune event: the planner does not know this model; nothing changed")
+        info("re-plan at the prune event: the planner does not know this model; nothing changed")
         return None
     kept = len(inp.kept or ())
     switched = replan_after_prune(inp)
     budget = inp.gpu_gib - inp.reserve_gib
     if switched is None:
-        logger.info(
+        info(
             "re-plan at the prune event: %d adapters need %s per rank without activation checkpointing, and "
             "checkpointing fewer layers does not fit the %.1f GiB budget either: it stays as it is",
             kept,
@@ -104,7 +105,7 @@ def replan_at_prune(inp: PlanInput | None, model: nn.Module, logger: RunLogger) 
     else:
         enable_checkpointing(model, switched.checkpoint_every)
         what = f"activation checkpointing of every {switched.checkpoint_every}th layer only"
-    logger.info(
+    info(
         "re-plan at the prune event: %d adapters fit %s per rank (of %.1f GiB) with %s for the rest of the run",
         kept,
         human(planned),

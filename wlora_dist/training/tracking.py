@@ -15,7 +15,7 @@ from typing import Any
 from accelerate.tracking import GeneralTracker, TensorBoardTracker
 from tqdm.auto import tqdm
 
-from wlora_dist.config import LogConfig
+from wlora_dist.config import LogConfig, RunConfig
 from wlora_dist.noise import silence_known_noise
 
 log = logging.getLogger("wlora_dist")
@@ -191,6 +191,14 @@ class RunLogger:
         if cfg.progress_bar:
             # disable=None: no bar when stderr is not a terminal (CI logs, SLURM files); log lines remain.
             self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, file=sys.stderr, disable=None)
+
+    @classmethod
+    def for_run(
+        cls, cfg: RunConfig, log_dir: Path, is_main: bool, steps_per_epoch: int | None, start_step: int
+    ) -> RunLogger:
+        """The logger of an accepted run (a resumed one from ``start_step``)."""
+        args = (cfg.log, log_dir, cfg.train.max_steps, is_main, cfg.to_dict())
+        return cls(*args, start_step > 0, steps_per_epoch, start_step)
 
     def step(self, optimizer_step: int, metrics: dict[str, float], postfix: dict[str, str]) -> None:
         """Advance the bar; on every ``log.every`` steps also log and track ``metrics``."""

@@ -1,4 +1,5 @@
-"""Export the kept adapters as a standard peft LoRA adapter folder, atomically.
+"""The kept adapters as a standard peft LoRA adapter folder, written atomically: from a run
+(its final export) or from a checkpoint (``wlora-dist export``), and the merged model.
 
 The folder (adapter_config.json + adapter_model.safetensors) loads with
 ``PeftModel.from_pretrained(base, folder)`` and in serving engines, without this project.
@@ -19,7 +20,11 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
-from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.checkpoint import keys
+from wlora_dist.checkpoint.folders import check_intact
+from wlora_dist.checkpoint.meta import read_meta
+from wlora_dist.checkpoint.storage import stored_tensors
+from wlora_dist.method.weight_lora import WeightLoRA, peft_entries
 
 
 def replace_dir_atomically(tmp: Path, final: Path) -> None:
@@ -139,17 +144,14 @@ def export_checkpoint(ckpt: Path, out_dir: Path, merged_out: Path | None = None,
     """A checkpoint (any backend, any world size: it stores full tensors or all shards) as
     a peft adapter, gates folded into B exactly as the trainer's final export does; with
     ``merged_out``, also the base with the adapter merged in (needs the float base)."""
-    from wlora_dist.training.checkpoint import check_intact, read_meta, stored_tensors
-
     check_intact(ckpt)
     meta = read_meta(ckpt)
-    tensors = stored_tensors(ckpt, "adapter.")
-    gates = stored_tensors(ckpt, "wlora.gates")["wlora.gates"]
+    tensors = stored_tensors(ckpt, keys.ADAPTER + ".")
+    gates = stored_tensors(ckpt, keys.GATES)[keys.GATES]
     state = {}
     for name in meta.kept:
-        w = gates[meta.sites.index(name)].float()
-        state[f"base_model.model.{name}.lora_A.weight"] = tensors[f"adapter.{name}.lora_A"].float().contiguous()
-        state[f"base_model.model.{name}.lora_B.weight"] = (tensors[f"adapter.{name}.lora_B"].float() * w).contiguous()
+        a, b = (tensors[keys.adapter_key(m)] for m in keys.matrix_names(name))
+        state.update(peft_entries(name, a, b, gates[meta.sites.index(name)].float()))
     config = LoraConfig(**{k: v for k, v in meta.adapter_config.items() if k in _LORA_FIELDS})
     config.inference_mode = True
     summary = {"exported from": f"`{ckpt}` (step {meta.step})", "command": f"`wlora-dist export {ckpt}`"}
