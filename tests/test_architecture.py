@@ -177,7 +177,6 @@ LAYERS = {
     "training": 6,
     "resolved": 6,
     "cli": 7,
-    "plan_cli": 7,
     "generate": 7,
 }
 

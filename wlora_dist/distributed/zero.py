@@ -144,7 +144,8 @@ class ZeROBackend(Backend):
 
     def step(self, lr: float, max_grad_norm: float, extra_norm: torch.Tensor | None = None) -> torch.Tensor:
         # DeepSpeed clips inside its engine over its own parameters only; selection.clip_gates
-        # is refused for zero when the run is set up (Trainer), so extra_norm never comes here.
+        # is refused for zero by distributed/spec.py check_backend_supports (resolve_run, before
+        # anything is built), so extra_norm never comes here.
         assert extra_norm is None, "selection.clip_gates is not available with DeepSpeed ZeRO"
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr

@@ -18,7 +18,7 @@ def _count_or_share(text: str) -> int | float:
     return value
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from wlora_dist.distributed.spec import BackendSpec
@@ -208,7 +208,7 @@ def _accelerate_launch(path: str) -> dict:
     return {k: data[k] for k in ("num_processes", "use_cpu") if k in data}
 
 
-def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser(
         "plan",
         help="per-rank memory before/after the prune event; does it fit, and what would",

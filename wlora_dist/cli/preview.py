@@ -10,7 +10,7 @@ import sys
 from wlora_dist.config import load_config
 
 
-def cmd_preview(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import datasets
 
     from wlora_dist.data.formats import load_sources, shape_rows
@@ -68,7 +68,7 @@ def _show(tokenizer, i: int, ids: list[int], labels: list[int], color: bool, wit
     print("".join(parts))
 
 
-def add_preview_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "preview",
         help="show the first rows of the training data as tokens, the trained ones marked",
