@@ -21,7 +21,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wlora_dist.config import RunConfig, config_from_dict, set_dotted
-from wlora_dist.distributed.env import DistEnv
+from wlora_dist.distributed.env import DistEnv, exit_now
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.checkpoint_reader import CheckpointReader
 from wlora_dist.model.loading import enable_checkpointing
@@ -255,20 +255,6 @@ class Harness:
             "reserved_peak_bytes": reserved,
             **_json_safe(metrics),
         }
-
-
-def exit_now(*keep_alive: object) -> None:
-    """Leave a finished worker process without the interpreter's teardown (its results
-    written, its process group left; ``keep_alive``: what must not be torn down before, such
-    as trainers whose DeepSpeed engines hold gloo work handles): a rank's teardown of C++ threads (gloo, DeepSpeed)
-    has nothing to add, and once in a while on a loaded machine it aborted a finished run
-    ('terminate called without an active exception', exit -6)."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def run_specs(measure: Callable[[dict, DistEnv], tuple[dict, object]], name: str) -> None:

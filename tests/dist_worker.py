@@ -14,9 +14,8 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import exit_now
 from wlora_dist.config import config_from_dict
-from wlora_dist.distributed.env import init_distributed, shutdown
+from wlora_dist.distributed.env import exit_now, init_distributed, shutdown
 from wlora_dist.training.tracking import setup_logging
 from wlora_dist.training.trainer import Trainer
 

@@ -310,3 +310,24 @@ def test_a_rank_killed_does_not_hang_the_others_and_the_run_resumes(uninterrupte
     resumed = run_worker(cfg, 2, tmp_path)
     assert resumed[0]["params_digest"] == uninterrupted["params_digest"]
     assert resumed[0]["losses"] == uninterrupted["losses"][60 - len(resumed[0]["losses"]) :]
+
+
+def test_the_key_scheme_is_one_namespace_per_stateful_part():
+    """checkpoint/keys.py names every tensor: the backend's adapter weights and AdamW state,
+    the selector's gates; the same tensor objects (a load fills them in place)."""
+    import torch
+
+    from wlora_dist.checkpoint import keys
+
+    w, m, v, s, g = (torch.zeros(2) for _ in range(5))
+    a_name, b_name = keys.matrix_names("model.layers.0.self_attn.q_proj")
+    assert (a_name, b_name) == ("model.layers.0.self_attn.q_proj.lora_A", "model.layers.0.self_attn.q_proj.lora_B")
+    flat = keys.flatten({a_name: {"weight": w, "exp_avg": m, "exp_avg_sq": v, "step": s}}, {"gates": g})
+    assert list(flat) == [
+        f"adapter.{a_name}",
+        f"optim.{a_name}.exp_avg",
+        f"optim.{a_name}.exp_avg_sq",
+        f"optim.{a_name}.step",
+        "wlora.gates",
+    ]
+    assert flat[f"adapter.{a_name}"] is w and flat["wlora.gates"] is g and keys.GATES == "wlora.gates"

@@ -134,3 +134,35 @@ def test_a_lone_process_from_accelerate_without_a_config_is_named():
     assert lone_process_warning({**simple, "WORLD_SIZE": "2"}, has_gpu=False) is None
     assert lone_process_warning(simple, has_gpu=True) is None
     assert lone_process_warning({}, has_gpu=False) is None  # plain python: one process asked for
+
+
+def test_precision_and_the_machines_refusals_are_decided_once():
+    """train.mixed_precision on a GPU is the one precision decision (autocast, FSDP2's bf16
+    copies where distributed.fsdp.mixed_precision allows them, DeepSpeed's flag, the
+    planner); a CPU run computes in the base dtype. Settings the machine cannot run are
+    refused as the backend is made, each naming its field."""
+    from wlora_dist.config import ConfigError, config_from_dict
+    from wlora_dist.distributed.settings import BackendSettings, precision_of
+    from wlora_dist.distributed.spec import BackendSpec
+    from wlora_dist.distributed.zero_config import deepspeed_config
+    from wlora_dist.planning.sources import PRESETS, run_plan_input
+
+    def cfg(**sections):
+        return config_from_dict({"model": {"path": "m"}, "data": {"train": ["d"]}, **sections})
+
+    fsdp, zero = BackendSpec("fsdp2"), BackendSpec("zero", 2)
+    for mp, gpu, bf16 in [("auto", True, True), ("bf16", True, True), ("no", True, False), ("auto", False, False)]:
+        run = cfg(train={"mixed_precision": mp})
+        assert precision_of(run, gpu).bf16 is bf16
+        device = "cuda" if gpu else "cpu"
+        assert BackendSettings.of(run, fsdp, device).fsdp_bf16_params is bf16
+        assert deepspeed_config(BackendSettings.of(run, zero, device))["bf16"] == {"enabled": bf16}
+        assert run_plan_input(run, PRESETS["llama3-8b"], 8, fsdp, gpu).compute == ("bf16" if bf16 else "fp32")
+    no_copies = cfg(distributed={"backend": "fsdp2", "fsdp": {"mixed_precision": "no"}})
+    assert BackendSettings.of(no_copies, fsdp, "cuda").precision.bf16  # autocast still on ...
+    assert not BackendSettings.of(no_copies, fsdp, "cuda").fsdp_bf16_params  # ... over fp32 copies
+    replan = cfg(memory={"replan_at_prune": True})
+    with pytest.raises(ConfigError, match=r"memory.replan_at_prune: true needs memory.budget_gib"):
+        BackendSettings.of(replan, fsdp, "cpu")
+    BackendSettings.of(replan, fsdp, "cuda")  # the GPU's memory is the budget
+    BackendSettings.of(cfg(memory={"replan_at_prune": True, "budget_gib": 2.0}), fsdp, "cpu")

@@ -12,7 +12,11 @@ class FSDPConfig(Section):
         True, "Free gathered parameters after forward (less memory, one more all-gather)."
     )
     cpu_offload: bool = field(False, "Keep sharded parameters, gradients and optimizer state in CPU memory.")
-    mixed_precision: Literal["bf16", "no"] = field("bf16", "On GPU: bf16 compute copies, fp32 gradient reduction.")
+    mixed_precision: Literal["bf16", "no"] = field(
+        "bf16",
+        "When the run computes in bf16 (train.mixed_precision auto / bf16 on a GPU): bf16 compute copies of the "
+        "parameters with fp32 gradient reduction, or fp32 copies under bf16 autocast (no).",
+    )
     shard_size: Annotated[int, check(lambda v: v >= 0, "must be >= 0")] = field(
         0,
         "Ranks that share one copy of the frozen base. 0: every rank of the job (FSDP). N: hybrid sharding "
