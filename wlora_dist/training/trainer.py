@@ -35,8 +35,8 @@ from wlora_dist.resolved import ResolvedRun, resolve_run
 from wlora_dist.training import evaluation, replan, run_text
 from wlora_dist.training.build import build_data, build_model
 from wlora_dist.training.callbacks import Callback
+from wlora_dist.training.final_outputs import FinalRecord, save_outputs
 from wlora_dist.training.layout import Layout
-from wlora_dist.training.outputs import FinalRecord, save_outputs
 from wlora_dist.training.preflight import check_output_free
 from wlora_dist.training.results import TrainResult, check_finite
 from wlora_dist.training.tracking import RunLogger
