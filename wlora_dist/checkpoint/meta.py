@@ -97,5 +97,7 @@ def run_identity(cfg: RunConfig, wl: WeightLoRA) -> dict[str, Any]:
 
 
 def rows_per_step(cfg: RunConfig, world_size: int) -> int:
-    """Training rows one optimizer step consumes over all ranks (the data position's unit)."""
-    return cfg.train.grad_accum_steps * cfg.train.micro_batch_size * world_size
+    """Training rows one optimizer step consumes over all ranks (the data position's unit;
+    the ranks sharing a sequence read the same rows)."""
+    data_ranks = world_size // cfg.distributed.sequence_parallel
+    return cfg.train.grad_accum_steps * cfg.train.micro_batch_size * data_ranks

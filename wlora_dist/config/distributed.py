@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from wlora_dist.config.fields import Float, Section, check, field
+from wlora_dist.config.fields import Float, Section, at_least, check, field
 
 
 class FSDPConfig(Section):
@@ -60,6 +60,13 @@ class DistributedConfig(Section):
     )
     fsdp: FSDPConfig = field(FSDPConfig, "torch FSDP2 (distributed.backend fsdp2).")
     zero: ZeROConfig = field(ZeROConfig, "DeepSpeed ZeRO (distributed.backend zero).")
+    sequence_parallel: Annotated[int, at_least(1)] = field(
+        1,
+        "N > 1: N ranks share each sequence (Ulysses): each runs the model on 1/N of the tokens, and "
+        "attention gathers the whole sequence for 1/N of the heads; the data are split over world / N "
+        "groups. For long sequences, where activations decide what fits. N divides the world size and the "
+        "attention heads (and divides or is a multiple of the key/value heads).",
+    )
     timeout_minutes: Annotated[Float, check(lambda v: v > 0, "must be > 0")] = field(
         30.0, "Collective timeout: a dead rank fails the others after this long."
     )

@@ -235,17 +235,26 @@ def _n(ds: datasets.Dataset | None) -> str:
 
 
 def build_loaders(
-    cfg: DataConfig, micro_batch: int, seed: int, tokenizer, rank: int, world_size: int, cache_root: Path
+    cfg: DataConfig,
+    micro_batch: int,
+    seed: int,
+    tokenizer,
+    rank: int,
+    world_size: int,
+    cache_root: Path,
+    sequence_parallel: int = 1,
 ) -> tuple[DataLoader, DataLoader | None]:
     """This rank's training loader and its eval loader (None without eval data; a smaller
     micro-batch where the eval rows do not fill one of train's per rank). Collective: see
-    tokenise_once."""
+    tokenise_once. ``sequence_parallel``: ranks sharing each sequence read the same rows
+    (the rows are split over world_size / N data ranks)."""
     train_ds, eval_ds = tokenise_once(cfg, seed, tokenizer, cache_root, rank)
     pad = tokenizer.pad_token_id
-    train = make_loader(train_ds, micro_batch, pad, rank, world_size, seed, True)
+    data_rank, data_ranks = rank // sequence_parallel, world_size // sequence_parallel
+    train = make_loader(train_ds, micro_batch, pad, data_rank, data_ranks, seed, True)
     if eval_ds is None:
         return train, None
-    eval_batch = eval_micro_batch(len(eval_ds), micro_batch, world_size, bool(cfg.eval))
+    eval_batch = eval_micro_batch(len(eval_ds), micro_batch, data_ranks, bool(cfg.eval))
     if eval_batch < micro_batch and rank == 0:
-        log.info("eval: %d rows for %d ranks: micro-batches of %d", len(eval_ds), world_size, eval_batch)
-    return train, make_loader(eval_ds, eval_batch, pad, rank, world_size, 0, False)
+        log.info("eval: %d rows for %d data ranks: micro-batches of %d", len(eval_ds), data_ranks, eval_batch)
+    return train, make_loader(eval_ds, eval_batch, pad, data_rank, data_ranks, 0, False)

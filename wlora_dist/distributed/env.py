@@ -153,3 +153,18 @@ def exit_now(*keep_alive: object) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def sequence_group(n: int) -> dist.ProcessGroup | None:
+    """This rank's group of ``n`` consecutive ranks sharing each sequence (on one node when
+    n divides the GPUs per node); None when n is 1. Collective: every rank makes every
+    group, as torch.distributed asks."""
+    if n == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = None
+    for start in range(0, world, n):
+        group = dist.new_group(list(range(start, start + n)))
+        if start <= rank < start + n:
+            mine = group
+    return mine

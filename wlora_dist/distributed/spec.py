@@ -31,6 +31,7 @@ class BackendSpec:
     offload: bool = False  # FSDP2 cpu_offload / ZeRO offload_optimizer (+ offload_param)
     shard_size: int = 0  # FSDP2: ranks per shard group (HSDP); 0: the whole world
     hpz_size: int = 0  # ZeRO-3: ranks of hpZ's secondary partition (0: off)
+    sequence_parallel: int = 1  # ranks sharing each sequence (Ulysses); the data are split over world / N
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,6 +62,11 @@ class BackendSpec:
 
     def world_problem(self, world: int) -> str | None:
         """Why this backend cannot run on ``world`` ranks (None: it can)."""
+        if world % self.sequence_parallel:
+            return (
+                f"distributed.sequence_parallel: {self.sequence_parallel} does not divide the {world} ranks of this "
+                f"job; use a divisor of {world}"
+            )
         if self.shard_size and world % self.shard_size:
             return (
                 f"distributed.fsdp.shard_size: {self.shard_size} does not divide the {world} ranks of this job; "
@@ -129,7 +135,13 @@ class BackendSpec:
                 words += f" HSDP (shard groups of {self.shard_size})"
         if self.hpz_size > 1:
             words += f" hpZ (secondary partitions over {self.hpz_size} ranks)"
+        if self.sequence_parallel > 1:
+            words += f" + sequence parallel {self.sequence_parallel}"
         return words + (" + CPU offload" if self.offload else "")
+
+    def data_ranks(self, world: int) -> int:
+        """Ranks that read different rows: the world, over the ranks sharing each sequence."""
+        return world // self.sequence_parallel
 
     @classmethod
     def parse(cls, name: str, offload: bool = False) -> BackendSpec:
@@ -155,14 +167,15 @@ def resolve_backend(cfg: DistributedConfig, user: dict[str, Any] | None = None) 
     otherwise (its choice is in ``cfg`` already); ZeRO's stage and offload are those of
     the merged DeepSpeed config (a user JSON may set them; ``user``: that JSON, already
     read, as ResolvedRun holds it; None reads zero.config_file)."""
+    sp = cfg.sequence_parallel
     if cfg.backend in ("auto", "replicated"):
-        return BackendSpec("replicated")
+        return BackendSpec("replicated", sequence_parallel=sp)
     if cfg.backend == "fsdp2":
-        return BackendSpec("fsdp2", 0, cfg.fsdp.cpu_offload, cfg.fsdp.shard_size)
+        return BackendSpec("fsdp2", 0, cfg.fsdp.cpu_offload, cfg.fsdp.shard_size, sequence_parallel=sp)
     zero = deepspeed_zero_section(cfg, user)
     offload = any(_offloaded(zero.get(key)) for key in ("offload_optimizer", "offload_param"))
     stage, hpz = int(zero["stage"]), int(zero.get("zero_hpz_partition_size") or 1)
-    return BackendSpec("zero", stage, offload, hpz_size=hpz if hpz > 1 and stage == 3 else 0)
+    return BackendSpec("zero", stage, offload, hpz_size=hpz if hpz > 1 and stage == 3 else 0, sequence_parallel=sp)
 
 
 def _offloaded(section: Any) -> bool:

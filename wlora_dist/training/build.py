@@ -9,19 +9,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
 from wlora_dist.config import RunConfig
 from wlora_dist.data import pipeline as data_mod
 from wlora_dist.distributed.base import Backend
-from wlora_dist.distributed.env import REPLICA_SYNC, DistEnv
+from wlora_dist.distributed.env import REPLICA_SYNC, DistEnv, sequence_group
+from wlora_dist.distributed.sequence_parallel import use_sequence_parallel
 from wlora_dist.method.init import derive_seed
 from wlora_dist.method.selector import Selector
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.model.blocks import compile_decoder_layers
 from wlora_dist.model.loading import load_tokenizer
 from wlora_dist.resolved import ResolvedRun
+from wlora_dist.training.inputs import StepInputs
 from wlora_dist.training.preflight import check_adapters
 
 
@@ -46,6 +49,7 @@ def build_data(run: ResolvedRun, env: DistEnv) -> tuple[ResolvedRun, RunData]:
         env.global_rank,
         env.world_size,
         run.paths.data_cache,
+        cfg.distributed.sequence_parallel,
     )
     steps_per_epoch = len(train) // cfg.train.grad_accum_steps
     return (run if run.sized else run.sized_by(steps_per_epoch)), RunData(train, eval_loader, steps_per_epoch)
@@ -62,13 +66,28 @@ def prepare_base(base: nn.Module, cfg: RunConfig) -> None:
         base.loss_function = tiled_causal_lm_loss(cfg.train.loss_shards)
 
 
+def step_inputs(cfg: RunConfig, env: DistEnv) -> tuple[StepInputs, dist.ProcessGroup | None]:
+    """How this rank turns micro-batches into model inputs, and its sequence-parallel group
+    (collective where distributed.sequence_parallel > 1: every rank makes every group)."""
+    n = cfg.distributed.sequence_parallel
+    return StepInputs(env.device, n, env.global_rank % n), sequence_group(n)
+
+
 def build_model(
-    base: nn.Module, cfg: RunConfig, env: DistEnv, backend: Backend, on_attached: Callable[[WeightLoRA], None]
+    base: nn.Module,
+    cfg: RunConfig,
+    env: DistEnv,
+    backend: Backend,
+    on_attached: Callable[[WeightLoRA], None],
+    sequence_group: dist.ProcessGroup | None = None,
 ) -> tuple[WeightLoRA, Selector]:
     """Adapters and gates on ``base`` (checked against the settings), wrapped by the
     backend (which makes the optimizer), compiled where asked; the selector over them.
-    ``on_attached``: the callbacks' look at the adapters before the backend wraps them."""
+    ``on_attached``: the callbacks' look at the adapters before the backend wraps them;
+    ``sequence_group``: the ranks sharing each sequence (attention through Ulysses)."""
     prepare_base(base, cfg)
+    if sequence_group is not None:
+        use_sequence_parallel(base, sequence_group)
     wl = WeightLoRA.attach(base, cfg.adapter)
     if not any(p.is_meta for p in wl.trainable_parameters()):
         wl.init_adapters(cfg.train.seed)  # models on meta get the same values as they are filled

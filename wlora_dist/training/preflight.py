@@ -24,6 +24,7 @@ from wlora_dist.checkpoint.folders import list_checkpoints
 from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data.rows import DataError
 from wlora_dist.data.tokens import require_chat_template
+from wlora_dist.distributed.sequence_parallel import check_heads
 from wlora_dist.errors import UserError
 from wlora_dist.method.selector import fit_problems
 from wlora_dist.method.weight_lora import WeightLoRA
@@ -157,16 +158,17 @@ def check_all_data(run: ResolvedRun, tokenizer: object, world_size: int) -> str:
 
     cfg = run.cfg
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    data_ranks = run.spec.data_ranks(world_size)  # the ranks sharing a sequence read the same rows
     with _warnings() as said:  # rows dropped: told as train tells them
         train, eval_ds, path = prepare(cfg.data, cfg.train.seed, tokenizer, run.paths.data_cache)
-    problem = fill_problem(len(train), micro, world_size)
+    problem = fill_problem(len(train), micro, data_ranks)
     if problem:
         raise DataError(problem)
     words = f"{len(train)} train rows"
     if eval_ds is not None:
-        eval_batch = eval_micro_batch(len(eval_ds), micro, world_size, bool(cfg.data.eval))
+        eval_batch = eval_micro_batch(len(eval_ds), micro, data_ranks, bool(cfg.data.eval))
         words += f", {len(eval_ds)} eval rows" + (f" (eval micro-batch {eval_batch})" if eval_batch < micro else "")
-    per_epoch = steps_per_epoch(len(train), micro, world_size, accum)
+    per_epoch = steps_per_epoch(len(train), micro, data_ranks, accum)
     if not run.sized:
         run.sized_by(per_epoch)  # train.epochs / *_fraction / *_ratio: the same sizing, the same refusals
     summary = f"{words}; {per_epoch} optimizer steps per epoch at {world_size} rank(s); tokenised copy in {path}"
@@ -282,10 +284,16 @@ def _check_adapters_fit(cfg: RunConfig, resume: Path | None = None) -> int:
 
 
 def check_adapters(wl: WeightLoRA, cfg: RunConfig) -> None:
-    """The adapters attached to the model against the settings: targets that match, K
-    against n, WeightLoRA+ rounds (on the model built on meta here, on the loaded one by
-    the trainer: a model passed to it was never built on meta)."""
+    """The model and its adapters against the settings: targets that match, K against n,
+    WeightLoRA+ rounds, attention heads the sequence-parallel ranks can share (on the model
+    built on meta here, on the loaded one by the trainer: a model passed to it was never
+    built on meta)."""
     problems = fit_problems(wl, cfg.selection, cfg.adapter.lora_rank)
+    n, mc = cfg.distributed.sequence_parallel, wl.base_model.config
+    if n > 1:
+        heads = mc.num_attention_heads
+        problem = check_heads(heads, getattr(mc, "num_key_value_heads", None) or heads, n)
+        problems += [f"distributed.sequence_parallel: {problem}"] if problem else []
     if problems:
         raise ConfigError(problems, "selection")
 

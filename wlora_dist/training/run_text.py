@@ -24,7 +24,10 @@ def start_line(cfg: RunConfig, env: DistEnv, spec: BackendSpec, wl: WeightLoRA, 
 def mesh_words(spec: BackendSpec, world_size: int) -> str:
     """' mesh=2x4 (replicas x shard group)' under HSDP; nothing otherwise."""
     replicas, shard = spec.mesh_shape(world_size)
-    return f" mesh={replicas}x{shard} (replicas x shard group)" if spec.shard_size and replicas > 1 else ""
+    words = f" mesh={replicas}x{shard} (replicas x shard group)" if spec.shard_size and replicas > 1 else ""
+    if spec.sequence_parallel > 1:
+        words += f" sequence_parallel={spec.sequence_parallel}"
+    return words
 
 
 def run_length(cfg: RunConfig, world_size: int, steps_per_epoch: int | None, start_step: int) -> str:
@@ -36,7 +39,9 @@ def run_length(cfg: RunConfig, world_size: int, steps_per_epoch: int | None, sta
         words += f" ({t.max_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch} steps)"
     rows = rows_per_step(cfg, world_size)
     words += f", {rows} rows per step ({t.micro_batch_size} x {t.grad_accum_steps} accumulated x "
-    words += f"{world_size} ranks); selection {cfg.selection.steps} steps, warmup {o.warmup_steps} steps"
+    sp = cfg.distributed.sequence_parallel
+    ranks = f"{world_size} ranks" if sp == 1 else f"{world_size // sp} groups of {sp} ranks sharing each sequence"
+    words += f"{ranks}); selection {cfg.selection.steps} steps, warmup {o.warmup_steps} steps"
     if start_step:
         words += f"; resuming after step {start_step}"
     return words

@@ -1,7 +1,6 @@
-"""The training loop: setup -> train (selection phase -> prune event -> LoRA on K) -> export
--> cleanup. The method lives in method/ (the ``Selector``), the distribution in
-distributed/ (a ``Backend``), the setup steps in build.py, the layout changes in
-layout.py, checkpoints in wlora_dist/checkpoint/; this module runs them in order.
+"""The training loop: setup -> train (selection -> prune event -> LoRA on K) -> export -> cleanup.
+The method is method/'s ``Selector``, the distribution a distributed/ ``Backend``, the setup
+steps build.py's, the layout changes layout.py's, checkpoints wlora_dist/checkpoint/'s.
 
     torchrun --nproc_per_node 2 train.py --config configs/tiny_cpu.yaml
     accelerate launch --config_file launch/accelerate/cpu_2proc.yaml train.py --config configs/tiny_cpu.yaml
@@ -33,9 +32,10 @@ from wlora_dist.method.selector import Selector
 from wlora_dist.method.weight_lora import WeightLoRA
 from wlora_dist.resolved import ResolvedRun, resolve_run
 from wlora_dist.training import evaluation, replan, run_text
-from wlora_dist.training.build import build_data, build_model
+from wlora_dist.training.build import build_data, build_model, step_inputs
 from wlora_dist.training.callbacks import Callback
 from wlora_dist.training.final_outputs import FinalRecord, save_outputs
+from wlora_dist.training.inputs import StepInputs
 from wlora_dist.training.layout import Layout
 from wlora_dist.training.preflight import check_output_free
 from wlora_dist.training.results import TrainResult, check_finite
@@ -60,8 +60,7 @@ class Trainer:
         the command line asks; a program that runs a Trainer inside itself (a notebook, a
         test runner) keeps its own Ctrl-C."""
         self.run = run if isinstance(run, ResolvedRun) else resolve_run(run)
-        self.env, self.callbacks = env, list(callbacks)
-        self.handle_signals = handle_signals
+        self.env, self.callbacks, self.handle_signals = env, list(callbacks), handle_signals
         self.outcome = "failed"  # what the trackers are told at cleanup: finished / stopped / failed
         self.steps_per_epoch: int | None = None  # optimizer steps in one pass over data.train (None: batches given)
         self.start_step = 0
@@ -69,6 +68,7 @@ class Trainer:
         self.eval_loader: DataLoader | None = None
         self.saves: SaveSchedule | None = None  # when to checkpoint; the stop signals
         self.logger: RunLogger | None = None  # made once the run is accepted: nothing is written before
+        self.inputs: StepInputs  # micro-batch -> this rank's model inputs (its chunk under sequence parallelism)
         self.backend: Backend  # owns the trainable parameters (backend.params) and the optimizer
         self.wl: WeightLoRA  # the model with its adapters and gates
         self.selector: Selector  # the gate update and the layout changes
@@ -112,7 +112,8 @@ class Trainer:
         if model is None:
             log.info("model: loading %s (%s)", cfg.model.path, self.spec.name)
             model = self.backend.load_base(cfg.model)
-        self.wl, self.selector = build_model(model, cfg, env, self.backend, self._on_attached)
+        self.inputs, group = step_inputs(cfg, env)
+        self.wl, self.selector = build_model(model, cfg, env, self.backend, self._on_attached, group)
         self.layout = Layout(cfg, env, self.spec, paths, self.selector, self.backend)
         replan.log_plan(replan.plan_input(cfg, env, self.spec, self.wl.base_model, None))
         if self.run.resume is not None:
@@ -234,7 +235,7 @@ class Trainer:
             **metrics,
         }
 
-    def _micro_batches(self) -> tuple[torch.Tensor, int]:
+    def _micro_batches(self) -> tuple[torch.Tensor, float]:
         """Forward and backward of the step's micro-batches: (their mean loss on this rank,
         kept on the device; the tokens they held)."""
         env, accum = self.env, self.cfg.train.grad_accum_steps
@@ -242,11 +243,11 @@ class Trainer:
         self._trained_tokens = 0
         for micro in range(accum):
             cpu_batch = next(self.train_iter)
-            tokens += data_mod.count_tokens(cpu_batch)  # counted on the host copy: no device sync
+            tokens += self.inputs.tokens(cpu_batch)  # counted on the host copy: no device sync
             self._trained_tokens += data_mod.count_trained(cpu_batch)
-            self._last_batch = {k: v.to(env.device) for k, v in data_mod.model_inputs(cpu_batch).items()}
+            self._last_batch = self.inputs(cpu_batch)  # this rank's chunk under sequence parallelism
             with self._autocast():
-                loss = self.backend.module(**self._last_batch).loss
+                loss = self.inputs.loss(self.backend.module(**self._last_batch).loss)
             self.backend.backward(loss / accum, last_micro_step=micro == accum - 1)
             loss_sum += loss.detach()
         return loss_sum / accum, tokens
@@ -273,7 +274,7 @@ class Trainer:
 
     def probe_loss(self) -> float:
         """Loss of the last training micro-batch, dropout off."""
-        loss = evaluation.probe_loss(self.backend.module, self._last_batch, self._autocast)
+        loss = evaluation.probe_loss(self.backend.module, self._last_batch, self._autocast, self.inputs.loss)
         self.backend.release_gathered()
         return loss
 
@@ -282,7 +283,7 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         limit = self.cfg.train.eval_batches
-        out = evaluation.evaluate(self.backend.module, self.eval_loader, limit, self.env.device, self._autocast)
+        out = evaluation.evaluate(self.backend.module, self.eval_loader, limit, self.inputs, self._autocast)
         self.backend.release_gathered()
         return out
 

@@ -1,0 +1,100 @@
+"""Ulysses sequence parallelism's building blocks (distributed/sequence_parallel.py): a
+micro-batch split into chunks that train exactly what the whole sequence does, and the
+attention that gathers the sequence for a share of the heads."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from wlora_dist.distributed.sequence_parallel import check_heads, document_mask, shard_batch
+
+from .conftest import ROOT
+from .helpers import free_port, run_command
+
+
+def test_chunks_join_into_the_padded_sequence_with_labels_shifted_across_them():
+    ids = torch.arange(1, 15).view(2, 7)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    chunks = [shard_batch(batch, 4, r, pad_id=0) for r in range(4)]  # 7 tokens -> 8, chunks of 2
+    joined = {k: torch.cat([c[k] for c in chunks], dim=1) for k in ("input_ids", "position_ids", "shift_labels")}
+    assert joined["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 0], [8, 9, 10, 11, 12, 13, 14, 0]]
+    assert joined["position_ids"].tolist() == [list(range(8))] * 2  # the sequence's, not the chunk's
+    # The label of a chunk's last token is the first token of the next chunk.
+    assert joined["shift_labels"].tolist() == [[-100, 3, 4, 5, 6, 7, -100, -100], [9, 10, 11, 12, 13, 14, -100, -100]]
+    assert all(int(c["num_items_in_batch"]) == 11 for c in chunks)  # the whole micro-batch's trained tokens
+    assert all(c["labels"] is c["shift_labels"] for c in chunks)
+
+
+def test_packed_rows_keep_their_documents():
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]])
+    mask = document_mask(pos)
+    assert mask is not None and mask.shape == (2, 1, 5, 5)
+    assert mask[0, 0, 3].tolist() == [False, False, False, True, False]  # the second document starts fresh
+    assert mask[1, 0].equal(torch.ones(5, 5, dtype=torch.bool).tril())
+    assert document_mask(torch.arange(6).expand(2, 6)) is None  # one sequence per row: causal is the mask
+
+
+def test_heads_the_ranks_cannot_share_are_named():
+    assert check_heads(32, 8, 4) is None and check_heads(32, 8, 16) is None  # 8 kv heads copied to 16 ranks
+    assert "32 attention heads cannot be split over 3 ranks" in check_heads(32, 8, 3)
+    assert "6 key/value heads" in check_heads(24, 6, 4)
+
+
+@pytest.mark.launched
+def test_n_ranks_sharing_a_sequence_train_what_one_process_does(tmp_path):
+    """World 4, gloo: N = 2 (two groups) and N = 4 (grouped-query attention's 2 key/value heads
+    copied to 4 ranks), on right-padded rows of a length neither divides and on packed rows:
+    the chunks' losses add up to the one-process loss and their gradients to its gradients."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}"]
+    proc = run_command([*cmd, str(ROOT / "tests/sequence_parallel_worker.py"), str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(4):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert {(r["batch"], r["n"]) for r in results} == {(b, n) for b in ("rows", "packed") for n in (2, 4)}
+        for r in results:
+            assert abs(r["loss"] - r["ref"]) < 1e-5, r
+            assert r["grad_diff"] < 1e-5, r
+
+
+@pytest.fixture(scope="module")
+def sequence_runs(tiny_dir, tmp_path_factory):
+    """The trainer on a world of 4 with distributed.sequence_parallel 2 (2 data x 2 sequence:
+    FSDP2, ZeRO-3) and 4 (FSDP2: every rank a quarter of each row), all in one launch, and
+    the one-process run on the same global batch (8 rows x 2 micro-steps)."""
+    from .helpers import dist_config, run_worker_many
+
+    tmp = tmp_path_factory.mktemp("sequence-parallel")
+    cases = [("fsdp2", 2), ("fsdp2", 4), ("zero3", 2)]  # ZeRO-3 last: its zero.Init outlives the run
+    cfgs = []
+    for backend, n in cases:
+        cfg = dist_config(tiny_dir, tmp / f"{backend}-{n}", backend, 8 // (4 // n))
+        cfg["distributed"]["sequence_parallel"] = n
+        cfgs.append(cfg)
+    runs = dict(zip(cases, run_worker_many(cfgs, 4), strict=True))
+    reference = run_worker_many([dist_config(tiny_dir, tmp / "reference", "replicated", 8)], 1)[0][0]
+    return runs, reference
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 4)], ids=lambda c: f"{c[0]}-sp{c[1]}")
+def test_the_trainer_with_ranks_sharing_sequences_trains_what_one_process_does(sequence_runs, case):
+    runs, reference = sequence_runs
+    ranks = runs[case]
+    assert [r["world_size"] for r in ranks] == [4] * 4
+    assert len({r["gates_digest"] for r in ranks}) == 1  # the gates bitwise equal on every rank
+    assert all(r["kept"] == reference["kept"] for r in ranks)  # the same kept set
+    for a, b in zip(reference["losses"], ranks[0]["losses"], strict=True):
+        assert abs(a - b) < 2e-4, (reference["losses"], ranks[0]["losses"])
+    # The ranks of a group see one sequence's chunks: their losses (N times a chunk's share)
+    # differ; the groups of sequence parallel 2 read different rows.
+    n = case[1]
+    assert ranks[0]["local_losses"] != ranks[1]["local_losses"]
+    assert len({r["params_digest"] for r in ranks}) == 1
+    if n == 2:
+        assert ranks[0]["local_losses"] != ranks[2]["local_losses"]
