@@ -65,26 +65,32 @@ def test_n_ranks_sharing_a_sequence_train_what_one_process_does(tmp_path):
 @pytest.fixture(scope="module")
 def sequence_runs(tiny_dir, tmp_path_factory):
     """The trainer on a world of 4 with distributed.sequence_parallel 2 (2 data x 2 sequence:
-    FSDP2, ZeRO-3) and 4 (FSDP2: every rank a quarter of each row), all in one launch, and
-    the one-process run on the same global batch (8 rows x 2 micro-steps)."""
+    FSDP2, ZeRO-3) and 4 (FSDP2: every rank a quarter of each row), a checkpoint of the
+    FSDP2 sequence-parallel-2 run resumed without sequence parallelism, all in one launch;
+    and the one-process run on the same global batch (8 rows x 2 micro-steps)."""
     from .helpers import dist_config, run_worker_many
 
     tmp = tmp_path_factory.mktemp("sequence-parallel")
-    cases = [("fsdp2", 2), ("fsdp2", 4), ("zero3", 2)]  # ZeRO-3 last: its zero.Init outlives the run
-    cfgs = []
-    for backend, n in cases:
-        cfg = dist_config(tiny_dir, tmp / f"{backend}-{n}", backend, 8 // (4 // n))
+
+    def config(name: str, backend: str, n: int, **checkpoint: object) -> dict:
+        cfg = dist_config(tiny_dir, tmp / name, backend, 8 // (4 // n))
         cfg["distributed"]["sequence_parallel"] = n
-        cfgs.append(cfg)
-    runs = dict(zip(cases, run_worker_many(cfgs, 4), strict=True))
+        cfg["checkpoint"] = {**cfg.get("checkpoint", {}), **checkpoint}
+        return cfg
+
+    cases = [("fsdp2", 2), ("fsdp2", 4), ("zero3", 2)]  # ZeRO-3 last: its zero.Init outlives the run
+    cfgs = [config(f"{b}-{n}", b, n, every=4) if (b, n) == ("fsdp2", 2) else config(f"{b}-{n}", b, n) for b, n in cases]
+    resumed = config("resumed", "fsdp2", 1, resume_from=str(tmp / "fsdp2-2" / "checkpoints" / "step-00000004"))
+    records = run_worker_many([*cfgs[:2], resumed, cfgs[2]], 4)
+    runs = dict(zip(cases, [records[0], records[1], records[3]], strict=True))
     reference = run_worker_many([dist_config(tiny_dir, tmp / "reference", "replicated", 8)], 1)[0][0]
-    return runs, reference
+    return runs, records[2], reference
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("case", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 4)], ids=lambda c: f"{c[0]}-sp{c[1]}")
 def test_the_trainer_with_ranks_sharing_sequences_trains_what_one_process_does(sequence_runs, case):
-    runs, reference = sequence_runs
+    runs, _, reference = sequence_runs
     ranks = runs[case]
     assert [r["world_size"] for r in ranks] == [4] * 4
     assert len({r["gates_digest"] for r in ranks}) == 1  # the gates bitwise equal on every rank
@@ -98,3 +104,15 @@ def test_the_trainer_with_ranks_sharing_sequences_trains_what_one_process_does(s
     assert len({r["params_digest"] for r in ranks}) == 1
     if n == 2:
         assert ranks[0]["local_losses"] != ranks[2]["local_losses"]
+
+
+@pytest.mark.dist
+def test_a_checkpoint_of_ranks_sharing_sequences_resumes_without_them(sequence_runs):
+    """Saved at step 4 with 2 ranks per sequence (2 data ranks), resumed with every rank on
+    its own rows (4 data ranks, the same global batch): the run goes on as it would have."""
+    runs, resumed, _ = sequence_runs
+    before = runs["fsdp2", 2][0]
+    assert resumed[0]["world_size"] == 4 and len(resumed[0]["losses"]) == 5  # steps 5 to 9
+    for a, b in zip(before["losses"][4:], resumed[0]["losses"], strict=True):
+        assert abs(a - b) < 2e-4, (before["losses"], resumed[0]["losses"])
+    assert resumed[0]["kept"] == before["kept"] and len({r["gates_digest"] for r in resumed}) == 1
