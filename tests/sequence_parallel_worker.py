@@ -41,6 +41,23 @@ def batches() -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
+def saved_bytes(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, int]:
+    """(the loss, the bytes autograd saved for backward in its forward): every saved tensor
+    that is not a parameter (or a view of one), each storage once."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**inputs).loss
+    return loss, sum(seen.values())
+
+
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -57,13 +74,13 @@ def main() -> None:
         model = make_model(300, hidden=64, layers=2)  # 4 query heads, 2 key/value heads
         model.config.use_cache = False
         model.config._attn_implementation = "sdpa"
-        ref = model(**batch).loss
+        ref, ref_bytes = saved_bytes(model, batch)
         ref.backward()
         want = grads(model)
         for n, sp_groups in groups.items():
             group = sp_groups[rank // n]
             use_sequence_parallel(model, group)
-            loss = model(**shard_batch(batch, n, rank % n, PAD)).loss
+            loss, sp_bytes = saved_bytes(model, shard_batch(batch, n, rank % n, PAD))
             loss.backward()
             total = loss.detach().clone()
             dist.all_reduce(total, group=group)  # the chunks' losses add up to the sequence's
@@ -72,7 +89,10 @@ def main() -> None:
             for k, g in got.items():
                 dist.all_reduce(g, group=group)  # so do their gradients
                 diff = max(diff, (g - want[k]).abs().max().item())
-            results.append({"batch": name, "n": n, "loss": total.item(), "ref": ref.item(), "grad_diff": diff})
+            results.append(
+                {"batch": name, "n": n, "loss": total.item(), "ref": ref.item(), "grad_diff": diff}
+                | {"saved_bytes": sp_bytes, "ref_saved_bytes": ref_bytes}
+            )
             model.config._attn_implementation = "sdpa"
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()

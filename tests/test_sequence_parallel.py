@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from wlora_dist.distributed.sequence_parallel import check_heads, document_mask, shard_batch
+from wlora_dist.distributed.sequence_parallel import document_mask, shard_batch
+from wlora_dist.distributed.spec import check_heads
 
 from .conftest import ROOT
 from .helpers import free_port, run_command
@@ -50,7 +51,10 @@ def test_heads_the_ranks_cannot_share_are_named():
 def test_n_ranks_sharing_a_sequence_train_what_one_process_does(tmp_path):
     """World 4, gloo: N = 2 (two groups) and N = 4 (grouped-query attention's 2 key/value heads
     copied to 4 ranks), on right-padded rows of a length neither divides and on packed rows:
-    the chunks' losses add up to the one-process loss and their gradients to its gradients."""
+    the chunks' losses add up to the one-process loss and their gradients to its gradients,
+    and what a rank saves for backward (counted by saved-tensor hooks) is 1/N of the one
+    process's, once the padding to a multiple of N is counted (within 10%: the key/value
+    heads copied at N = 4, the packed rows' mask)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}"]
     proc = run_command([*cmd, str(ROOT / "tests/sequence_parallel_worker.py"), str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +64,10 @@ def test_n_ranks_sharing_a_sequence_train_what_one_process_does(tmp_path):
         for r in results:
             assert abs(r["loss"] - r["ref"]) < 1e-5, r
             assert r["grad_diff"] < 1e-5, r
+            width = {"rows": 13, "packed": 14}[r["batch"]]
+            padded = -(-width // r["n"]) * r["n"] / width
+            share = r["saved_bytes"] * r["n"] / r["ref_saved_bytes"] / padded
+            assert 0.95 < share < 1.1, (r, share)
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +124,28 @@ def test_a_checkpoint_of_ranks_sharing_sequences_resumes_without_them(sequence_r
     for a, b in zip(before["losses"][4:], resumed[0]["losses"], strict=True):
         assert abs(a - b) < 2e-4, (before["losses"], resumed[0]["losses"])
     assert resumed[0]["kept"] == before["kept"] and len({r["gates_digest"] for r in resumed}) == 1
+
+
+def test_the_plan_gives_each_rank_its_share_of_a_long_sequence():
+    """The planner: a rank sharing each sequence with N - 1 others keeps 1/N of the
+    activations (70B, 4-bit base, 32k tokens, checkpointing: 41 GiB alone, 5.1 GiB with 8);
+    at 64k tokens an 8B run fits 80 GiB only with sequence parallelism, and --recommend says
+    so, fewest ranks per sequence first."""
+    from dataclasses import replace
+
+    from wlora_dist.distributed.spec import BackendSpec
+    from wlora_dist.planning.memory_plan import PlanInput, plan
+    from wlora_dist.planning.search import recommend, sequence_parallel_sizes
+    from wlora_dist.planning.sources import PRESETS
+
+    inp = PlanInput(PRESETS["llama3-70b"], world_size=8, base="nf4", seq_len=32768)
+    inp = replace(inp, activation_checkpointing=True, loss_shards=8)
+    alone, shared = plan(inp), plan(replace(inp, backend=BackendSpec("fsdp2", sequence_parallel=8)))
+    assert abs(shared.before.activations * 8 / alone.before.activations - 1) < 1e-6
+    assert shared.before.base == alone.before.base  # the weights are sharded as before
+    long = PlanInput(PRESETS["llama3-8b"], world_size=8, seq_len=65536)
+    assert sequence_parallel_sizes(long) == [1, 2, 4, 8]  # 32 heads, 8 key/value heads
+    assert sequence_parallel_sizes(replace(long, seq_len=2048)) == [1]
+    found = recommend(long)
+    assert found and all("sequence parallel" in words for words, _ in found)
+    assert found[0][0].startswith("fsdp2 + sequence parallel 2")

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--accelerate-config needs --config (the run config it launches)")
     if not model:
         raise UserError("wlora-dist plan: give --model (a preset, config.json or model folder) or --config")
-    if args.backend or args.zero_stage or args.offload is not None or args.shard_size or args.hpz:
+    given_sp = args.sequence_parallel
+    if args.backend or args.zero_stage or args.offload is not None or args.shard_size or args.hpz or given_sp:
         given: BackendSpec = kw.get("backend", BackendSpec("fsdp2"))
         kind = args.backend or given.kind
         stage = (args.zero_stage or given.zero_stage or 3) if kind == "zero" else 0
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         hpz = (args.hpz or given.hpz_size) if stage == 3 else 0
         if (args.shard_size and kind != "fsdp2") or (args.hpz and stage != 3):
             raise UserError("--shard-size is for --backend fsdp2 (HSDP), --hpz for --backend zero --zero-stage 3")
-        kw["backend"] = BackendSpec(kind, stage, offload, shard_size=shard, hpz_size=hpz)
+        sp = given_sp or given.sequence_parallel
+        kw["backend"] = BackendSpec(kind, stage, offload, shard_size=shard, hpz_size=hpz, sequence_parallel=sp)
     flags = {
         "base": args.base,
         "double_quant_4bit": args.double_quant,
@@ -246,6 +248,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     pl.add_argument(
         "--hpz", type=int, help="ZeRO-3 hpZ: ranks of the secondary partition (distributed.zero.hpz_partition_size)"
+    )
+    pl.add_argument(
+        "--sequence-parallel",
+        type=int,
+        help="ranks sharing each sequence (distributed.sequence_parallel): each keeps 1/N of the activations",
     )
     pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
     pl.add_argument(

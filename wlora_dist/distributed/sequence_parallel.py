@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single
 
+from wlora_dist.distributed.spec import check_heads
+
 IGNORE = -100  # transformers' ignore_index, as data/rows.py labels untrained tokens
 ATTENTION = "wlora_ulysses"  # the name it is registered under in transformers' attention interface
 _GROUP: dist.ProcessGroup | None = None  # the sequence-parallel group of this rank
@@ -102,8 +104,9 @@ def ulysses_attention(
     assert group is not None, "use_sequence_parallel(model, group) first"
     n = dist.get_world_size(group)
     heads, kv_heads = query.shape[1], key.shape[1]
-    if heads % n:
-        raise ValueError(f"{heads} attention heads cannot be shared by {n} ranks")
+    problem = check_heads(heads, kv_heads, n)  # refused before the run by the preflight
+    if problem:
+        raise ValueError(problem)
     if kv_heads < n:  # fewer key/value heads than ranks: each rank gets a copy of its group's
         key, value = (t.repeat_interleave(n // kv_heads, dim=1) for t in (key, value))
     q, k, v = (_exchange(t, 1, 2, group) for t in (query, key, value))  # (B, heads/N, L, d)
@@ -138,16 +141,3 @@ def use_sequence_parallel(model: torch.nn.Module, group: dist.ProcessGroup) -> N
     AttentionInterface.register(ATTENTION, ulysses_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the chunk's mask, built cheaply and not used
     model.config._attn_implementation = ATTENTION
-
-
-def check_heads(heads: int, kv_heads: int, n: int) -> str | None:
-    """Why ``n`` ranks cannot share the attention of a model with ``heads`` query and
-    ``kv_heads`` key/value heads (None: they can)."""
-    if heads % n:
-        return f"{heads} attention heads cannot be split over {n} ranks; use a divisor of {heads}"
-    if kv_heads % n and n % kv_heads:
-        return (
-            f"{kv_heads} key/value heads cannot be split over {n} ranks, nor copied to them evenly; use a "
-            f"divisor or a multiple of {kv_heads}"
-        )
-    return None

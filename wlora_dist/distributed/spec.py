@@ -246,3 +246,16 @@ def check_backend_supports(cfg: RunConfig, spec: BackendSpec) -> None:
             ],
             "selection",
         )
+
+
+def check_heads(heads: int, kv_heads: int, n: int) -> str | None:
+    """Why ``n`` ranks cannot share the attention of a model with ``heads`` query and
+    ``kv_heads`` key/value heads (None: they can)."""
+    if heads % n:
+        return f"{heads} attention heads cannot be split over {n} ranks; use a divisor of {heads}"
+    if kv_heads % n and n % kv_heads:
+        return (
+            f"{kv_heads} key/value heads cannot be split over {n} ranks, nor copied to them evenly; use a "
+            f"divisor or a multiple of {kv_heads}"
+        )
+    return None

@@ -204,7 +204,11 @@ def layer_activation_bytes(inp: PlanInput, layer_sites: set[str], gates_train: b
     if grad_in:
         total += norm
     if attn_live:
-        total += c * (q + 2 * kv + q) + 4 * s.heads  # sdpa: q, k, v, out, logsumexp
+        # sdpa: q, k, v, out, logsumexp. Under sequence parallelism the same bytes per token of
+        # the chunk (the whole sequence for 1/N of the heads), key/value heads copied where N
+        # exceeds them.
+        kv_held = kv * max(1, inp.backend.sequence_parallel // s.kv_heads)
+        total += c * (q + 2 * kv_held + q) + 4 * s.heads
     if resid_live:
         total += norm
     if mlp_live:
@@ -236,8 +240,9 @@ def activation_bytes(inp: PlanInput, chosen: list[tuple[int, str]], gates_train:
     out), ``loss`` (the fp32 log-softmax output it saves, nll's dense gradient and
     log-softmax's input gradient: three fp32 copies of the logits), ``head`` (then the
     logits' gradient, fp32 and compute dtype, while the lm_head runs backward)."""
-    s, tokens = inp.shape, inp.micro_batch * inp.seq_len
-    c = _compute_bytes(inp)
+    s, c = inp.shape, _compute_bytes(inp)
+    n = inp.backend.sequence_parallel  # a rank keeps its chunk of each row (distributed.sequence_parallel)
+    tokens = inp.micro_batch * -(-inp.seq_len // n)
     by_layer: dict[int, set[str]] = {}
     for i, t in chosen:
         by_layer.setdefault(i, set()).add(t)

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from wlora_dist.distributed.spec import BackendSpec
+from wlora_dist.distributed.spec import BackendSpec, check_heads
 from wlora_dist.planning.memory_plan import Plan, PlanInput, plan
 
 
 def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     """Settings that fit ``inp.gpu_gib`` for the whole run, fastest first by rule of thumb:
     no offload (it moves every shard over PCIe each step) over offload, a bf16 base over
-    int8 (~2x per token at 1B, docs/measurements.md) over nf4, no activation checkpointing over
+    int8 (~2x per token at 1B, docs/measurements.md) over nf4, fewer ranks per sequence
+    (each adds two all-to-alls per layer) over more, no activation checkpointing over
     checkpointing, a larger micro-batch (up to the one asked for) over a smaller one."""
     found: list[tuple[tuple, str, Plan]] = []
     kinds = [BackendSpec("fsdp2"), BackendSpec("zero", 3), BackendSpec("zero", 2)]
@@ -22,24 +23,38 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     for order, spec in enumerate(kinds):
         for base in ("bf16", "int8", "nf4"):
             for offload in (False, True):
-                for ckpt in (False, True):
-                    mb = inp.micro_batch
-                    while mb >= 1:
-                        cand = replace(
-                            inp,
-                            backend=replace(spec, offload=offload),
-                            base=base,  # type: ignore[arg-type]
-                            activation_checkpointing=ckpt,
-                            micro_batch=mb,
-                        )
-                        p = plan(cand)
-                        if p.fits_before and p.fits_after:
-                            cost = (offload, ("bf16", "int8", "nf4").index(base), ckpt, -mb, order, p.before.total)
-                            found.append((cost, describe_settings(cand), p))
-                            break
-                        mb //= 2
+                for sp in sequence_parallel_sizes(inp):
+                    for ckpt in (False, True):
+                        mb = inp.micro_batch
+                        while mb >= 1:
+                            cand = replace(
+                                inp,
+                                backend=replace(spec, offload=offload, sequence_parallel=sp),
+                                base=base,  # type: ignore[arg-type]
+                                activation_checkpointing=ckpt,
+                                micro_batch=mb,
+                            )
+                            p = plan(cand)
+                            if p.fits_before and p.fits_after:
+                                cost = (offload, ("bf16", "int8", "nf4").index(base), sp, ckpt, -mb, order)
+                                found.append(((*cost, p.before.total), describe_settings(cand), p))
+                                break
+                            mb //= 2
     found.sort(key=lambda x: x[0])
     return [(d, p) for _, d, p in found]
+
+
+def sequence_parallel_sizes(inp: PlanInput) -> list[int]:
+    """Ranks per sequence worth trying: 1, and at long sequences (4096 tokens and more) the
+    powers of two that divide the world and whose heads the ranks can share."""
+    sizes = [1]
+    if inp.seq_len >= 4096:
+        n = 2
+        while n <= inp.world_size:
+            if inp.world_size % n == 0 and check_heads(inp.shape.heads, inp.shape.kv_heads, n) is None:
+                sizes.append(n)
+            n *= 2
+    return sizes
 
 
 def node_layouts(inp: PlanInput, gpus_per_node: int) -> list[tuple[str, Plan]]:

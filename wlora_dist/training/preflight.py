@@ -24,7 +24,7 @@ from wlora_dist.checkpoint.folders import list_checkpoints
 from wlora_dist.config import ConfigError, RunConfig
 from wlora_dist.data.rows import DataError
 from wlora_dist.data.tokens import require_chat_template
-from wlora_dist.distributed.sequence_parallel import check_heads
+from wlora_dist.distributed.spec import check_heads
 from wlora_dist.errors import UserError
 from wlora_dist.method.selector import fit_problems
 from wlora_dist.method.weight_lora import WeightLoRA
