@@ -97,6 +97,7 @@ WANT = {  # what each shipped accelerate config launches
     "cpu_hsdp.yaml": BackendSpec("fsdp2", shard_size=2),
     "cpu_zero3.yaml": BackendSpec("zero", 3),
     "fsdp2.yaml": BackendSpec("fsdp2"),
+    "fsdp2_long_context.yaml": BackendSpec("fsdp2", sequence_parallel=4),
     "multinode_fsdp2.yaml": BackendSpec("fsdp2"),
     "multinode_hsdp.yaml": BackendSpec("fsdp2", shard_size=8),
     "zero1.yaml": BackendSpec("zero", 1),

@@ -62,6 +62,16 @@ def test_accelerate_parallelism_config_is_hsdp_and_other_parallelisms_are_refuse
     )
     with pytest.raises(UserError, match="parallelism_config_tp_size: 2"):
         accelerate_overrides({**env, "PARALLELISM_CONFIG_TP_SIZE": "2"})
+    with pytest.raises(UserError, match="parallelism_config_cp_size: 2"):  # torch's ring attention
+        accelerate_overrides({**env, "PARALLELISM_CONFIG_CP_SIZE": "2"})
+    # sp_size (accelerate's DeepSpeed Ulysses) is distributed.sequence_parallel, under FSDP and DeepSpeed.
+    assert ("distributed.sequence_parallel", 4) in accelerate_overrides({**env, "PARALLELISM_CONFIG_SP_SIZE": "4"})
+    ds = {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_USE_PARALLELISM_CONFIG": "true",
+        "PARALLELISM_CONFIG_SP_SIZE": "2",
+    }
+    assert ("distributed.sequence_parallel", 2) in accelerate_overrides(ds)
 
 
 def test_the_planner_divides_the_base_by_the_shard_group_not_the_world():

@@ -32,6 +32,8 @@ def accelerate_overrides(env: Mapping[str, str]) -> list[tuple[str, Any]]:
         if _true(env.get("FSDP_ACTIVATION_CHECKPOINTING")):
             out.append(("model.gradient_checkpointing", True))
         out += _parallelism_overrides(env)
+    elif _true(env.get("ACCELERATE_USE_DEEPSPEED")):
+        out += _parallelism_overrides(env, hsdp=False)
     if _true(env.get("ACCELERATE_USE_DEEPSPEED")):
         out.append(("distributed.backend", "zero"))
         if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
@@ -50,24 +52,30 @@ def accelerate_overrides(env: Mapping[str, str]) -> list[tuple[str, Any]]:
     return out
 
 
-def _parallelism_overrides(env: Mapping[str, str]) -> list[tuple[str, Any]]:
+def _parallelism_overrides(env: Mapping[str, str], hsdp: bool = True) -> list[tuple[str, Any]]:
     """accelerate's ``parallelism_config`` (PARALLELISM_CONFIG_*): ``dp_replicate_size`` x
-    ``dp_shard_size`` is HSDP, distributed.fsdp.shard_size here. Tensor, context and
-    sequence parallelism are refused: wlora_dist shards data-parallel only."""
+    ``dp_shard_size`` is HSDP (FSDP only), distributed.fsdp.shard_size here; ``sp_size`` is
+    distributed.sequence_parallel (Ulysses, accelerate's DeepSpeed sequence parallelism).
+    Tensor parallelism and torch's context parallelism (ring attention) are refused."""
     if not _true(env.get("ACCELERATE_USE_PARALLELISM_CONFIG")):
         return []
-    others = {k: env.get(f"PARALLELISM_CONFIG_{k.upper()}", "1") for k in ("tp_size", "cp_size", "sp_size")}
+    others = {k: env.get(f"PARALLELISM_CONFIG_{k.upper()}", "1") for k in ("tp_size", "cp_size")}
     unsupported = [f"parallelism_config_{k}: {v}" for k, v in others.items() if v not in ("", "1", "None")]
     if unsupported:
         raise UserError(
-            f"the accelerate config sets {', '.join(unsupported)}: wlora_dist shards the data-parallel dimension "
-            "only (FSDP2 / HSDP); remove them, keeping parallelism_config_dp_replicate_size and _dp_shard_size"
+            f"the accelerate config sets {', '.join(unsupported)}: wlora_dist shards the data (FSDP2 / HSDP / "
+            "ZeRO) and shares long sequences with Ulysses (parallelism_config_sp_size); remove them, or use "
+            "parallelism_config_sp_size for long sequences"
         )
+    out: list[tuple[str, Any]] = []
+    sp = int(env.get("PARALLELISM_CONFIG_SP_SIZE") or 1)
+    if sp > 1:
+        out.append(("distributed.sequence_parallel", sp))
     replicate = int(env.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE") or 1)
     shard = int(env.get("PARALLELISM_CONFIG_DP_SHARD_SIZE") or 1)
-    if replicate > 1:
-        return [("distributed.fsdp.shard_size", shard)]
-    return []
+    if hsdp and replicate > 1:
+        out.append(("distributed.fsdp.shard_size", shard))
+    return out
 
 
 def accelerate_config_env(config_file: str) -> dict[str, str]:
