@@ -80,26 +80,35 @@ def sequence_runs(tiny_dir, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("sequence-parallel")
 
-    def config(name: str, backend: str, n: int, **checkpoint: object) -> dict:
-        cfg = dist_config(tiny_dir, tmp / name, backend, 8 // (4 // n))
+    def config(name: str, backend: str, n: int, quantization: str = "none", **checkpoint: object) -> dict:
+        cfg = dist_config(tiny_dir, tmp / name, backend, 8 // (4 // n), quantization)
         cfg["distributed"]["sequence_parallel"] = n
         cfg["checkpoint"] = {**cfg.get("checkpoint", {}), **checkpoint}
         return cfg
 
-    cases = [("fsdp2", 2), ("fsdp2", 4), ("zero3", 2)]  # ZeRO-3 last: its zero.Init outlives the run
-    cfgs = [config(f"{b}-{n}", b, n, every=4) if (b, n) == ("fsdp2", 2) else config(f"{b}-{n}", b, n) for b, n in cases]
+    cases = [("fsdp2", 2), ("fsdp2", 4), ("fsdp2-nf4", 2), ("zero3", 2)]  # ZeRO-3 last: its zero.Init outlives the run
+    cfgs = [
+        config("fsdp2-2", "fsdp2", 2, every=4),
+        config("fsdp2-4", "fsdp2", 4),
+        config("fsdp2-nf4-2", "fsdp2", 2, "nf4"),  # the 4-bit base, sharded
+        config("zero3-2", "zero3", 2),
+    ]
     resumed = config("resumed", "fsdp2", 1, resume_from=str(tmp / "fsdp2-2" / "checkpoints" / "step-00000004"))
-    records = run_worker_many([*cfgs[:2], resumed, cfgs[2]], 4)
-    runs = dict(zip(cases, [records[0], records[1], records[3]], strict=True))
-    reference = run_worker_many([dist_config(tiny_dir, tmp / "reference", "replicated", 8)], 1)[0][0]
-    return runs, records[2], reference
+    records = run_worker_many([*cfgs[:3], resumed, cfgs[3]], 4)
+    runs = dict(zip(cases, [records[0], records[1], records[2], records[4]], strict=True))
+    refs = [dist_config(tiny_dir, tmp / f"reference-{q}", "replicated", 8, q) for q in ("none", "nf4")]
+    references = dict(zip(("none", "nf4"), (r[0] for r in run_worker_many(refs, 1)), strict=True))
+    return runs, records[3], references
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 4)], ids=lambda c: f"{c[0]}-sp{c[1]}")
+@pytest.mark.parametrize(
+    "case", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 4), ("fsdp2-nf4", 2)], ids=lambda c: f"{c[0]}-sp{c[1]}"
+)
 def test_the_trainer_with_ranks_sharing_sequences_trains_what_one_process_does(sequence_runs, case):
-    runs, _, reference = sequence_runs
+    runs, _, references = sequence_runs
     ranks = runs[case]
+    reference = references["nf4" if case[0].endswith("nf4") else "none"]
     assert [r["world_size"] for r in ranks] == [4] * 4
     assert len({r["gates_digest"] for r in ranks}) == 1  # the gates bitwise equal on every rank
     assert all(r["kept"] == reference["kept"] for r in ranks)  # the same kept set
