@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             )
         keys = ("backend", "base", "lora_rank", "targets", "lora_layers", "lora_dropout", "k")
         keys += ("micro_batch", "grad_accum", "seq_len", "activation_checkpointing", "checkpoint_every", "loss_shards")
+        keys += ("offload_activations",)
         keys += ("blocksize_4bit", "double_quant_4bit")
         kw = {k: getattr(base, k) for k in keys}
         if args.data:
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         "activation_checkpointing": args.activation_checkpointing,
         "checkpoint_every": args.checkpoint_every,
         "loss_shards": args.loss_shards,
+        "offload_activations": args.offload_activations,
     }
     kw.update({k: v for k, v in flags.items() if v is not None})
     bad = [t for t in kw.get("targets", ALL_KINDS) if t not in ALL_KINDS]
@@ -136,6 +138,13 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     print(format_plan(p))
+    from wlora_dist.planning.memory_plan import activation_bytes, host_bytes_per_rank, sites
+
+    if inp.offload_activations:
+        moved = activation_bytes(inp, sites(inp), gates_train=True)["offloaded"]
+        print(f"train.offload_activations: {moved / 2**30:.2f} GiB per rank in host memory until backward")
+    elif host_bytes_per_rank(inp):
+        print(f"host RAM per rank under CPU offload: {host_bytes_per_rank(inp) / 2**30:.1f} GiB")
     if p.fits_before and p.fits_after and inp.activation_checkpointing:
         off = plan(replace(inp, activation_checkpointing=False))
         if off.fits_after:
@@ -253,6 +262,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--sequence-parallel",
         type=int,
         help="ranks sharing each sequence (distributed.sequence_parallel): each keeps 1/N of the activations",
+    )
+    pl.add_argument(
+        "--offload-activations",
+        action="store_true",
+        default=None,
+        help="train.offload_activations: what backward needs waits in host memory (one layer's on the GPU)",
     )
     pl.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
     pl.add_argument(

@@ -30,6 +30,12 @@ class TrainConfig(Section):
         "the same loss, without three fp32 copies of the logits at the peak (at 128k vocabulary the largest "
         "activation); 8 is a good start.",
     )
+    offload_activations: bool = field(
+        False,
+        "Keep what backward needs in host memory from the forward to the backward (on a GPU: pinned, copied on "
+        "a side stream); with model.gradient_checkpointing that is each checkpointed layer's input. For long "
+        "sequences, at the cost of host memory and PCIe copies (wlora-dist plan shows both).",
+    )
     compile: bool = field(
         False,
         "Compile each decoder layer with torch.compile (inductor), as torchtune does: every layer with the same "

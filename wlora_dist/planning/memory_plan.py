@@ -49,6 +49,7 @@ class PlanInput:
     activation_checkpointing: bool = False
     checkpoint_every: int = 1  # with checkpointing: layers 0, N, 2N, ... (model.checkpoint_every_n_layers)
     loss_shards: int = 0  # train.loss_shards: the cross-entropy in tiles (wlora_dist/loss.py)
+    offload_activations: bool = False  # train.offload_activations: what backward needs waits in host memory
     gpu_gib: float = 80.0
     reserve_gib: float = 2.0  # CUDA context, allocator fragmentation, NCCL buffers: not counted below
     int8_skip: tuple[str, ...] = ("lm_head",)
@@ -257,10 +258,15 @@ def activation_bytes(inp: PlanInput, chosen: list[tuple[int, str]], gates_train:
         # A checkpointed layer keeps its input only and is recomputed in backward (one at a
         # time); the others (checkpoint_every > 1) keep their activations.
         ckpt = [i % inp.checkpoint_every == 0 for i in range(s.layers)]
-        saved = sum(c * s.hidden if ck else a for ck, a in zip(ckpt, per_layer, strict=True)) + final
+        kept = [c * s.hidden if ck else a for ck, a in zip(ckpt, per_layer, strict=True)]
         recompute = max(a for ck, a in zip(ckpt, per_layer, strict=True) if ck) + 2 * c * s.hidden
     else:
-        saved, recompute = sum(per_layer) + final, 0
+        kept, recompute = per_layer, 0
+    saved = sum(kept) + final
+    offloaded = 0.0
+    if inp.offload_activations:
+        # In host memory from the forward on; backward brings back one layer's at a time.
+        offloaded, saved = saved, max(kept) + final
     if inp.loss_shards:
         # Tiled (loss.py): the logits, their gradient buffer, and one tile's fp32 log-softmax
         # output, nll gradient, log-softmax gradient and compute-dtype gradient.
@@ -273,6 +279,7 @@ def activation_bytes(inp: PlanInput, chosen: list[tuple[int, str]], gates_train:
         "recompute": int(recompute * tokens),
         "loss": int(loss * tokens),
         "head": int(head * tokens),
+        "offloaded": int(offloaded * tokens),
     }
 
 
@@ -342,16 +349,18 @@ def breakdown(inp: PlanInput, chosen: list[tuple[int, str]], gates_train: bool) 
 def host_bytes_per_rank(inp: PlanInput) -> int:
     """Host (CPU) memory one rank needs under CPU offload, at the larger of the two phases:
     its base share (FSDP2's cpu_offload / ZeRO-3 offload_param move it), the fp32 adapter
-    masters, their gradients (FSDP2) and the optimizer state. 0 without offload."""
+    masters, their gradients (FSDP2) and the optimizer state; and the activations
+    train.offload_activations keeps there. 0 without either."""
+    acts = activation_bytes(inp, sites(inp), gates_train=True)["offloaded"]
     if not inp.backend.offload:
-        return 0
+        return acts
     ws = inp.world_size
     base = sum(base_param_bytes(inp)[:2])
     share = math.ceil(base * inp.backend.base_fraction(ws)) if inp.backend.shards_base else 0
     numel = adapter_numel(inp, sites(inp))
     parts = inp.backend.mesh_shape(ws)[1] if inp.backend.kind == "fsdp2" else ws
     trainable = (4 + 8 + (4 if inp.backend.kind == "fsdp2" else 0)) * numel / parts
-    return int(share + trainable)
+    return int(share + trainable) + acts
 
 
 def plan(inp: PlanInput) -> Plan:

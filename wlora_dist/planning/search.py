@@ -23,8 +23,8 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     for order, spec in enumerate(kinds):
         for base in ("bf16", "int8", "nf4"):
             for offload in (False, True):
-                for sp in sequence_parallel_sizes(inp):
-                    for ckpt in (False, True):
+                for sp, acts_out in _long_sequence_options(inp):
+                    for ckpt in (False, True) if not acts_out else (True,):  # offload checkpointed inputs
                         mb = inp.micro_batch
                         while mb >= 1:
                             cand = replace(
@@ -33,10 +33,11 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
                                 base=base,  # type: ignore[arg-type]
                                 activation_checkpointing=ckpt,
                                 micro_batch=mb,
+                                offload_activations=acts_out,
                             )
                             p = plan(cand)
                             if p.fits_before and p.fits_after:
-                                cost = (offload, ("bf16", "int8", "nf4").index(base), sp, ckpt, -mb, order)
+                                cost = (offload, ("bf16", "int8", "nf4").index(base), sp, acts_out, ckpt, -mb, order)
                                 found.append(((*cost, p.before.total), describe_settings(cand), p))
                                 break
                             mb //= 2
@@ -44,17 +45,27 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     return [(d, p) for _, d, p in found]
 
 
+LONG = 4096  # tokens from which --recommend tries sequence parallelism and activation offloading
+
+
 def sequence_parallel_sizes(inp: PlanInput) -> list[int]:
     """Ranks per sequence worth trying: 1, and at long sequences (4096 tokens and more) the
     powers of two that divide the world and whose heads the ranks can share."""
     sizes = [1]
-    if inp.seq_len >= 4096:
+    if inp.seq_len >= LONG:
         n = 2
         while n <= inp.world_size:
             if inp.world_size % n == 0 and check_heads(inp.shape.heads, inp.shape.kv_heads, n) is None:
                 sizes.append(n)
             n *= 2
     return sizes
+
+
+def _long_sequence_options(inp: PlanInput) -> list[tuple[int, bool]]:
+    """(ranks per sequence, activations offloaded) to try: at long sequences both, the
+    offloading after sharing (its copies cross PCIe every step)."""
+    offload = (False, True) if inp.seq_len >= LONG else (inp.offload_activations,)
+    return [(sp, off) for sp in sequence_parallel_sizes(inp) for off in offload]
 
 
 def node_layouts(inp: PlanInput, gpus_per_node: int) -> list[tuple[str, Plan]]:
@@ -95,6 +106,8 @@ def describe_settings(inp: PlanInput) -> str:
         f"micro_batch {inp.micro_batch}",
         _ckpt_words(inp),
     ]
+    if inp.offload_activations:
+        bits.append("activations offloaded (train.offload_activations)")
     return ", ".join(bits)
 
 

@@ -85,6 +85,7 @@ def run_plan_input(
         activation_checkpointing=cfg.model.gradient_checkpointing,
         checkpoint_every=cfg.model.checkpoint_every_n_layers,
         loss_shards=cfg.train.loss_shards,
+        offload_activations=cfg.train.offload_activations,
         gpu_gib=cfg.memory.budget_gib or 80.0,
         reserve_gib=cfg.memory.reserve_gib,
         kept=tuple(kept) if kept is not None else None,

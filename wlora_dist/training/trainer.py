@@ -30,6 +30,7 @@ from wlora_dist.distributed.spec import BackendSpec
 from wlora_dist.method.schedule import run_lr_multiplier
 from wlora_dist.method.selector import Selector
 from wlora_dist.method.weight_lora import WeightLoRA
+from wlora_dist.model.offload import OffloadActivations
 from wlora_dist.resolved import ResolvedRun, resolve_run
 from wlora_dist.training import evaluation, replan, run_text
 from wlora_dist.training.build import build_data, build_model, step_inputs
@@ -194,10 +195,14 @@ class Trainer:
             metrics["gates_nonzero"] = int((self.wl.gates != 0).sum())
         return metrics
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def _forward(self) -> contextlib.ExitStack:
+        """A forward's context: bf16 autocast, activations to the host (as the run asks)."""
+        stack = contextlib.ExitStack()
         if self.backend.settings.precision.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+        if self.cfg.train.offload_activations:
+            stack.enter_context(OffloadActivations())
+        return stack
 
     def _optimizer_step(self, step: int) -> dict:
         """One optimizer step, in this order: the micro-batches (forward, backward) -> the
@@ -214,7 +219,10 @@ class Trainer:
         clips_gates = gate_grad is not None and cfg.selection.clip_gates and cfg.optim.max_grad_norm > 0
         gate_norm = torch.linalg.vector_norm(gate_grad) if clips_gates else None  # clipped with the adapters
         grad_norm = self.backend.step(cfg.optim.lr * mult, cfg.optim.max_grad_norm, gate_norm)
-        local_loss, mean_loss, norm = self._host_sync(step, loss, grad_norm)
+        # The one host sync: this rank's loss, the mean over ranks, the gradient norm (checked finite).
+        values = torch.stack([loss, all_reduce_mean_(loss.clone()), grad_norm.to(loss)]).tolist()
+        check_finite(step, values, self.env.global_rank, self._trained_tokens)
+        local_loss, mean_loss, norm = values
         self.layout.record_memory(step)
         for cb in self.callbacks:
             cb.on_optimizer_step_end(self, step)
@@ -246,19 +254,11 @@ class Trainer:
             tokens += self.inputs.tokens(cpu_batch)  # counted on the host copy: no device sync
             self._trained_tokens += data_mod.count_trained(cpu_batch)
             self._last_batch = self.inputs(cpu_batch)  # this rank's chunk under sequence parallelism
-            with self._autocast():
+            with self._forward():
                 loss = self.inputs.loss(self.backend.module(**self._last_batch).loss)
             self.backend.backward(loss / accum, last_micro_step=micro == accum - 1)
             loss_sum += loss.detach()
         return loss_sum / accum, tokens
-
-    def _host_sync(self, step: int, local: torch.Tensor, grad_norm: torch.Tensor) -> tuple[float, float, float]:
-        """The step's one host sync: (this rank's loss, the mean over ranks, the gradient
-        norm); a loss that is not finite on any rank stops the run, naming the rank, and
-        so does a gradient norm that is not (the same on every rank)."""
-        values = torch.stack([local, all_reduce_mean_(local.clone()), grad_norm.to(local)]).tolist()
-        check_finite(step, values, self.env.global_rank, self._trained_tokens)
-        return values[0], values[1], values[2]
 
     # ------------------------------------------------------------------ checkpoints, eval
 
@@ -274,7 +274,7 @@ class Trainer:
 
     def probe_loss(self) -> float:
         """Loss of the last training micro-batch, dropout off."""
-        loss = evaluation.probe_loss(self.backend.module, self._last_batch, self._autocast, self.inputs.loss)
+        loss = evaluation.probe_loss(self.backend.module, self._last_batch, self._forward, self.inputs.loss)
         self.backend.release_gathered()
         return loss
 
@@ -283,7 +283,7 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         limit = self.cfg.train.eval_batches
-        out = evaluation.evaluate(self.backend.module, self.eval_loader, limit, self.inputs, self._autocast)
+        out = evaluation.evaluate(self.backend.module, self.eval_loader, limit, self.inputs, self._forward)
         self.backend.release_gathered()
         return out
 
