@@ -73,9 +73,10 @@ def test_n_ranks_sharing_a_sequence_train_what_one_process_does(tmp_path):
 @pytest.fixture(scope="module")
 def sequence_runs(tiny_dir, tmp_path_factory):
     """The trainer on a world of 4 with distributed.sequence_parallel 2 (2 data x 2 sequence:
-    FSDP2, ZeRO-3) and 4 (FSDP2: every rank a quarter of each row), a checkpoint of the
-    FSDP2 sequence-parallel-2 run resumed without sequence parallelism, all in one launch;
-    and the one-process run on the same global batch (8 rows x 2 micro-steps)."""
+    FSDP2, HSDP, FSDP2 on the NF4 base, ZeRO-3) and 4 (every rank a quarter of each row:
+    FSDP2, ZeRO-3 on the 8-bit base), and a checkpoint of the FSDP2 sequence-parallel-2 run
+    resumed without sequence parallelism, all in one launch; and the one-process runs on
+    the same global batch (8 rows x 2 micro-steps) with each base."""
     from .helpers import dist_config, run_worker_many
 
     tmp = tmp_path_factory.mktemp("sequence-parallel")
@@ -86,29 +87,34 @@ def sequence_runs(tiny_dir, tmp_path_factory):
         cfg["checkpoint"] = {**cfg.get("checkpoint", {}), **checkpoint}
         return cfg
 
-    cases = [("fsdp2", 2), ("fsdp2", 4), ("fsdp2-nf4", 2), ("zero3", 2)]  # ZeRO-3 last: its zero.Init outlives the run
-    cfgs = [
-        config("fsdp2-2", "fsdp2", 2, every=4),
-        config("fsdp2-4", "fsdp2", 4),
-        config("fsdp2-nf4-2", "fsdp2", 2, "nf4"),  # the 4-bit base, sharded
-        config("zero3-2", "zero3", 2),
-    ]
+    hsdp = config("fsdp2-hsdp-2", "fsdp2", 2)
+    hsdp["distributed"]["fsdp"] = {"shard_size": 2}  # 2 replicas x shard groups of 2, and 2 ranks per sequence
+    runs = {
+        ("fsdp2", 2): config("fsdp2-2", "fsdp2", 2, every=4),
+        ("fsdp2", 4): config("fsdp2-4", "fsdp2", 4),
+        ("fsdp2-hsdp", 2): hsdp,
+        ("fsdp2-nf4", 2): config("fsdp2-nf4-2", "fsdp2", 2, "nf4"),  # the 4-bit base, sharded
+        ("zero3", 2): config("zero3-2", "zero3", 2),  # ZeRO-3 last: its zero.Init outlives the run
+        ("zero3-int8", 4): config("zero3-int8-4", "zero3", 4, "int8"),  # the 8-bit base, partitioned
+    }
     resumed = config("resumed", "fsdp2", 1, resume_from=str(tmp / "fsdp2-2" / "checkpoints" / "step-00000004"))
-    records = run_worker_many([*cfgs[:3], resumed, cfgs[3]], 4)
-    runs = dict(zip(cases, [records[0], records[1], records[2], records[4]], strict=True))
-    refs = [dist_config(tiny_dir, tmp / f"reference-{q}", "replicated", 8, q) for q in ("none", "nf4")]
-    references = dict(zip(("none", "nf4"), (r[0] for r in run_worker_many(refs, 1)), strict=True))
-    return runs, records[3], references
+    cfgs = list(runs.values())
+    records = run_worker_many([*cfgs[:4], resumed, *cfgs[4:]], 4)
+    found = dict(zip(runs, records[:4] + records[5:], strict=True))
+    refs = [dist_config(tiny_dir, tmp / f"reference-{q}", "replicated", 8, q) for q in ("none", "nf4", "int8")]
+    references = dict(zip(("none", "nf4", "int8"), (r[0] for r in run_worker_many(refs, 1)), strict=True))
+    return found, records[4], references
+
+
+CASES = [("fsdp2", 2), ("fsdp2", 4), ("fsdp2-hsdp", 2), ("fsdp2-nf4", 2), ("zero3", 2), ("zero3-int8", 4)]
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(
-    "case", [("fsdp2", 2), ("zero3", 2), ("fsdp2", 4), ("fsdp2-nf4", 2)], ids=lambda c: f"{c[0]}-sp{c[1]}"
-)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-sp{c[1]}")
 def test_the_trainer_with_ranks_sharing_sequences_trains_what_one_process_does(sequence_runs, case):
     runs, _, references = sequence_runs
     ranks = runs[case]
-    reference = references["nf4" if case[0].endswith("nf4") else "none"]
+    reference = references[next((q for q in ("nf4", "int8") if case[0].endswith(q)), "none")]
     assert [r["world_size"] for r in ranks] == [4] * 4
     assert len({r["gates_digest"] for r in ranks}) == 1  # the gates bitwise equal on every rank
     assert all(r["kept"] == reference["kept"] for r in ranks)  # the same kept set
