@@ -164,3 +164,19 @@ def test_the_plan_gives_each_rank_its_share_of_a_long_sequence():
     found = recommend(long)
     assert found and all("sequence parallel" in words for words, _ in found)
     assert found[0][0].startswith("fsdp2 + sequence parallel 2")
+
+
+def test_ranks_that_cannot_share_the_sequence_are_refused_before_anything_loads(tiny_dir, tmp_path, monkeypatch):
+    """The tiny Llama has 4 heads and 2 key/value heads: 3 ranks per sequence cannot share
+    them, and 3 does not divide a world of 4; both are said before any weight is read."""
+    from wlora_dist.config import config_from_dict
+    from wlora_dist.resolved import resolve_run
+    from wlora_dist.training.preflight import preflight_problems
+
+    from .helpers import tiny_config_dict
+
+    cfg = config_from_dict(tiny_config_dict(tiny_dir, tmp_path / "run", distributed={"sequence_parallel": 3}))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    _, problems, _ = preflight_problems(resolve_run(cfg))
+    assert any("distributed.sequence_parallel: 3 does not divide the 4 ranks" in p for p in problems), problems
+    assert any("distributed.sequence_parallel: 4 attention heads cannot be split over 3 ranks" in p for p in problems)

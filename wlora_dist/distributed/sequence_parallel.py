@@ -16,10 +16,12 @@ Two things make N ranks train exactly what one rank would:
   replicated where the group has more ranks than they are. Packed rows are masked from
   the gathered positions (a token attends within its own document only).
 
-Written here rather than taken from DeepSpeed's ``UlyssesSPAttentionHF``: that one goes
-through deepspeed.comm (an initialised DeepSpeed, which the FSDP2 backend does not start)
-and fixes the sequence length when it is built; this needs torch's autograd-aware
-all-to-all only (gloo and NCCL).
+Written here rather than taken from DeepSpeed 0.19's ``ulysses_sp``: its attention
+(``UlyssesSPAttentionHF``) goes through deepspeed.comm (an initialised DeepSpeed, which the
+FSDP2 backend does not start) and is built for one sequence length, and its
+``UlyssesSPDataLoaderAdapter`` wraps a DataLoader of its own batch layout; this needs
+torch's autograd-aware all-to-all only (gloo and NCCL) and takes the micro-batches our
+collate makes. Its tiled loss is ours too (train.loss_shards, model/loss.py).
 """
 
 from __future__ import annotations

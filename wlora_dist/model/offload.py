@@ -54,7 +54,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
             return _OnHost(t.device, t.detach().clone(), None)
         if self._stream is None:
             self._stream = torch.cuda.Stream(t.device)
-        host = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device="cpu", pin_memory=True)
+        host = torch.empty(t.size(), dtype=t.dtype, pin_memory=True)  # dense, as torch's save_on_cpu packs
         self._stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written
         with torch.cuda.stream(self._stream):
             host.copy_(t, non_blocking=True)
