@@ -65,7 +65,8 @@ class DistributedConfig(Section):
         "N > 1: N ranks share each sequence (Ulysses): each runs the model on 1/N of the tokens, and "
         "attention gathers the whole sequence for 1/N of the heads; the data are split over world / N "
         "groups. For long sequences, where activations decide what fits. N divides the world size and the "
-        "attention heads (and divides or is a multiple of the key/value heads).",
+        "attention heads (and divides or is a multiple of the key/value heads). Packed rows get a dense "
+        "sequence x sequence mask: keep data.packing off at long sequences.",
     )
     timeout_minutes: Annotated[Float, check(lambda v: v > 0, "must be > 0")] = field(
         30.0, "Collective timeout: a dead rank fails the others after this long."
