@@ -40,7 +40,8 @@ def run_length(cfg: RunConfig, world_size: int, steps_per_epoch: int | None, sta
     rows = rows_per_step(cfg, world_size)
     words += f", {rows} rows per step ({t.micro_batch_size} x {t.grad_accum_steps} accumulated x "
     sp = cfg.distributed.sequence_parallel
-    ranks = f"{world_size} ranks" if sp == 1 else f"{world_size // sp} groups of {sp} ranks sharing each sequence"
+    groups = world_size // sp
+    ranks = f"{world_size} ranks" if sp == 1 else f"{groups} group{'s' * (groups > 1)} of {sp} ranks sharing each sequence"
     words += f"{ranks}); selection {cfg.selection.steps} steps, warmup {o.warmup_steps} steps"
     if start_step:
         words += f"; resuming after step {start_step}"
