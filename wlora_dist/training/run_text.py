@@ -41,7 +41,8 @@ def run_length(cfg: RunConfig, world_size: int, steps_per_epoch: int | None, sta
     words += f", {rows} rows per step ({t.micro_batch_size} x {t.grad_accum_steps} accumulated x "
     sp = cfg.distributed.sequence_parallel
     groups = world_size // sp
-    ranks = f"{world_size} ranks" if sp == 1 else f"{groups} group{'s' * (groups > 1)} of {sp} ranks sharing each sequence"
+    shared = f"{groups} group{'s' * (groups > 1)} of {sp} ranks sharing each sequence"
+    ranks = f"{world_size} ranks" if sp == 1 else shared
     words += f"{ranks}); selection {cfg.selection.steps} steps, warmup {o.warmup_steps} steps"
     if start_step:
         words += f"; resuming after step {start_step}"
