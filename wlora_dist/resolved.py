@@ -23,7 +23,7 @@ from typing import Any
 
 from wlora_dist.checkpoint.folders import resolve_resume
 from wlora_dist.config import ConfigError, RunConfig, validate
-from wlora_dist.distributed.settings import BackendSettings, Precision, precision_of
+from wlora_dist.distributed.settings import BackendSettings
 from wlora_dist.distributed.spec import BackendSpec, check_backend_supports, read_user_deepspeed_json, resolve_backend
 from wlora_dist.paths import default_data_cache
 
@@ -64,9 +64,6 @@ class ResolvedRun:
     def backend_settings(self, device_type: str) -> BackendSettings:
         """What this run's backend reads, on a machine whose device is ``device_type``."""
         return BackendSettings.of(self.cfg, self.spec, device_type, self.deepspeed_user)
-
-    def precision(self, device_type: str) -> Precision:
-        return precision_of(self.cfg, device_type == "cuda")
 
     def sized_by(self, steps_per_epoch: int) -> ResolvedRun:
         """This run with its step counts from the data (train.epochs, selection.steps_fraction,

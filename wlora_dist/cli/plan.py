@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict, replace
 
     from wlora_dist.distributed.spec import BackendSpec
-    from wlora_dist.planning.memory_plan import PlanInput, plan
+    from wlora_dist.planning.memory_plan import PlanInput, activation_bytes, host_bytes_per_rank, plan, sites
     from wlora_dist.planning.search import recommend
     from wlora_dist.planning.shapes import ALL_KINDS
     from wlora_dist.planning.sources import run_plan_input, shape_from
@@ -138,13 +138,12 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     print(format_plan(p))
-    from wlora_dist.planning.memory_plan import activation_bytes, host_bytes_per_rank, sites
-
+    host = host_bytes_per_rank(inp)
     if inp.offload_activations:
         moved = activation_bytes(inp, sites(inp), gates_train=True)["offloaded"]
         print(f"train.offload_activations: {moved / 2**30:.2f} GiB per rank in host memory until backward")
-    elif host_bytes_per_rank(inp):
-        print(f"host RAM per rank under CPU offload: {host_bytes_per_rank(inp) / 2**30:.1f} GiB")
+    elif host:
+        print(f"host RAM per rank under CPU offload: {host / 2**30:.1f} GiB")
     if p.fits_before and p.fits_after and inp.activation_checkpointing:
         off = plan(replace(inp, activation_checkpointing=False))
         if off.fits_after:
@@ -153,8 +152,6 @@ def run(args: argparse.Namespace) -> int:
                 "memory.replan_at_prune=true switches it off there"
             )
     if recs:
-        from wlora_dist.planning.memory_plan import host_bytes_per_rank
-
         per_node = min(inp.world_size, args.gpus_per_node or 8)
         print("\nsettings that fit the whole run, fastest first:")
         for d, r in recs[:5]:

@@ -20,27 +20,28 @@ def recommend(inp: PlanInput) -> list[tuple[str, Plan]]:
     kinds = [BackendSpec("fsdp2"), BackendSpec("zero", 3), BackendSpec("zero", 2)]
     if inp.world_size == 1:
         kinds = [BackendSpec("replicated"), *kinds]
-    for order, spec in enumerate(kinds):
-        for base in ("bf16", "int8", "nf4"):
-            for offload in (False, True):
-                for sp, acts_out in _long_sequence_options(inp):
-                    for ckpt in (False, True) if not acts_out else (True,):  # offload checkpointed inputs
-                        mb = inp.micro_batch
-                        while mb >= 1:
-                            cand = replace(
-                                inp,
-                                backend=replace(spec, offload=offload, sequence_parallel=sp),
-                                base=base,  # type: ignore[arg-type]
-                                activation_checkpointing=ckpt,
-                                micro_batch=mb,
-                                offload_activations=acts_out,
-                            )
-                            p = plan(cand)
-                            if p.fits_before and p.fits_after:
-                                cost = (offload, ("bf16", "int8", "nf4").index(base), sp, acts_out, ckpt, -mb, order)
-                                found.append(((*cost, p.before.total), describe_settings(cand), p))
-                                break
-                            mb //= 2
+    bases = ("bf16", "int8", "nf4")
+    options = _activation_options(inp)
+    settings = [
+        (o, s, b, off, opt) for o, s in enumerate(kinds) for b in bases for off in (False, True) for opt in options
+    ]
+    for order, spec, base, offload, (sp, acts_out, ckpt) in settings:
+        mb = inp.micro_batch
+        while mb >= 1:
+            cand = replace(
+                inp,
+                backend=replace(spec, offload=offload, sequence_parallel=sp),
+                base=base,  # type: ignore[arg-type]
+                activation_checkpointing=ckpt,
+                micro_batch=mb,
+                offload_activations=acts_out,
+            )
+            p = plan(cand)
+            if p.fits_before and p.fits_after:
+                cost = (offload, bases.index(base), sp, acts_out, ckpt, -mb, order)
+                found.append(((*cost, p.before.total), describe_settings(cand), p))
+                break
+            mb //= 2
     found.sort(key=lambda x: x[0])
     return [(d, p) for _, d, p in found]
 
@@ -61,11 +62,17 @@ def sequence_parallel_sizes(inp: PlanInput) -> list[int]:
     return sizes
 
 
-def _long_sequence_options(inp: PlanInput) -> list[tuple[int, bool]]:
-    """(ranks per sequence, activations offloaded) to try: at long sequences both, the
-    offloading after sharing (its copies cross PCIe every step)."""
+def _activation_options(inp: PlanInput) -> list[tuple[int, bool, bool]]:
+    """(ranks per sequence, activations offloaded, activation checkpointing) to try: at long
+    sequences sharing and offloading too (offloading the checkpointed inputs only: its
+    copies cross PCIe every step)."""
     offload = (False, True) if inp.seq_len >= LONG else (inp.offload_activations,)
-    return [(sp, off) for sp in sequence_parallel_sizes(inp) for off in offload]
+    return [
+        (sp, off, ckpt)
+        for sp in sequence_parallel_sizes(inp)
+        for off in offload
+        for ckpt in ((True,) if off else (False, True))
+    ]
 
 
 def node_layouts(inp: PlanInput, gpus_per_node: int) -> list[tuple[str, Plan]]:
