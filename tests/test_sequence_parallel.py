@@ -125,6 +125,9 @@ def test_the_trainer_with_ranks_sharing_sequences_trains_what_one_process_does(s
     n = case[1]
     assert ranks[0]["local_losses"] != ranks[1]["local_losses"]
     assert len({r["params_digest"] for r in ranks}) == 1
+    _assert_sharded_as_without(ranks, shard=2 if case[0] == "fsdp2-hsdp" else 4)
+    for r in ranks:  # the prune event frees the dropped adapters' optimizer state on every rank
+        assert r["memory"]["after"]["optimizer_state_bytes"] < r["memory"]["before"]["optimizer_state_bytes"]
     if n == 2:
         assert ranks[0]["local_losses"] != ranks[2]["local_losses"]
 
@@ -139,6 +142,16 @@ def test_a_checkpoint_of_ranks_sharing_sequences_resumes_without_them(sequence_r
     for a, b in zip(before["losses"][4:], resumed[0]["losses"], strict=True):
         assert abs(a - b) < 2e-4, (before["losses"], resumed[0]["losses"])
     assert resumed[0]["kept"] == before["kept"] and len({r["gates_digest"] for r in resumed}) == 1
+    _assert_sharded_as_without(resumed, shard=4)  # the resume gathered nothing of the base
+
+
+def _assert_sharded_as_without(ranks: list[dict], shard: int) -> None:
+    """Sharing sequences changes nothing of what a rank holds of the base: 1/shard of it
+    (FSDP2 and ZeRO-3 over the 4 ranks; HSDP over its group of 2), and nothing more."""
+    total = ranks[0]["base_total_bytes"]
+    for r in ranks:
+        assert abs(r["base_local_bytes"] - total / shard) <= 0.02 * total, (r["base_local_bytes"], total)
+        assert r["base_resident_bytes"] == r["base_local_bytes"]
 
 
 def test_the_plan_gives_each_rank_its_share_of_a_long_sequence():
